@@ -1,0 +1,216 @@
+"""Triton row kernels: the vocabulary-wise work on one chunk of fp32 logits.
+
+One program per row walks the vocabulary in BLOCK_V slices. z = logits / temperature.
+
+Pass 1 (always): online max / sum-exp per lane for both heads -> lse_s, lse_t. Forward and
+reverse KL are accumulated online too, as probability-weighted means of z_t - z_s:
+    KL(p_t || p_s) = E_pt[z_t - z_s] - lse_t + lse_s,   KL(p_s || p_t) = E_ps[z_s - z_t] - lse_s + lse_t
+Pass 2 (jsd, clip): needs the final lse. With lp = z - lse and M = (1-beta) p_s + beta p_t:
+    clip:  loss = sum_v min(p_t (lp_t - lp_s), clip),  K = sum_v [kept] p_t
+    jsd:   loss = beta KL(p_t || M) + (1-beta) KL(p_s || M),  K = KL(p_s || M)
+Pass 3 (gradient): d loss / d z_s, times row_scale / temperature (= d out / d logits):
+    forward_kl  p_s - p_t          clip  p_s K - [kept] p_t
+    reverse_kl  p_s (lp_s - lp_t - loss)   jsd  (1-beta) p_s (lp_s - log M - K)
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+from .gemm import cast_rtne
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_NEG = -1.0e30  # finite "minus infinity" for running maxima: exp(_NEG - m) is 0, never NaN
+
+
+@triton.jit
+def _online(m, s, a, z, w, ok):
+    """One online-softmax step per lane: running max m, sum s of exp(z - m), and a, the
+    exp(z - m)-weighted sum of w."""
+    m_new = tl.maximum(m, z)
+    alpha = tl.exp(m - m_new)
+    e = tl.exp(z - m_new)
+    return m_new, s * alpha + e, a * alpha + tl.where(ok, e * w, 0.0)
+
+
+@triton.jit
+def _finish(m, s, a):
+    """Combine lanes: returns (lse, weighted mean of w)."""
+    m_row = tl.max(m, axis=0)
+    scale = tl.exp(m - m_row)
+    s_row = tl.sum(s * scale, axis=0)
+    return m_row + tl.log(s_row), tl.sum(a * scale, axis=0) / s_row
+
+
+@triton.jit
+def _divergence_row_kernel(
+    zs_ptr, zt_ptr,  # [C, V] fp32 student / teacher logits / temperature, row stride stride_z
+    g_ptr,  # [C, V] out (COMPUTE_GRAD): d out / d student logits, weight dtype, row stride stride_g
+    loss_ptr,  # [N] fp32 out: divergence per compact row
+    slp_ptr, tlp_ptr,  # [N] fp32 out (HAS_TARGET): log-probs of the target ids
+    tgt_ptr,  # [N] int64 (HAS_TARGET): target id per compact row
+    scale_ptr,  # [N] fp32 (COMPUTE_GRAD): d out / d loss per compact row
+    nv_ptr,  # [1] int64 number of valid rows
+    c0, V, stride_z, stride_g, beta, clip, inv_temp,
+    DIV: tl.constexpr,  # 0 forward_kl, 1 reverse_kl, 2 jsd
+    HAS_CLIP: tl.constexpr, HAS_TARGET: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    row = c0 + r  # compact row index
+    if row >= tl.load(nv_ptr):
+        return
+    zs_row = zs_ptr + r * stride_z
+    zt_row = zt_ptr + r * stride_z
+    lanes = tl.arange(0, BLOCK_V)
+    m_s = tl.full((BLOCK_V,), _NEG, tl.float32)
+    m_t = tl.full((BLOCK_V,), _NEG, tl.float32)
+    s_s = tl.zeros((BLOCK_V,), tl.float32)
+    s_t = tl.zeros((BLOCK_V,), tl.float32)
+    a_s = tl.zeros((BLOCK_V,), tl.float32)
+    a_t = tl.zeros((BLOCK_V,), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        offs = v0 + lanes
+        ok = offs < V
+        zs = tl.load(zs_row + offs, mask=ok, other=float("-inf"))
+        zt = tl.load(zt_row + offs, mask=ok, other=float("-inf"))
+        m_s, s_s, a_s = _online(m_s, s_s, a_s, zs, zs - zt, ok)
+        m_t, s_t, a_t = _online(m_t, s_t, a_t, zt, zt - zs, ok)
+    lse_s, mean_s = _finish(m_s, s_s, a_s)
+    lse_t, mean_t = _finish(m_t, s_t, a_t)
+    if DIV == 0:
+        loss = mean_t - lse_t + lse_s
+    else:
+        loss = mean_s - lse_s + lse_t
+    k_row = 0.0
+    log1mb = tl.log(1.0 - beta)
+    logb = tl.log(beta)
+    if HAS_CLIP or DIV == 2:
+        loss_v = tl.zeros((BLOCK_V,), tl.float32)
+        k_v = tl.zeros((BLOCK_V,), tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + lanes
+            ok = offs < V
+            lps = tl.load(zs_row + offs, mask=ok, other=0.0) - lse_s
+            lpt = tl.load(zt_row + offs, mask=ok, other=0.0) - lse_t
+            ps = tl.exp(lps)
+            pt = tl.exp(lpt)
+            if HAS_CLIP:
+                summand = pt * (lpt - lps)
+                loss_v += tl.where(ok, tl.minimum(summand, clip), 0.0)
+                k_v += tl.where(ok & (summand <= clip), pt, 0.0)
+            else:
+                a = log1mb + lps
+                b = logb + lpt
+                hi = tl.maximum(a, b)
+                log_m = hi + tl.log(tl.exp(a - hi) + tl.exp(b - hi))
+                kl_s = ps * (lps - log_m)
+                loss_v += tl.where(ok, beta * pt * (lpt - log_m) + (1.0 - beta) * kl_s, 0.0)
+                k_v += tl.where(ok, kl_s, 0.0)
+        loss = tl.sum(loss_v, axis=0)
+        k_row = tl.sum(k_v, axis=0)
+    tl.store(loss_ptr + row, loss)
+    if HAS_TARGET:
+        t = tl.load(tgt_ptr + row)
+        tl.store(slp_ptr + row, tl.load(zs_row + t) - lse_s)
+        tl.store(tlp_ptr + row, tl.load(zt_row + t) - lse_t)
+    if COMPUTE_GRAD:
+        scale = tl.load(scale_ptr + row) * inv_temp
+        g_row = g_ptr + r * stride_g
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + lanes
+            ok = offs < V
+            lps = tl.load(zs_row + offs, mask=ok, other=0.0) - lse_s
+            lpt = tl.load(zt_row + offs, mask=ok, other=0.0) - lse_t
+            ps = tl.exp(lps)
+            pt = tl.exp(lpt)
+            if DIV == 0:
+                if HAS_CLIP:
+                    kept = pt * (lpt - lps) <= clip
+                    g = ps * k_row - tl.where(kept, pt, 0.0)
+                else:
+                    g = ps - pt
+            elif DIV == 1:
+                g = ps * (lps - lpt - loss)
+            else:
+                a = log1mb + lps
+                b = logb + lpt
+                hi = tl.maximum(a, b)
+                log_m = hi + tl.log(tl.exp(a - hi) + tl.exp(b - hi))
+                g = (1.0 - beta) * ps * (lps - log_m - k_row)
+            tl.store(g_row + offs, cast_rtne(g * scale, g_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _logprob_row_kernel(
+    z_ptr,  # [C, V] fp32 logits / temperature, row stride stride_z
+    g_ptr,  # [C, V] out (COMPUTE_GRAD): d out / d logits, weight dtype, row stride stride_g
+    lp_ptr,  # [N] fp32 out: log p(target) per compact row
+    tgt_ptr,  # [N] int64 target id per compact row
+    scale_ptr,  # [N] fp32 (COMPUTE_GRAD): d out / d lp per compact row
+    nv_ptr,  # [1] int64 number of valid rows
+    c0, V, stride_z, stride_g, inv_temp,
+    COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    row = c0 + r
+    if row >= tl.load(nv_ptr):
+        return
+    z_row = z_ptr + r * stride_z
+    lanes = tl.arange(0, BLOCK_V)
+    m = tl.full((BLOCK_V,), _NEG, tl.float32)
+    s = tl.zeros((BLOCK_V,), tl.float32)
+    a = tl.zeros((BLOCK_V,), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        offs = v0 + lanes
+        ok = offs < V
+        z = tl.load(z_row + offs, mask=ok, other=float("-inf"))
+        m, s, a = _online(m, s, a, z, 0.0, ok)
+    lse, _ = _finish(m, s, a)
+    t = tl.load(tgt_ptr + row)
+    tl.store(lp_ptr + row, tl.load(z_row + t) - lse)
+    if COMPUTE_GRAD:  # d log p(t) / d z = onehot(t) - p
+        scale = tl.load(scale_ptr + row) * inv_temp
+        g_row = g_ptr + r * stride_g
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + lanes
+            ok = offs < V
+            p = tl.exp(tl.load(z_row + offs, mask=ok, other=float("-inf")) - lse)
+            g = tl.where(offs == t, 1.0, 0.0) - p
+            tl.store(g_row + offs, cast_rtne(g * scale, g_ptr.dtype.element_ty), mask=ok)
+
+
+# ---------------------------------------------------------------- launchers
+
+_DIV_CODE = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+
+
+def _block_v() -> dict:
+    return dict(BLOCK_V=128) if INTERPRET else dict(BLOCK_V=2048, num_warps=8)
+
+
+def divergence_rows(z_s, z_t, g, loss, s_lp, t_lp, targets, scale, nv, c0: int, c: int, *,
+                    divergence: str, beta: float, clip, inv_temp: float) -> None:
+    """Loss (and log-probs, gradient) for compact rows c0 .. c0 + c; rows past nv skipped."""
+    V = z_s.shape[1]
+    has_target, grad = targets is not None, g is not None
+    _divergence_row_kernel[(c,)](
+        z_s, z_t, g if grad else z_s, loss, s_lp if has_target else loss,
+        t_lp if has_target else loss, targets if has_target else nv, scale if grad else loss,
+        nv, c0, V, z_s.stride(0), g.stride(0) if grad else 0, beta,
+        0.0 if clip is None else clip, inv_temp,
+        DIV=_DIV_CODE[divergence], HAS_CLIP=clip is not None, HAS_TARGET=has_target,
+        COMPUTE_GRAD=grad, **_block_v(),
+    )
+
+
+def logprob_rows(z, g, lp, targets, scale, nv, c0: int, c: int, *, inv_temp: float) -> None:
+    """log p(target) (and its gradient) for compact rows c0 .. c0 + c."""
+    grad = g is not None
+    _logprob_row_kernel[(c,)](
+        z, g if grad else z, lp, targets, scale if grad else lp, nv, c0, z.shape[1], z.stride(0),
+        g.stride(0) if grad else 0, inv_temp, COMPUTE_GRAD=grad, **_block_v(),
+    )

@@ -1,0 +1,45 @@
+"""Shared test helpers: fresh random inputs and float64 comparisons."""
+
+from __future__ import annotations
+
+import torch
+
+# Norm-relative error bounds against the float64 reference, per input dtype.
+# Values (loss, per-token, log-probs) come from fp32 logits of the exact input values, so they
+# are fp32-accurate for every input dtype. Gradients are written in the input dtype: rounding
+# the exact gradient to bf16 alone costs ~1.7e-3 (fp16: ~2e-4), and the kernels also round the
+# logit gradient before the dX/dW matmuls.
+VALUE_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}
+GRAD_TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-3, torch.float16: 6e-4}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def make_inputs(n, d_s, v, *, d_t=None, dtype=torch.float32, device="cpu", confident=False, seed=None):
+    """Student/teacher hidden states and weights whose logits have std ~ 2.
+
+    confident=True: logits with std ~ 30 (sharply peaked softmax), from small integers and
+    quarters, so every product and sum is exact in fp32 (and bf16 holds the inputs exactly):
+    the test then sees only the softmax/divergence numerics, not matmul rounding.
+    """
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    d_t = d_s if d_t is None else d_t
+    if confident:
+        ints = lambda *shape: torch.randint(-8, 9, shape, generator=g).float()
+        h_s, h_t = ints(n, d_s), ints(n, d_t)
+        w, w_t = ints(v, d_s) / 4, ints(v, d_t) / 4
+    else:
+        h_s = torch.randn(n, d_s, generator=g)
+        w = torch.randn(v, d_s, generator=g) * (2.0 / d_s**0.5)
+        h_t = torch.randn(n, d_t, generator=g)
+        w_t = torch.randn(v, d_t, generator=g) * (2.0 / d_t**0.5)
+    cast = lambda t: t.to(dtype=dtype, device=device)
+    return cast(h_s), cast(w), cast(h_t), cast(w_t), g
+
+
+def leaf64(t: torch.Tensor) -> torch.Tensor:
+    """Float64 copy of the same (possibly rounded) values, as a fresh leaf needing grad."""
+    return t.detach().double().requires_grad_(True)

@@ -1,0 +1,98 @@
+"""Tests for the step-tagged format: rendering, tolerant parsing, reward."""
+
+import pytest
+
+from fastsd.format import Parsed, format_steps, parse_response, reward
+
+GOOD = "<step_1>12+7=19</step_1><step_2>19*3=57</step_2><step_3>57-5=52</step_3><answer>52</answer>"
+
+
+def test_format_steps_renders_compact_trace():
+    assert format_steps(["12+7=19", "19*3=57", "57-5=52"], 52) == GOOD
+    assert format_steps(["1+1=2"]) == "<step_1>1+1=2</step_1>"
+    assert format_steps([], "3") == "<answer>3</answer>"
+
+
+@pytest.mark.parametrize("steps", ["1+1=2", [1], ["<step_2>x"], ["a</answer>"]])
+def test_format_steps_rejects_bad_steps(steps):
+    with pytest.raises(ValueError, match="steps"):
+        format_steps(steps, "2")
+
+
+def test_round_trip():
+    p = parse_response(GOOD)
+    assert p == Parsed(["12+7=19", "19*3=57", "57-5=52"], "52", well_formed=True, truncated=False)
+    assert format_steps(p.steps, p.answer) == GOOD
+
+
+def test_whitespace_between_tags_is_allowed_and_contents_kept_verbatim():
+    p = parse_response(" <step_1> 1 + 1 = 2 </step_1>\n<answer> 2 </answer>\n")
+    assert p.well_formed and p.steps == [" 1 + 1 = 2 "] and p.answer == "2"
+
+
+# (text, steps, answer, truncated)
+MALFORMED = [
+    ("", [], None, False),
+    ("garbage 12+7=19", [], None, False),
+    ("<<<>>></step_1></answer>", [], None, False),
+    ("<answer>52</answer>", [], "52", False),  # no steps
+    ("<step_1>12+7=19</step_1>", ["12+7=19"], None, False),  # no answer
+    ("<step_1>12+7=19</step_1><step_2>19*3=5", ["12+7=19", "19*3=5"], None, True),  # cut mid-step
+    ("<step_1>12+7=19</step_1><step_2>19*3=57</st", ["12+7=19", "19*3=57"], None, True),  # cut in tag
+    ("<step_1>12+7=19</step_1><step_2>", ["12+7=19"], None, True),  # cut after an opening tag
+    ("<step_1>12+7=19</step_1><answer>5", ["12+7=19"], None, True),  # cut answer earns nothing
+    ("<step_1>12+7=19<step_2>19*3=57</step_2><answer>57</answer>", ["12+7=19", "19*3=57"], "57", False),
+    ("<step_1>1+1=2</step_1><answer>2</answer><answer>3</answer>", ["1+1=2"], "2", False),  # duplicate
+    ("<step_1>1+1=2</step_1><answer>2</answer><step_2>2+1=3</step_2>", ["1+1=2"], "2", False),
+    ("<step_2>1+1=2</step_2><answer>2</answer>", ["1+1=2"], "2", False),  # misnumbered
+    ("<step_1>1+1=2</step_2><answer>2</answer>", ["1+1=2"], "2", False),  # mismatched close
+    ("<step_1>1+1=2</answer>", ["1+1=2"], None, False),  # step closed by an answer tag
+    ("<step_1>1+1=2</step_1><answer>2</step_1></answer>", ["1+1=2"], "2</step_1>", False),
+    ("Sure! <step_1>1+1=2</step_1><answer>2</answer>", ["1+1=2"], "2", False),  # preamble
+    ("<step_1>1+1=2</step_1>x<answer>2</answer>", ["1+1=2"], "2", False),  # junk between tags
+]
+
+
+@pytest.mark.parametrize("text,steps,answer,truncated", MALFORMED)
+def test_malformed_inputs_parse_sanely(text, steps, answer, truncated):
+    p = parse_response(text)
+    assert (p.steps, p.answer, p.well_formed, p.truncated) == (steps, answer, False, truncated)
+
+
+def test_parser_never_raises_on_any_prefix_or_noise():
+    import random
+
+    rng = random.Random(0)
+    tags = ["<step_1>", "</step_1>", "<step_2>", "</step_2>", "<answer>", "</answer>"]
+    pieces = tags + ["<", ">", "1+1=2", "x", " "]
+    texts = [GOOD[:i] for i in range(len(GOOD) + 1)]
+    texts += ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 12))) for _ in range(500)]
+    for text in texts:
+        p = parse_response(text)
+        assert isinstance(p.steps, list) and all(isinstance(s, str) for s in p.steps)
+        assert p.answer is None or isinstance(p.answer, str)
+    for i in range(len(GOOD)):  # every strict prefix is ill-formed and earns nothing
+        assert not parse_response(GOOD[:i]).well_formed and reward(GOOD[:i], "52") == 0.0
+
+
+def test_non_string_input_parses_as_empty():
+    assert parse_response(None) == Parsed()
+
+
+def test_reward():
+    assert reward(GOOD, "52") == 1.0
+    assert reward(GOOD, 52) == 1.0
+    assert reward(parse_response(GOOD), " 52 ") == 1.0
+    assert reward("<step_1>x</step_1><answer> 52 </answer>", "52") == 1.0
+    assert reward(GOOD, "53") == 0.0
+    assert reward(GOOD.replace("<answer>52</answer>", ""), "52") == 0.0
+    assert reward("", "52") == 0.0
+    assert reward("<answer>052</answer>", "52") == 0.0  # exact match, not numeric
+    assert reward("<answer>52</answer><answer>0</answer>", "52") == 1.0  # the first answer counts
+
+
+def test_reward_validates_arguments():
+    with pytest.raises(ValueError, match="parsed_or_text"):
+        reward(None, "52")
+    with pytest.raises(ValueError, match="ground_truth_answer"):
+        reward(GOOD, None)

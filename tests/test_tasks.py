@@ -1,0 +1,143 @@
+"""Tests for the built-in arithmetic task (fastsd.tasks.arith)."""
+
+import json
+import random
+
+import pytest
+
+from fastsd.format import parse_response
+from fastsd.tasks import arith, make_records, make_split, read_jsonl, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return make_split("train", 400, seed=3) + make_split("test", 100, seed=3)
+
+
+def test_same_seed_same_problems():
+    assert make_split("train", 50, seed=7) == make_split("train", 50, seed=7)
+    assert make_split("test", 20, seed=7) == make_split("test", 20, seed=7)
+
+
+def test_different_seed_different_problems():
+    a = {p.question for p in make_split("train", 50, seed=0)}
+    b = {p.question for p in make_split("train", 50, seed=1)}
+    assert a != b
+
+
+def test_split_is_stable_under_size():
+    assert make_split("train", 10, seed=2) == make_split("train", 30, seed=2)[:10]
+
+
+def test_splits_disjoint_for_every_seed():
+    train = {p.question for s in range(3) for p in make_split("train", 300, seed=s)}
+    test = {p.question for s in range(3) for p in make_split("test", 100, seed=s)}
+    assert len(test) > 100 and not train & test
+
+
+def test_questions_distinct_within_split():
+    qs = [p.question for p in make_split("train", 300, seed=0)]
+    assert len(set(qs)) == len(qs)
+
+
+def test_question_shape_and_ranges(problems):
+    for p in problems:
+        operands, ops = arith.parse_question(p.question)
+        assert 3 <= len(operands) <= 5 and len(ops) == len(operands) - 1
+        for step in arith.solve(p.question):
+            assert 0 <= step.result <= arith.MAX_VALUE
+        assert len(p.question) <= 16
+
+
+def test_left_to_right_semantics():
+    steps = arith.solve("12+7*3-5")
+    assert [s.render() for s in steps] == ["12+7=19", "19*3=57", "57-5=52"]
+    assert arith.canonical_solution("12+7*3-5") == (
+        "<step_1>12+7=19</step_1><step_2>19*3=57</step_2><step_3>57-5=52</step_3><answer>52</answer>"
+    )
+
+
+def test_solution_and_reference_derive_the_answer(problems):
+    for p in problems:
+        assert p.answer == str(arith.solve(p.question)[-1].result)
+        assert arith.verify_trace(p.question, p.solution, p.answer), p
+        assert arith.verify_trace(p.question, p.reference_solution, p.answer), p
+        assert parse_response(p.solution).well_formed
+        assert parse_response(p.reference_solution).well_formed
+
+
+def test_reference_differs_from_solution(problems):
+    for p in problems:
+        assert p.reference_solution != p.solution
+        ref, sol = parse_response(p.reference_solution), parse_response(p.solution)
+        assert not set(ref.steps) & set(sol.steps)  # no step is worded the same
+
+
+def test_reference_regroups_some_problems(problems):
+    def n_steps(text):
+        return len(parse_response(text).steps)
+
+    longer = [p for p in problems if n_steps(p.reference_solution) > n_steps(p.solution)]
+    assert len(longer) > len(problems) // 10
+
+
+def test_reference_example():
+    assert arith.reference_solution("12+7*3-5") == (
+        "<step_1>12 * 3 = 36</step_1><step_2>7 * 3 = 21</step_2><step_3>36 + 21 = 57</step_3>"
+        "<step_4>57 - 5 = 52</step_4><answer>52</answer>"
+    )
+    assert arith.reference_solution("20-3-5+2") == (
+        "<step_1>3 + 5 = 8</step_1><step_2>20 - 8 = 12</step_2><step_3>2 + 12 = 14</step_3>"
+        "<answer>14</answer>"
+    )
+
+
+def test_trace_length_and_alphabet(problems):
+    for p in problems:
+        assert len(p.solution) <= 120
+        text = p.question + p.solution + p.reference_solution + p.answer
+        assert set(text) <= set(arith.ALPHABET)
+
+
+def test_verify_trace_rejects_wrong_traces():
+    q = "12+7*3-5"
+    wrong = "<step_1>12+7=19</step_1><step_2>19*3=58</step_2><answer>58</answer>"
+    assert not arith.verify_trace(q, wrong, "52")
+    assert not arith.verify_trace(q, "<step_1>50+2=52</step_1><answer>52</answer>", "52")  # 50 not available
+    assert not arith.verify_trace(q, "<step_1>12+7=19</step_1><answer>52</answer>", "52")  # last result 19
+    assert not arith.verify_trace(q, "", "52")
+
+
+def test_records_and_jsonl_round_trip(tmp_path):
+    records = make_records("test", 12, seed=5)
+    assert set(records[0]) == {"question", "answer", "solution", "reference_solution"}
+    path = tmp_path / "test.jsonl"
+    write_jsonl(path, records)
+    assert len(path.read_text().splitlines()) == 12
+    assert read_jsonl(path) == records
+
+
+def test_read_jsonl_names_missing_key(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"question": "1+2+3", "answer": "6"}) + "\n")
+    with pytest.raises(ValueError, match="reference_solution"):
+        read_jsonl(path)
+
+
+@pytest.mark.parametrize("bad", ["", "12", "12+", "a+b", "1/2+3", 12])
+def test_parse_question_rejects_non_questions(bad):
+    with pytest.raises(ValueError, match="question"):
+        arith.parse_question(bad)
+
+
+def test_make_split_validates_arguments():
+    with pytest.raises(ValueError, match="split"):
+        make_split("dev", 3)
+    with pytest.raises(ValueError, match="n:"):
+        make_split("train", -1)
+
+
+def test_make_problem_uses_only_the_rng():
+    a = arith.make_problem(random.Random(11))
+    b = arith.make_problem(random.Random(11))
+    assert a == b and a.to_dict()["question"] == a.question
