@@ -1,7 +1,8 @@
 """CPU microbenchmarks of fastsd's torch backend against the eager materialised-logits baseline.
 
-    pytest bench/test_cpu_bench.py --benchmark-only      # timings, grouped by divergence and mask
+    pytest bench/test_cpu_bench.py --benchmark-enable --benchmark-only  # timings, grouped by divergence and mask
     pytest bench/test_cpu_bench.py --benchmark-disable   # each body once, as a plain test (seconds)
+(--benchmark-enable overrides a --benchmark-disable in the project's pytest addopts.)
 
 Every benchmark times forward+backward at N=256 rows, D=64, V=4096 (float32; without and with 25% of
 the rows masked) and then asserts that the loss and the gradients into the hidden states and the

@@ -106,13 +106,16 @@ def _check_rows(name: str, t: torch.Tensor | None, n: int, lead: tuple, device) 
         raise ValueError(f"{name}: device {t.device} differs from the hidden states' {device}")
 
 
-def _check_targets(target_ids: torch.Tensor, vocab: int) -> None:
+def _check_targets(target_ids: torch.Tensor, vocab: int, mask: torch.Tensor | None) -> None:
+    """Ids of valid rows must lie in [0, vocab); masked rows may hold anything (e.g. -100)."""
     if target_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"target_ids: expected int64 or int32, got {target_ids.dtype}")
+    bad = (target_ids < 0) | (target_ids >= vocab)
+    if mask is not None:
+        bad &= mask.reshape(target_ids.shape)
     # Hazard: on CUDA this range check is one host synchronisation (a tiny reduction).
-    if target_ids.numel() and bool(((target_ids < 0) | (target_ids >= vocab)).any()):
-        bad = target_ids[(target_ids < 0) | (target_ids >= vocab)][0].item()
-        raise ValueError(f"target_ids: id {bad} outside the vocabulary [0, {vocab})")
+    if target_ids.numel() and bool(bad.any()):
+        raise ValueError(f"target_ids: id {target_ids[bad][0].item()} outside the vocabulary [0, {vocab})")
 
 
 def _compact(mask: torch.Tensor | None, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +137,9 @@ def _scatter(values_c: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor 
 class _FusedDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, w_s, h_t, w_t, rows, num_valid, targets_c, opts):
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # needs_input_grad ignores torch.no_grad(); the caller's grad mode is in opts.
+        need_dx = opts["grad_enabled"] and ctx.needs_input_grad[0]
+        need_dw = opts["grad_enabled"] and ctx.needs_input_grad[1]
         eager = opts["reduction"] != "none" and (need_dx or need_dw)
         row_scale = None
         if eager:  # scalar output: compute the gradient now, scale it by grad_output later
@@ -233,6 +238,8 @@ def fused_linear_divergence(
     rows (all masked: 0.0). `chunk_size` is rows per chunk (default: from a 512 MiB workspace,
     environment FASTSD_WORKSPACE_MB).
     """
+    if teacher_weight is weight:
+        teacher_weight = None  # shared head, said explicitly
     w_t = weight if teacher_weight is None else teacher_weight
     _check_pair("student_hidden", student_hidden, "weight", weight)
     _check_pair("teacher_hidden", teacher_hidden, "teacher_weight" if teacher_weight is not None else "weight", w_t)
@@ -262,7 +269,7 @@ def fused_linear_divergence(
     if mask is not None and mask.dtype != torch.bool:
         raise ValueError(f"mask: expected a bool tensor, got {mask.dtype}")
     if target_ids is not None:
-        _check_targets(target_ids, weight.shape[0])
+        _check_targets(target_ids, weight.shape[0], mask)
     name = resolve_backend(backend, device)
 
     h_s = student_hidden.reshape(n, -1).contiguous()
@@ -273,7 +280,7 @@ def fused_linear_divergence(
     kw = dict(divergence=divergence, beta=float(beta), temperature=float(temperature),
               clip=None if clip is None else float(clip),
               chunk_size=_chunk_rows(chunk_size, weight.shape[0], 2))
-    opts = dict(ops=_ops(name), reduction=reduction, kw=kw)
+    opts = dict(ops=_ops(name), reduction=reduction, kw=kw, grad_enabled=torch.is_grad_enabled())
     # A shared teacher weight is passed as the same tensor object, so backends can reuse it;
     # backward returns no gradient for the teacher slots.
     loss, per_token, s_lp, t_lp = _FusedDivergence.apply(
@@ -305,7 +312,7 @@ def fused_linear_logprob(
     _check_rows("mask", mask, n, lead, hidden.device)
     if mask is not None and mask.dtype != torch.bool:
         raise ValueError(f"mask: expected a bool tensor, got {mask.dtype}")
-    _check_targets(target_ids, weight.shape[0])
+    _check_targets(target_ids, weight.shape[0], mask)
     name = resolve_backend(backend, hidden.device)
     rows, num_valid = _compact(mask, n, hidden.device)
     targets_c = target_ids.reshape(-1).to(torch.int64)[rows].contiguous()

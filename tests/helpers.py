@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 # Norm-relative error bounds against the float64 reference, per input dtype.
 # Values (loss, per-token, log-probs) come from fp32 logits of the exact input values, so they
 # are fp32-accurate for every input dtype. Gradients are written in the input dtype: rounding
