@@ -1,0 +1,307 @@
+"""One dataclass tree for `fastsd-train`: defaults, YAML files and dotted `key=value` overrides.
+
+    fastsd-train --config run.yaml condition=reference optim.lr=3e-4 teacher=ema
+
+A bare section name set to a string sets that section's main field: `model=PATH` is
+`model.path=PATH`, `data=PATH` is `data.path`, `teacher=ema` is `teacher.kind`, `critic=http`
+is `critic.kind`, `loss=sampled_token` is `loss.kind`. Unknown keys and bad values raise
+ValueError naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import yaml
+
+from .conditions import CRITIQUE_TEMPLATE, REFERENCE_TEMPLATE, STUDENT_TEMPLATE
+
+
+@dataclass
+class ModelConfig:
+    main: ClassVar[str] = "path"
+    path: str = "builtin"
+    """Local transformers causal-LM checkpoint (with its tokenizer); "builtin" is the shipped tiny model."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Parameter and compute dtype: auto is bf16 mixed precision on CUDA, fp32 on CPUs."""
+    liger: bool = True
+    """On CUDA, apply liger-kernel's RMSNorm/RoPE/SwiGLU kernels where the architecture allows."""
+    activation_checkpointing: bool = False
+    """Recompute decoder-layer activations in backward (less memory, ~30% more compute)."""
+
+
+@dataclass
+class DataConfig:
+    main: ClassVar[str] = "path"
+    path: str = "builtin"
+    """Training questions: jsonl with question, answer, reference_solution; "builtin" is the arithmetic task."""
+    eval_path: str = "builtin"
+    """Held-out questions (same format); "builtin" is the arithmetic task's held-out split."""
+    train_size: int = 2000
+    """Built-in task: number of training questions."""
+    eval_size: int = 48
+    """Built-in task: number of held-out questions."""
+    seed: int = 0
+    """Built-in task: generator seed (also fixes the split)."""
+
+
+@dataclass
+class TemplateConfig:
+    student: str = STUDENT_TEMPLATE
+    """Student prompt; fields: {question}."""
+    reference: str = REFERENCE_TEMPLATE
+    """Teacher prompt for condition=reference; fields: {question}, {reference}."""
+    critique: str = CRITIQUE_TEMPLATE
+    """Teacher prompt for condition=critique; fields: {question}, {critique}."""
+
+
+@dataclass
+class RolloutConfig:
+    temperature: float = 1.1
+    """Sampling temperature for on-policy rollouts."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0: off)."""
+    max_new_tokens: int = 128
+    """Longest response, in tokens."""
+    group_size: int = 0
+    """Rollouts per question; 0 picks the method's default (8 for grpo, 1 for self-distillation)."""
+
+
+@dataclass
+class LossConfig:
+    main: ClassVar[str] = "kind"
+    kind: Literal["divergence", "sampled_token"] = "divergence"
+    """Self-distillation loss: full-vocabulary divergence, or -(A_t.detach() * log p_s(y_t))."""
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    """Divergence between teacher and student next-token distributions."""
+    temperature: float = 1.0
+    """Temperature applied to both heads' logits inside the loss."""
+    clip: float | None = None
+    """forward_kl only: clamp each per-vocabulary summand at this value (OPSD uses 0.05)."""
+    beta: float = 0.5
+    """jsd only: mixture weight of the teacher, in (0, 1)."""
+    pg_clip: float = 0.2
+    """grpo: PPO-style ratio clip epsilon."""
+
+
+@dataclass
+class TeacherConfig:
+    main: ClassVar[str] = "kind"
+    kind: Literal["initial", "current", "ema"] = "initial"
+    """initial: frozen step-0 weights; current: the live model without gradient; ema: an average."""
+    ema_rate: float = 0.99
+    """ema: teacher <- rate * teacher + (1 - rate) * student after every optimizer step."""
+
+
+@dataclass
+class CriticConfig:
+    main: ClassVar[str] = "kind"
+    kind: Literal["builtin"] = "builtin"
+    """Who writes the step-aligned critique: the built-in programmatic critic of the arithmetic task."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    warmup_steps: int = 2
+    """Linear warm-up, in optimizer steps."""
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """Learning-rate shape after warm-up."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0: off)."""
+    micro_batch: int = 16
+    """Sequences per forward/backward; a step's rollouts are split into micro-batches (accumulation)."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Evaluate every N optimizer steps (0: only at start and end)."""
+    k: int = 12
+    """Samples per held-out question: avg@k, pass@k, maj@k."""
+    temperature: float = 1.1
+    """Sampling temperature for evaluation."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Save every N optimizer steps (0: only at the end)."""
+    keep: int = 2
+    """Keep the last K complete checkpoints."""
+
+
+@dataclass
+class TrainConfig:
+    condition: Literal["grpo", "reference", "critique"] = "critique"
+    """Feedback: grpo (binary reward), reference (teacher sees a reference solution), critique."""
+    steps: int = 20
+    """Optimizer steps."""
+    questions_per_step: int = 16
+    """Questions per optimizer step (across all ranks)."""
+    seed: int = 0
+    """Seed for sampling, data order and initialisation."""
+    run_dir: str = "runs/default"
+    """Where the config, logs, rollouts and checkpoints go."""
+    resume: str = "auto"
+    """auto: continue from the latest complete checkpoint in run_dir, if any; never; or a checkpoint path."""
+    log_every: int = 1
+    """Heartbeat/metrics line every N steps."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    templates: TemplateConfig = field(default_factory=TemplateConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def group_size(self) -> int:
+        return self.rollout.group_size or (8 if self.condition == "grpo" else 1)
+
+
+# ---------------------------------------------------------------- parsing
+
+def _coerce(key: str, value, hint):
+    """Convert `value` (a YAML value or an override string) to the field type `hint`."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ValueError(f"{key}: expected one of {typing.get_args(hint)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(key, value, args[0])
+    if origin is tuple:
+        items = yaml.safe_load(value) if isinstance(value, str) else value
+        args = typing.get_args(hint)
+        if not isinstance(items, (list, tuple)) or len(items) != len(args):
+            raise ValueError(f"{key}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(key, v, a) for v, a in zip(items, args))
+    if hint is bool:
+        if isinstance(value, str):
+            value = {"true": True, "false": False, "1": True, "0": False}.get(value.lower(), value)
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint in (int, float):
+        parsed = value
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string: parse numbers ourselves
+            try:
+                parsed = hint(value.strip())
+            except ValueError:
+                raise ValueError(f"{key}: expected {hint.__name__}, got {value!r}") from None
+        ok = isinstance(parsed, int) if hint is int else isinstance(parsed, (int, float))
+        if not ok or isinstance(parsed, bool):
+            raise ValueError(f"{key}: expected {hint.__name__}, got {value!r}")
+        return hint(parsed)
+    if hint is str:
+        if not isinstance(value, (str, int, float)):
+            raise ValueError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise AssertionError(f"unhandled type {hint} for {key}")
+
+
+def _set(cfg, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node, path = cfg, []
+    for part in parts[:-1]:
+        path.append(part)
+        child = getattr(node, part, None) if part in _fields(node) else None
+        if not dataclasses.is_dataclass(child):
+            raise ValueError(f"{'.'.join(path)}: unknown config section")
+        node = child
+    name = parts[-1]
+    if name not in _fields(node):
+        raise ValueError(f"{dotted}: unknown config key")
+    current = getattr(node, name)
+    if dataclasses.is_dataclass(current):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                _set(cfg, f"{dotted}.{k}", v)
+            return
+        if getattr(current, "main", None) is None:
+            raise ValueError(f"{dotted}: is a section; set one of its keys, e.g. {dotted}.{next(iter(_fields(current)))}")
+        return _set(cfg, f"{dotted}.{current.main}", value)
+    setattr(node, name, _coerce(dotted, value, _fields(node)[name]))
+
+
+def _fields(node) -> dict:
+    hints = typing.get_type_hints(type(node))
+    return {f.name: hints[f.name] for f in dataclasses.fields(node)}
+
+
+def _check(cfg: TrainConfig) -> None:
+    positive = {"steps": cfg.steps, "questions_per_step": cfg.questions_per_step,
+                "rollout.max_new_tokens": cfg.rollout.max_new_tokens, "optim.micro_batch": cfg.optim.micro_batch,
+                "eval.k": cfg.eval.k, "checkpoint.keep": cfg.checkpoint.keep, "log_every": cfg.log_every}
+    for key, value in positive.items():
+        if value < 1:
+            raise ValueError(f"{key}: must be >= 1, got {value}")
+    nonneg = {"rollout.group_size": cfg.rollout.group_size, "optim.warmup_steps": cfg.optim.warmup_steps,
+              "eval.every": cfg.eval.every, "checkpoint.every": cfg.checkpoint.every, "optim.grad_clip": cfg.optim.grad_clip}
+    for key, value in nonneg.items():
+        if value < 0:
+            raise ValueError(f"{key}: must be >= 0, got {value}")
+    for key, value in {"rollout.temperature": cfg.rollout.temperature, "loss.temperature": cfg.loss.temperature,
+                       "eval.temperature": cfg.eval.temperature, "optim.lr": cfg.optim.lr}.items():
+        if not value > 0:
+            raise ValueError(f"{key}: must be > 0, got {value}")
+    if not 0 < cfg.rollout.top_p <= 1:
+        raise ValueError(f"rollout.top_p: must be in (0, 1], got {cfg.rollout.top_p}")
+    if cfg.loss.clip is not None and cfg.loss.divergence != "forward_kl":
+        raise ValueError(f"loss.clip: only with loss.divergence=forward_kl, got {cfg.loss.divergence}")
+    if not 0 < cfg.loss.beta < 1:
+        raise ValueError(f"loss.beta: must be in (0, 1), got {cfg.loss.beta}")
+    if not 0 <= cfg.teacher.ema_rate < 1:
+        raise ValueError(f"teacher.ema_rate: must be in [0, 1), got {cfg.teacher.ema_rate}")
+    if cfg.condition == "grpo" and cfg.group_size < 2:
+        raise ValueError(f"rollout.group_size: grpo needs at least 2 rollouts per question, got {cfg.group_size}")
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> TrainConfig:
+    """Defaults, then the YAML file at `path`, then `key=value` overrides; validated."""
+    cfg = TrainConfig()
+    if path is not None:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ValueError(f"--config: cannot read {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"--config: {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"--config: {path} must hold a mapping of keys to values")
+        for key, value in data.items():
+            _set(cfg, str(key), value)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{item}: overrides are key=value")
+        _set(cfg, key.strip(), value)
+    _check(cfg)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    out = dataclasses.asdict(cfg)
+    out["optim"]["betas"] = list(out["optim"]["betas"])
+    return out
+
+
+def to_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,79 @@
+"""The trained model as an FSDP2 root: decoder body + fused loss, never the full-sequence lm_head.
+
+`Policy.forward` runs the decoder body of a transformers causal LM, keeps only the hidden states
+at the response positions, and applies the fused loss there. Under FSDP2 each decoder layer is
+sharded and the Policy is the root, so inside `forward` the lm_head weight (tied or not) is the
+plain unsharded tensor the fused loss needs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .loss import fused_linear_divergence, fused_linear_logprob
+
+log = logging.getLogger("fastsd")
+
+
+class Policy(nn.Module):
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.lm.get_output_embeddings().weight
+
+    def forward(self, ids, attn, index, *, mode: str, targets=None, teacher_hidden=None,
+                teacher_weight=None, loss_kw: dict | None = None):
+        """mode "hidden": hidden states [R, D] at `index` (flat positions into [B * L]).
+        mode "divergence": fused_linear_divergence(reduction="sum") against the teacher's
+            hidden states [R, Dt] (and weight; None shares this head) -> DivergenceOutput.
+        mode "logprob": log p(targets) [R] under this head, differentiable."""
+        body = self.lm.get_decoder()
+        h = body(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+        h = h.reshape(-1, h.shape[-1]).index_select(0, index)
+        if mode == "hidden":
+            return h
+        w = self.head_weight
+        if mode == "logprob":
+            return fused_linear_logprob(h, w, targets, temperature=loss_kw.get("temperature", 1.0))
+        if mode == "divergence":
+            return fused_linear_divergence(h, w, teacher_hidden.to(h.dtype), teacher_weight,
+                                           target_ids=targets, reduction="sum", **loss_kw)
+        raise ValueError(f"mode: unknown {mode!r}")
+
+
+def shard(policy: Policy, *, mixed_precision: bool) -> Policy:
+    """FSDP2: fully_shard every decoder layer, then the Policy root (tied embeddings included)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else None
+    kw = {} if mp is None else {"mp_policy": mp}
+    layers = getattr(policy.lm.get_decoder(), "layers", None)
+    if layers is None:
+        raise ValueError("model: cannot find the decoder layers (expected model.get_decoder().layers)")
+    for layer in layers:
+        fully_shard(layer, **kw)
+    fully_shard(policy, **kw)
+    return policy
+
+
+def apply_liger(lm: nn.Module) -> bool:
+    """liger-kernel's RMSNorm / RoPE / SwiGLU for this architecture, on CUDA only; the loss
+    stays fastsd's. Returns whether they were applied."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        log.warning("model.liger: liger-kernel is not installed; using the model's own kernels")
+        return False
+    try:
+        _apply_liger_kernel_to_instance(model=lm, rope=True, rms_norm=True, swiglu=True,
+                                        cross_entropy=False, fused_linear_cross_entropy=False)
+    except Exception as e:  # unsupported architecture: keep the stock modules
+        log.warning("model.liger: not applied to %s (%s)", type(lm).__name__, e)
+        return False
+    return True

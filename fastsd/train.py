@@ -1,0 +1,400 @@
+"""The training loop: rollout -> feedback -> loss -> update, then log, evaluate, checkpoint.
+
+One code path for one process and for torchrun (FSDP2). Every rank handles its share of the
+step's questions; collective calls (generation, forwards, reductions) happen the same number of
+times on every rank, padded with zero-weight micro-batches where a rank has less work.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import checkpoint as ckpt
+from .batch import build_batch
+from .config import TrainConfig, to_yaml
+from .critic import ArithCritic
+from .data import Example, builtin_split, load_jsonl
+from .dist import Dist
+from .evaluation import score_samples
+from .format import Parsed, parse_response, reward
+from .loss import fused_linear_logprob
+from .model import DEFAULT_MODEL_DIR, load_model_and_tokenizer
+from .policy import Policy, apply_liger, shard
+from .rollout import sample
+
+log = logging.getLogger("fastsd")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss or gradient norm was NaN/inf: the step stopped before the optimizer touched anything."""
+
+
+@dataclass
+class Rollout:
+    example: Example
+    prompt: list[int]
+    response: list[int]
+    parsed: Parsed
+    reward: float
+    group: int
+    context: str | None = None  # what the teacher was given (critique or reference)
+    teacher_prompt: list[int] | None = None
+    advantage: float = 0.0
+    trained: bool = False
+
+
+# ---------------------------------------------------------------- set-up
+
+def _dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    if cfg.model.dtype == "auto":
+        return torch.float32  # bf16 on CUDA comes from FSDP mixed precision / autocast
+    return getattr(torch, cfg.model.dtype)
+
+
+def build_models(cfg: TrainConfig, d: Dist):
+    path = DEFAULT_MODEL_DIR if cfg.model.path == "builtin" else cfg.model.path
+    lm, tok = load_model_and_tokenizer(path, dtype=_dtype(cfg, d.device))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    lm.to(d.device)
+    if d.device.type == "cuda" and cfg.model.liger:
+        apply_liger(lm)
+    if cfg.model.activation_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.config.use_cache = True
+    teacher_lm = None
+    if cfg.condition != "grpo" and cfg.teacher.kind in ("initial", "ema"):
+        teacher_lm = copy.deepcopy(lm).eval().requires_grad_(False)
+    policy = Policy(lm)
+    teacher = None if teacher_lm is None else Policy(teacher_lm)
+    if d.enabled:
+        mixed = d.device.type == "cuda" and cfg.model.dtype == "auto"
+        shard(policy, mixed_precision=mixed)
+        if teacher is not None:
+            shard(teacher, mixed_precision=mixed)
+    return policy, teacher, tok
+
+
+def build_optim(cfg: TrainConfig, policy: Policy):
+    o = cfg.optim
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=o.lr,
+                            betas=o.betas, weight_decay=o.weight_decay)
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / (o.warmup_steps + 1)
+        frac = (step - o.warmup_steps) / max(1, cfg.steps - o.warmup_steps)
+        return {"constant": 1.0, "linear": 1.0 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac))}[o.schedule]
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def load_data(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
+    c = cfg.data
+    train = builtin_split("train", c.train_size, c.seed) if c.path == "builtin" else load_jsonl(c.path)
+    held = builtin_split("test", c.eval_size, c.seed) if c.eval_path == "builtin" else load_jsonl(c.eval_path)
+    if not train:
+        raise ValueError(f"data.path: no training questions in {c.path}")
+    return train, held
+
+
+def step_questions(train: list[Example], cfg: TrainConfig, step: int) -> list[Example]:
+    """The questions of optimizer step `step`: a fresh seeded permutation per epoch."""
+    n, per = len(train), cfg.questions_per_step
+    out = []
+    for pos in range(step * per, (step + 1) * per):
+        epoch, i = divmod(pos, n)
+        order = list(range(n))
+        random.Random(cfg.seed * 100_003 + epoch).shuffle(order)
+        out.append(train[order[i]])
+    return out
+
+
+# ---------------------------------------------------------------- rollout and feedback
+
+def encode(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def rollout(cfg: TrainConfig, d: Dist, policy, tok, examples: list[Example], k: int, temperature: float) -> list[Rollout]:
+    prompts = [encode(tok, cfg.templates.student.format(question=ex.question)) for ex in examples]
+    flat = [(g, ex, p) for g, (ex, p) in enumerate(zip(examples, prompts)) for _ in range(k)]
+    responses = sample(policy, [p for _, _, p in flat], eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                       temperature=temperature, top_p=cfg.rollout.top_p,
+                       max_new_tokens=cfg.rollout.max_new_tokens, d=d)
+    out = []
+    for (g, ex, p), resp in zip(flat, responses):
+        parsed = parse_response(tok.decode(resp, skip_special_tokens=True))
+        out.append(Rollout(ex, p, resp, parsed, reward(parsed, ex.answer), g))
+    return out
+
+
+def feedback(cfg: TrainConfig, tok, rollouts: list[Rollout], critic) -> None:
+    """Fill in what each rollout is trained on: group advantages (grpo) or the teacher prompt."""
+    if cfg.condition == "grpo":
+        groups: dict[int, list[Rollout]] = {}
+        for r in rollouts:
+            groups.setdefault(r.group, []).append(r)
+        for members in groups.values():
+            rewards = torch.tensor([r.reward for r in members])
+            std = rewards.std(unbiased=False)
+            for r, a in zip(members, ((rewards - rewards.mean()) / (std + 1e-6)).tolist()):
+                r.advantage, r.trained = a, bool(std > 0) and len(r.response) > 0
+        return
+    for r in rollouts:
+        q = r.example.question
+        if cfg.condition == "reference":
+            r.context = r.example.reference_solution
+            text = cfg.templates.reference.format(question=q, reference=r.context)
+        else:
+            crit = critic.critique(q, r.example.answer, r.parsed.steps, r.parsed.answer)
+            if not crit.ok:
+                continue  # no usable context: no loss for this rollout (counted in the logs)
+            r.context = crit.text
+            text = cfg.templates.critique.format(question=q, critique=r.context)
+        r.teacher_prompt = encode(tok, text)
+        r.trained = len(r.response) > 0
+
+
+# ---------------------------------------------------------------- update
+
+def _micro_loss(cfg, policy, teacher, batch, world, total_tokens, stats):
+    """Loss of one micro-batch, scaled so that gradients sum to the step's token mean."""
+    scale = world / max(total_tokens, 1.0)  # FSDP averages gradients over ranks
+    loss_kw = dict(divergence=cfg.loss.divergence, temperature=cfg.loss.temperature,
+                   clip=cfg.loss.clip, beta=cfg.loss.beta)
+    if cfg.condition == "grpo":
+        logp = policy(batch.s_ids, batch.s_attn, batch.s_index, mode="logprob", targets=batch.targets, loss_kw=loss_kw)
+        adv = batch.advantage
+        ratio = torch.exp(logp - logp.detach())  # one update per rollout: the sampling policy is this one
+        eps = cfg.loss.pg_clip
+        per_tok = -torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
+        return per_tok.sum() * scale
+    t_model = teacher if teacher is not None else policy
+    with torch.no_grad():
+        h_t = t_model(batch.t_ids, batch.t_attn, batch.t_index, mode="hidden")
+    w_t = None if teacher is None else teacher.head_weight
+    if cfg.loss.kind == "sampled_token":
+        s_lp = policy(batch.s_ids, batch.s_attn, batch.s_index, mode="logprob", targets=batch.targets, loss_kw=loss_kw)
+        with torch.no_grad():
+            t_lp = fused_linear_logprob(h_t, (w_t if w_t is not None else policy.head_weight).detach(),
+                                        batch.targets, temperature=cfg.loss.temperature)
+        gap = t_lp - s_lp.detach()
+        stats["gap"] += float(gap.sum())
+        return -(gap * s_lp).sum() * scale
+    out = policy(batch.s_ids, batch.s_attn, batch.s_index, mode="divergence", targets=batch.targets,
+                 teacher_hidden=h_t, teacher_weight=w_t, loss_kw=loss_kw)
+    stats["gap"] += float((out.teacher_logprob - out.student_logprob).sum())
+    stats["divergence"] += float(out.loss.detach())
+    return out.loss * scale
+
+
+def _batches(cfg: TrainConfig, tok, rollouts: list[Rollout], d: Dist):
+    """Micro-batches of trained rollouts; every rank yields the same number (zero-weight fillers)."""
+    live = [r for r in rollouts if r.trained]
+    mb = cfg.optim.micro_batch
+    n = d.all_max((len(live) + mb - 1) // mb)
+    for i in range(n):
+        chunk, weight = live[i * mb:(i + 1) * mb], 1.0
+        if not chunk:  # filler: keeps FSDP collectives in step; contributes nothing
+            chunk, weight = [rollouts[0] if rollouts else None], 0.0
+        yield _to_batch(cfg, tok, chunk, weight, d.device)
+
+
+def _to_batch(cfg, tok, chunk, weight, device):
+    if chunk[0] is None:
+        prompts, responses, t_prompts, adv = [[tok.pad_token_id]], [[tok.pad_token_id]], [[tok.pad_token_id]], [0.0]
+    else:
+        prompts = [r.prompt for r in chunk]
+        responses = [r.response or [tok.eos_token_id] for r in chunk]
+        t_prompts = [r.teacher_prompt or r.prompt for r in chunk]
+        adv = [r.advantage for r in chunk]
+    batch = build_batch(prompts, responses, tok.pad_token_id, None if cfg.condition == "grpo" else t_prompts)
+    batch = batch.to(device)
+    batch.advantage = torch.tensor(adv, device=device)[batch.row] * weight
+    batch.weight = weight
+    return batch
+
+
+def update(cfg, d: Dist, policy, teacher, opt, sched, tok, rollouts, step: int) -> dict:
+    local_tokens = sum(len(r.response) for r in rollouts if r.trained)
+    (total_tokens,) = d.all_sum(float(local_tokens))
+    stats = {"gap": 0.0, "divergence": 0.0}
+    if teacher is not None and d.enabled:
+        teacher.unshard()  # the teacher head must be a plain tensor inside the student's forward
+    try:
+        for i, batch in enumerate(_batches(cfg, tok, rollouts, d)):
+            loss = _micro_loss(cfg, policy, teacher, batch, d.world, total_tokens, stats) * batch.weight
+            (finite,) = d.all_sum(float(torch.isfinite(loss.detach()).all()))
+            if finite < d.world:
+                opt.zero_grad(set_to_none=True)
+                raise NonFiniteLossError(f"step {step}: non-finite loss in micro-batch {i}; "
+                                         "the step was stopped before the optimizer step, parameters unchanged")
+            loss.backward()
+    finally:
+        if teacher is not None and d.enabled:
+            teacher.reshard()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    if not math.isfinite(norm):
+        opt.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(f"step {step}: non-finite gradient norm; parameters unchanged")
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    if teacher is not None and cfg.teacher.kind == "ema":
+        with torch.no_grad():
+            for p_t, p_s in zip(teacher.parameters(), policy.parameters()):
+                p_t.lerp_(p_s.detach(), 1.0 - cfg.teacher.ema_rate)
+    gap, div = d.all_sum(stats["gap"], stats["divergence"])
+    denom = max(total_tokens, 1.0)
+    return {"loss_tokens": total_tokens, "grad_norm": norm, "gap": gap / denom,
+            "divergence": div / denom if cfg.condition != "grpo" and cfg.loss.kind == "divergence" else None}
+
+
+# ---------------------------------------------------------------- evaluation, logging
+
+def evaluate(cfg: TrainConfig, d: Dist, policy, tok, held: list[Example]) -> dict:
+    mine = held[d.rank::d.world]
+    rolls = rollout(cfg, d, policy, tok, mine, cfg.eval.k, cfg.eval.temperature)
+    answers = [[r.parsed.answer for r in rolls[i * cfg.eval.k:(i + 1) * cfg.eval.k]] for i in range(len(mine))]
+    pairs = [p for part in d.gather_objects(list(zip(answers, [ex.answer for ex in mine]))) for p in part]
+    return score_samples([a for a, _ in pairs], [t for _, t in pairs])
+
+
+class RunLog:
+    """metrics.jsonl, rollouts.jsonl, and a progress bar (terminal) or heartbeat lines."""
+
+    def __init__(self, cfg: TrainConfig, d: Dist, first_step: int):
+        self.cfg, self.on = cfg, d.main
+        self.dir = cfg.run_dir
+        self.bar = None
+        if self.on and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.steps, initial=first_step, desc=f"fastsd {cfg.condition}", unit="step")
+
+    def metrics(self, row: dict) -> None:
+        if not self.on:
+            return
+        with open(f"{self.dir}/metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def rollouts(self, step: int, rows: list[dict]) -> None:
+        if not self.on:
+            return
+        with open(f"{self.dir}/rollouts.jsonl", "a") as f:
+            for r in rows:
+                f.write(json.dumps({"step": step, **r}) + "\n")
+
+    def progress(self, step: int, row: dict) -> None:
+        if not self.on:
+            return
+        short = {k: row[k] for k in ("loss", "reward", "usable", "tok_s") if row.get(k) is not None}
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in short.items()})
+        elif step % self.cfg.log_every == 0 or step == self.cfg.steps:
+            print(f"[fastsd] step {step}/{self.cfg.steps} " + " ".join(f"{k}={v:.4g}" for k, v in short.items()), flush=True)
+
+    def say(self, text: str) -> None:
+        if self.on:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------- the loop
+
+def _rng_seed(cfg: TrainConfig, d: Dist) -> None:
+    random.seed(cfg.seed + d.rank)
+    torch.manual_seed(cfg.seed + d.rank)  # ranks sample different rollouts
+
+
+def _rollout_rows(rolls: list[Rollout], tok) -> list[dict]:
+    return [{"question": r.example.question, "response": tok.decode(r.response, skip_special_tokens=True),
+             "reward": r.reward, "context": r.context, "trained": r.trained} for r in rolls]
+
+
+def train(cfg: TrainConfig, d: Dist) -> dict:
+    """Run the job in `cfg`; returns the final evaluation (and the first, if this run made it)."""
+    import os
+
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    if d.main:
+        with open(f"{cfg.run_dir}/config.yaml", "w") as f:
+            f.write(to_yaml(cfg))
+    _rng_seed(cfg, d)
+    policy, teacher, tok = build_models(cfg, d)
+    opt, sched = build_optim(cfg, policy)
+    train_set, held = load_data(cfg)
+    critic = ArithCritic() if cfg.condition == "critique" else None
+    state = {"step": 0, "first_eval": None}
+    resume = ckpt.resolve_resume(cfg.resume, cfg.run_dir)
+    if resume is not None:
+        state = ckpt.load_checkpoint(resume, model=policy.lm, optimizer=opt, scheduler=sched,
+                                     teacher=teacher.lm if teacher is not None and cfg.teacher.kind == "ema" else None)
+    runlog = RunLog(cfg, d, state["step"])
+    if resume is not None:
+        runlog.say(f"[fastsd] resumed from {resume} at step {state['step']}")
+    if state["first_eval"] is None:
+        state["first_eval"] = evaluate(cfg, d, policy, tok, held)
+        runlog.metrics({"step": 0, "eval": state["first_eval"]})
+        runlog.say(f"[fastsd] step 0: " + _fmt_eval(state["first_eval"]))
+
+    def save(step: int) -> None:
+        ckpt.save_checkpoint(cfg.run_dir, step, model=policy.lm, tokenizer=tok, optimizer=opt, scheduler=sched,
+                             state=dict(state), keep=cfg.checkpoint.keep,
+                             teacher=teacher.lm if teacher is not None and cfg.teacher.kind == "ema" else None)
+
+    last_eval = state["first_eval"]
+    for step in range(state["step"], cfg.steps):
+        t0 = time.perf_counter()
+        questions = step_questions(train_set, cfg, step)[d.rank::d.world]
+        rolls = rollout(cfg, d, policy, tok, questions, cfg.group_size, cfg.rollout.temperature)
+        t1 = time.perf_counter()
+        feedback(cfg, tok, rolls, critic)
+        t2 = time.perf_counter()
+        upd = update(cfg, d, policy, teacher, opt, sched, tok, rolls, step)
+        t3 = time.perf_counter()
+        n_roll, reward_sum, usable, zero_var, no_answer, resp_tokens = d.all_sum(
+            len(rolls), sum(r.reward for r in rolls), sum(r.trained for r in rolls),
+            sum(not r.trained for r in rolls) if cfg.condition == "grpo" else 0,
+            sum(r.parsed.answer is None for r in rolls), sum(len(r.response) for r in rolls))
+        state["step"] = step + 1
+        row = {"step": step + 1, "loss": upd["divergence"], "reward": reward_sum / max(n_roll, 1),
+               "usable": usable / max(n_roll, 1), "no_answer": no_answer / max(n_roll, 1), "gap": upd["gap"],
+               "grad_norm": upd["grad_norm"], "lr": sched.get_last_lr()[0], "tok_s": resp_tokens / (t3 - t0),
+               "time_rollout": t1 - t0, "time_feedback": t2 - t1, "time_update": t3 - t2}
+        if cfg.condition == "grpo":
+            row["zero_variance_rollouts"] = zero_var
+        if cfg.eval.every and state["step"] % cfg.eval.every == 0 and state["step"] < cfg.steps:
+            row["eval"] = last_eval = evaluate(cfg, d, policy, tok, held)
+        runlog.metrics(row)
+        runlog.rollouts(state["step"], _rollout_rows(rolls, tok))
+        runlog.progress(state["step"], row)
+        if cfg.checkpoint.every and state["step"] % cfg.checkpoint.every == 0 and state["step"] < cfg.steps:
+            save(state["step"])
+    if state["step"] == cfg.steps:
+        last_eval = evaluate(cfg, d, policy, tok, held)
+        runlog.metrics({"step": cfg.steps, "eval": last_eval, "final": True})
+        save(cfg.steps)
+    runlog.close()
+    runlog.say(f"[fastsd] before: {_fmt_eval(state['first_eval'])}\n[fastsd] after:  {_fmt_eval(last_eval)}")
+    return {"first": state["first_eval"], "final": last_eval}
+
+
+def _fmt_eval(m: dict) -> str:
+    return " ".join(f"{k}={m[k]:.3f}" for k in ("avg@k", "pass@k", "maj@k") if k in m) + f" (k={m.get('k')}, {m.get('questions')} questions)"
