@@ -159,10 +159,12 @@ def test_result_does_not_depend_on_chunk_size(backend, device):
         out.loss.backward()
         results.append((out.per_token, hs.grad.float(), ww.grad.float()))
     for per_token, dx, dw in results[1:]:
-        # Chunking changes only the fp32 summation order of dW; one bf16 ulp at most.
+        # Chunking changes only fp32 summation order (the matmul blocks, and dW's accumulation
+        # across chunks): at most one bf16 ulp of a gradient, plus fp32-level noise (1e-5 of the
+        # largest entry) where cancellation leaves an entry near zero.
         assert torch.allclose(per_token, results[0][0], rtol=1e-6, atol=1e-7)
-        assert torch.allclose(dx, results[0][1], rtol=0, atol=0)
-        assert rel_err(dw, results[0][2]) < 4e-3
+        for got, first in ((dx, results[0][1]), (dw, results[0][2])):
+            assert torch.allclose(got, first, rtol=2**-7, atol=1e-5 * first.abs().max().item())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
