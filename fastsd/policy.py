@@ -59,6 +59,13 @@ def shard(policy: Policy, *, mixed_precision: bool) -> Policy:
     for layer in layers:
         fully_shard(layer, **kw)
     fully_shard(policy, **kw)
+    # FSDP2 initialises lazily in the root's first forward; `generate` calls the inner model,
+    # not the root, so run one tiny root forward now (every rank, same shapes).
+    device = next(policy.parameters()).device
+    with torch.no_grad():
+        one = torch.zeros((1, 1), dtype=torch.long, device=device)
+        policy(one, torch.ones_like(one), torch.zeros(1, dtype=torch.long, device=device), mode="hidden")
+    policy.reshard()  # the root keeps its parameters unsharded after a forward; the optimizer needs the shards
     return policy
 
 
