@@ -25,7 +25,6 @@ own RNG file. A shared filesystem is assumed. An error on any rank is raised on 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -47,6 +46,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+
+from .model import no_progress_bars
 
 __all__ = ["COMPLETE", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "resolve_resume"]
 
@@ -166,19 +167,6 @@ def _check_loadable(path: Path) -> None:
                          f"containers, numbers, strings and tensors): {e}") from e
 
 
-@contextlib.contextmanager
-def _no_progress_bars():
-    from transformers.utils import logging as hf_logging
-
-    was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_on:
-            hf_logging.enable_progress_bar()
-
-
 # ---------------------------------------------------------------- files
 
 def _fsync(path: Path) -> None:
@@ -257,7 +245,7 @@ def _make_tmp(final: Path) -> str:
 
 def _write_shared(tmp: Path, model, tokenizer, model_sd: dict, trainer: dict, teacher, teacher_sd) -> None:
     """Rank 0's files: the HF export, trainer_state.pt, teacher.safetensors."""
-    with _no_progress_bars():
+    with no_progress_bars():
         model.save_pretrained(tmp / "hf", state_dict=_tie(model_sd, model))
     tokenizer.save_pretrained(tmp / "hf")
     torch.save(trainer, tmp / "trainer_state.pt")

@@ -31,13 +31,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="[fastsd] %(levelname)s %(message)s")
     from . import dist
-    from .train import train
+    from .train import NonFiniteLossError, train
 
     d = dist.setup()
     try:
         train(cfg, d)
     except ValueError as e:  # user errors found while loading models or data
         parser.exit(2, f"fastsd-train: error: {e}\n")
+    except NonFiniteLossError as e:  # the last checkpoint in run_dir is intact: resume=auto goes on from it
+        parser.exit(1, f"fastsd-train: error: {e}\n")
     finally:
         dist.teardown(d)
     return 0

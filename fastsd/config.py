@@ -43,7 +43,7 @@ class DataConfig:
     """Held-out questions (same format); "builtin" is the arithmetic task's held-out split."""
     train_size: int = 2000
     """Built-in task: number of training questions."""
-    eval_size: int = 48
+    eval_size: int = 128
     """Built-in task: number of held-out questions."""
     seed: int = 0
     """Built-in task: generator seed (also fixes the split)."""

@@ -1,4 +1,4 @@
-"""The built-in tiny model: a character-level tokenizer, a tiny Llama config, and loading.
+r"""The built-in tiny model: a character-level tokenizer, a tiny Llama config, and loading.
 
 The shipped checkpoint (`DEFAULT_MODEL_DIR`) is made by `tools/make_tiny_model.py`: a ~0.45M
 parameter Llama warm-started on the arithmetic task's train split so that it knows the response
@@ -11,14 +11,15 @@ other character is `<unk>`. Specials: `<pad>`, `<eos>`, `<unk>`. Calling the tok
 
 from __future__ import annotations
 
-import string
+import contextlib
 from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast
 
-__all__ = ["SPECIAL_TOKENS", "CHARS", "DEFAULT_MODEL_DIR", "build_tokenizer", "tiny_config", "load_model_and_tokenizer"]
+__all__ = ["SPECIAL_TOKENS", "CHARS", "DEFAULT_MODEL_DIR", "build_tokenizer", "tiny_config", "load_model_and_tokenizer",
+           "no_progress_bars"]
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, EOS, UNK)  # ids 0, 1, 2
@@ -49,7 +50,7 @@ def tiny_config(vocab_size: int, **overrides) -> LlamaConfig:
     """A tiny Llama config (~0.45M parameters at a 99-token vocabulary); `overrides` set any field.
 
     Llama, not Qwen2: for a `qwen2` checkpoint `AutoTokenizer` always builds `Qwen2Tokenizer`,
-    whose byte-level pre-tokenizer replaces ours (and drops "\\n"); for `llama` it loads ours.
+    whose byte-level pre-tokenizer replaces ours (and drops newlines); for `llama` it loads ours.
     """
     kwargs = dict(
         vocab_size=vocab_size,
@@ -77,6 +78,21 @@ def load_model_and_tokenizer(
     if not (path / "config.json").is_file():
         what = "does not exist" if not path.exists() else "is not a checkpoint (no config.json)"
         raise ValueError(f"path: {path} {what}")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    with no_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def no_progress_bars():
+    """Silence transformers' progress bars (weight loading and saving) inside the block."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()

@@ -19,13 +19,24 @@ log = logging.getLogger("fastsd")
 
 
 class Policy(nn.Module):
-    def __init__(self, lm: nn.Module):
+    """`autocast`: a dtype (bf16) to run under torch.autocast on CUDA when not FSDP-sharded
+    (FSDP2's mixed precision does that job under torchrun); None computes in the parameters' dtype."""
+
+    def __init__(self, lm: nn.Module, autocast: torch.dtype | None = None):
         super().__init__()
         self.lm = lm
+        self.autocast = autocast
+
+    def compute(self):
+        """The autocast context of this policy (also used around `generate`)."""
+        device = self.lm.get_output_embeddings().weight.device.type
+        return torch.autocast(device, dtype=self.autocast, enabled=self.autocast is not None)
 
     @property
     def head_weight(self) -> torch.Tensor:
-        return self.lm.get_output_embeddings().weight
+        """The lm_head weight, in the compute dtype (the fused loss is not autocast-aware)."""
+        w = self.lm.get_output_embeddings().weight
+        return w if self.autocast is None else w.to(self.autocast)
 
     def forward(self, ids, attn, index, *, mode: str, targets=None, teacher_hidden=None,
                 teacher_weight=None, loss_kw: dict | None = None):
@@ -34,11 +45,14 @@ class Policy(nn.Module):
             hidden states [R, Dt] (and weight; None shares this head) -> DivergenceOutput.
         mode "logprob": log p(targets) [R] under this head, differentiable."""
         body = self.lm.get_decoder()
-        h = body(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+        with self.compute():
+            h = body(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
         h = h.reshape(-1, h.shape[-1]).index_select(0, index)
+        w = self.head_weight
+        if self.autocast is not None:
+            h = h.to(self.autocast)
         if mode == "hidden":
             return h
-        w = self.head_weight
         if mode == "logprob":
             return fused_linear_logprob(h, w, targets, temperature=loss_kw.get("temperature", 1.0))
         if mode == "divergence":

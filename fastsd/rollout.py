@@ -48,11 +48,12 @@ def sample(policy, prompts: list[list[int]], *, eos_id: int, pad_id: int, temper
         for c in range(n_calls):
             chunk = prompts[c * batch_size:(c + 1) * batch_size] or prompts[:1] or [[pad_id]]
             ids, attn = left_pad(chunk, pad_id, device)
-            gen = lm.generate(
-                input_ids=ids, attention_mask=attn, do_sample=True, temperature=temperature,
-                top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
-                pad_token_id=pad_id, synced_gpus=d.enabled,
-            )
+            with policy.compute():
+                gen = lm.generate(
+                    input_ids=ids, attention_mask=attn, do_sample=True, temperature=temperature,
+                    top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
+                    pad_token_id=pad_id, synced_gpus=d.enabled,
+                )
             if c * batch_size < len(prompts):
                 out += [cut_at_eos(row.tolist(), eos_id, pad_id) for row in gen[:, ids.shape[1]:].cpu()]
     finally:

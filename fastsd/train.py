@@ -14,6 +14,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -74,10 +75,13 @@ def build_models(cfg: TrainConfig, d: Dist):
     teacher_lm = None
     if cfg.condition != "grpo" and cfg.teacher.kind in ("initial", "ema"):
         teacher_lm = copy.deepcopy(lm).eval().requires_grad_(False)
-    policy = Policy(lm)
-    teacher = None if teacher_lm is None else Policy(teacher_lm)
+    # dtype=auto on CUDA: bf16 compute over fp32 parameters, by FSDP2's mixed precision under
+    # torchrun and by autocast in a single process.
+    mixed = d.device.type == "cuda" and cfg.model.dtype == "auto"
+    autocast = torch.bfloat16 if mixed and not d.enabled else None
+    policy = Policy(lm, autocast)
+    teacher = None if teacher_lm is None else Policy(teacher_lm, autocast)
     if d.enabled:
-        mixed = d.device.type == "cuda" and cfg.model.dtype == "auto"
         shard(policy, mixed_precision=mixed)
         if teacher is not None:
             shard(teacher, mixed_precision=mixed)
@@ -228,6 +232,11 @@ def _to_batch(cfg, tok, chunk, weight, device):
 def update(cfg, d: Dist, policy, teacher, opt, sched, tok, rollouts, step: int) -> dict:
     local_tokens = sum(len(r.response) for r in rollouts if r.trained)
     (total_tokens,) = d.all_sum(float(local_tokens))
+    if total_tokens == 0:  # nothing to learn from (every grpo group had one reward): no AdamW step,
+        with warnings.catch_warnings():  # which would still move the weights by momentum and decay
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+            sched.step()  # the schedule counts training steps
+        return {"loss_tokens": 0.0, "grad_norm": 0.0, "gap": 0.0, "divergence": None}
     stats = {"gap": 0.0, "divergence": 0.0}
     if teacher is not None and d.enabled:
         teacher.unshard()  # the teacher head must be a plain tensor inside the student's forward
@@ -265,8 +274,13 @@ def update(cfg, d: Dist, policy, teacher, opt, sched, tok, rollouts, step: int) 
 # ---------------------------------------------------------------- evaluation, logging
 
 def evaluate(cfg: TrainConfig, d: Dist, policy, tok, held: list[Example]) -> dict:
+    """avg@k, pass@k, maj@k on the held-out questions. Every evaluation draws the same random
+    numbers (its own seeded stream, so the training stream is untouched): evaluations of
+    different checkpoints are a paired comparison, not two independent draws."""
     mine = held[d.rank::d.world]
-    rolls = rollout(cfg, d, policy, tok, mine, cfg.eval.k, cfg.eval.temperature)
+    with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed + 7919 * (d.rank + 1))
+        rolls = rollout(cfg, d, policy, tok, mine, cfg.eval.k, cfg.eval.temperature)
     answers = [[r.parsed.answer for r in rolls[i * cfg.eval.k:(i + 1) * cfg.eval.k]] for i in range(len(mine))]
     pairs = [p for part in d.gather_objects(list(zip(answers, [ex.answer for ex in mine]))) for p in part]
     return score_samples([a for a, _ in pairs], [t for _, t in pairs])
@@ -385,12 +399,12 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
         runlog.metrics(row)
         runlog.rollouts(state["step"], _rollout_rows(rolls, tok))
         runlog.progress(state["step"], row)
-        if cfg.checkpoint.every and state["step"] % cfg.checkpoint.every == 0 and state["step"] < cfg.steps:
+        # Saved before the final evaluation, so the RNG state is the one the next step would see.
+        if state["step"] == cfg.steps or (cfg.checkpoint.every and state["step"] % cfg.checkpoint.every == 0):
             save(state["step"])
-    if state["step"] == cfg.steps:
+    if state["step"] >= cfg.steps:
         last_eval = evaluate(cfg, d, policy, tok, held)
-        runlog.metrics({"step": cfg.steps, "eval": last_eval, "final": True})
-        save(cfg.steps)
+        runlog.metrics({"step": state["step"], "eval": last_eval, "final": True})
     runlog.close()
     runlog.say(f"[fastsd] before: {_fmt_eval(state['first_eval'])}\n[fastsd] after:  {_fmt_eval(last_eval)}")
     return {"first": state["first_eval"], "final": last_eval}

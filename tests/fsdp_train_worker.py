@@ -1,13 +1,13 @@
 """One or two processes run the same fixed update steps; rank 0 writes what the test compares.
 
-    python tests/fsdp_train_worker.py OUT.json [key=value ...]                   # one process
-    torchrun --nproc_per_node 2 tests/fsdp_train_worker.py OUT.json [...]        # FSDP2, gloo
+    python tests/fsdp_train_worker.py OUT.pt [key=value ...]                    # one process
+    torchrun --nproc_per_node 2 tests/fsdp_train_worker.py OUT.pt [...]         # FSDP2, gloo
 
-The rollouts are fixed (canonical solutions, every other one with a wrong step), so both runs see
-the same tokens: rank r trains on rollouts r, r + world, ...
+The rollouts are fixed (canonical solutions, every other one with a wrong first result, two per
+grpo group), so both runs see the same tokens: rank r trains on rollouts r, r + world, ...
+OUT.pt holds each step's update statistics and the full parameters before and after.
 """
 
-import json
 import sys
 
 import torch
@@ -22,10 +22,14 @@ from fastsd.train import Rollout, build_models, build_optim, encode, feedback, u
 
 
 def fixed_rollouts(cfg, tok, n=8):
+    """n rollouts of n // 2 questions: per question a correct one and one with a wrong first
+    result and final answer."""
     out = []
-    for g, ex in enumerate(builtin_split("train", n, 0)):
+    for i, ex in enumerate(builtin_split("train", n // 2, 0) * 2):
+        g = i % (n // 2)
         solution = arith.canonical_solution(ex.question)
-        text = solution if g % 2 == 0 else solution.replace("=", "=1", 1)  # wrong first result
+        wrong = solution.replace("=", "=1", 1).replace(f"<answer>{ex.answer}<", f"<answer>{ex.answer}1<")
+        text = solution if i < n // 2 else wrong
         parsed = parse_response(text)
         prompt = encode(tok, cfg.templates.student.format(question=ex.question))
         out.append(Rollout(ex, prompt, encode(tok, text) + [tok.eos_token_id], parsed, reward(parsed, ex.answer), g))
@@ -39,16 +43,16 @@ def main():
     torch.manual_seed(0)
     policy, teacher, tok = build_models(cfg, d)
     opt, sched = build_optim(cfg, policy)
-    rolls = fixed_rollouts(cfg, tok)[d.rank::d.world]
-    feedback(cfg, tok, rolls, ArithCritic())
-    result = {"steps": []}
-    for step in range(cfg.steps):
-        stats = update(cfg, d, policy, teacher, opt, sched, tok, rolls, step)
-        sd = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in policy.state_dict().items()}
-        result["steps"].append({**stats, "param_sum": float(sum(v.double().abs().sum() for v in sd.values()))})
+    rolls = fixed_rollouts(cfg, tok)
+    feedback(cfg, tok, rolls, ArithCritic())  # grpo groups need every member: advantages first
+    mine = rolls[d.rank::d.world]
+    full = lambda: {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()  # noqa: E731
+                    for k, v in policy.state_dict().items()}
+    params0 = full()
+    steps = [update(cfg, d, policy, teacher, opt, sched, tok, mine, step) for step in range(cfg.steps)]
+    params = full()
     if d.main:
-        with open(out_path, "w") as f:
-            json.dump(result, f)
+        torch.save({"steps": steps, "params0": params0, "params": params, "world": d.world}, out_path)
     dist.teardown(d)
 
 
