@@ -76,8 +76,10 @@ class LossConfig:
     main: ClassVar[str] = "kind"
     kind: Literal["divergence", "sampled_token"] = "divergence"
     """Self-distillation loss: full-vocabulary divergence, or -(A_t.detach() * log p_s(y_t))."""
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
-    """Divergence between teacher and student next-token distributions."""
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "reverse_kl"
+    """Divergence between teacher and student next-token distributions: forward_kl KL(p_t || p_s),
+    reverse_kl KL(p_s || p_t), jsd. reverse_kl by default: forward KL (the paper's choice)
+    collapses the built-in tiny model, measured in README ("Why reverse KL by default")."""
     temperature: float = 1.0
     """Temperature applied to both heads' logits inside the loss."""
     clip: float | None = None
@@ -144,7 +146,7 @@ class CheckpointConfig:
 class TrainConfig:
     condition: Literal["grpo", "reference", "critique"] = "critique"
     """Feedback: grpo (binary reward), reference (teacher sees a reference solution), critique."""
-    steps: int = 20
+    steps: int = 60
     """Optimizer steps."""
     questions_per_step: int = 16
     """Questions per optimizer step (across all ranks)."""

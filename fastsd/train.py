@@ -234,7 +234,7 @@ def update(cfg, d: Dist, policy, teacher, opt, sched, tok, rollouts, step: int) 
     (total_tokens,) = d.all_sum(float(local_tokens))
     if total_tokens == 0:  # nothing to learn from (every grpo group had one reward): no AdamW step,
         with warnings.catch_warnings():  # which would still move the weights by momentum and decay
-            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")
             sched.step()  # the schedule counts training steps
         return {"loss_tokens": 0.0, "grad_norm": 0.0, "gap": 0.0, "divergence": None}
     stats = {"gap": 0.0, "divergence": 0.0}

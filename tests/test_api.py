@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -105,14 +107,20 @@ def test_backend_choice_and_environment_override(monkeypatch):
         fastsd.resolve_backend("triton", cpu)
 
 
-def test_kernels_are_only_importable_inside_fastsd():
-    """A top-level `kernels` would shadow the Hugging Face package transformers probes for."""
+def test_kernels_are_only_importable_inside_fastsd(tmp_path):
+    """A top-level `kernels` would shadow the Hugging Face package transformers probes for.
+
+    Checked in a fresh interpreter outside the checkout (`python -m pytest` puts the checkout's
+    root, and so its kernels/ folder, on this process's sys.path)."""
     import fastsd.kernels
 
     root = pathlib.Path(fastsd.__file__).resolve().parent.parent
     assert pathlib.Path(fastsd.kernels.__file__).resolve().parent == root / "kernels"
-    spec = importlib.util.find_spec("kernels")
-    assert spec is None or pathlib.Path(spec.origin).resolve().parent != root / "kernels"
+    probe = "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else '')"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert not out or pathlib.Path(out).resolve().parent != root / "kernels", out
 
 
 def test_masked_rows_may_hold_ignore_index_targets():

@@ -20,11 +20,12 @@ def test_defaults_and_group_size():
 
 def test_yaml_then_overrides(tmp_path):
     f = tmp_path / "run.yaml"
-    f.write_text("condition: reference\noptim:\n  lr: 1.0e-3\n  betas: [0.8, 0.9]\nloss.clip: 0.05\n")
+    f.write_text("condition: reference\noptim:\n  lr: 1.0e-3\n  betas: [0.8, 0.9]\n"
+                 "loss.divergence: forward_kl\nloss.clip: 0.05\n")
     cfg = load_config(str(f), ["optim.lr=5e-4", "teacher=ema", "model=/some/path", "loss=sampled_token"])
     assert cfg.condition == "reference"
     assert cfg.optim.lr == 5e-4 and cfg.optim.betas == (0.8, 0.9)
-    assert cfg.loss.clip == 0.05 and cfg.loss.kind == "sampled_token"
+    assert cfg.loss.clip == 0.05 and cfg.loss.kind == "sampled_token" and cfg.loss.divergence == "forward_kl"
     assert cfg.teacher.kind == "ema" and cfg.model.path == "/some/path"
 
 

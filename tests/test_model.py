@@ -11,7 +11,8 @@ from fastsd.conditions import (
     student_prompt,
     teacher_prompt,
 )
-from fastsd.format import parse_response
+from fastsd.critic import ArithCritic
+from fastsd.format import parse_response, reward
 from fastsd.model import DEFAULT_MODEL_DIR, build_tokenizer, load_model_and_tokenizer, tiny_config
 from fastsd.tasks import make_split
 
@@ -73,6 +74,33 @@ def test_shipped_checkpoint_loads_and_answers_in_format():
     assert out[0, -1].item() == tok.eos_token_id  # stopped by itself
     text = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert parse_response(text).well_formed, text
+
+
+def test_shipped_checkpoint_makes_errors_and_uses_each_context():
+    """Greedy answers on 48 held-out questions: the model is wrong on a measurable share by itself,
+    and clearly more often right with a critique of its own attempt or with the reference."""
+    model, tok = load_model_and_tokenizer(DEFAULT_MODEL_DIR)
+    problems = make_split("test", 48, seed=0)
+    critic = ArithCritic()
+
+    def answers(prompts):
+        tok.padding_side = "left"
+        enc = tok(prompts, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = model.generate(**enc, do_sample=False, max_new_tokens=160)
+        return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    accuracy = lambda texts: sum(reward(t, p.answer) for t, p in zip(texts, problems)) / len(problems)  # noqa: E731
+    own = answers([student_prompt(p.question) for p in problems])
+    crit = [critic.critique(p.question, p.answer, parse_response(t).steps, parse_response(t).answer).text
+            for p, t in zip(problems, own)]
+    alone = accuracy(own)
+    with_critique = accuracy(answers([teacher_prompt("critique", p.question, critique=c)
+                                      for p, c in zip(problems, crit)]))
+    with_reference = accuracy(answers([teacher_prompt("reference", p.question, reference=p.reference_solution)
+                                       for p in problems]))
+    assert 0.1 <= alone <= 0.8, alone
+    assert with_critique >= alone + 0.2 and with_reference >= alone + 0.2, (alone, with_critique, with_reference)
 
 
 def test_load_names_a_missing_or_bad_path(tmp_path):

@@ -1,6 +1,6 @@
 """Make the built-in tiny model: build it from a seed and warm-start it on the arithmetic task.
 
-    python tools/make_tiny_model.py --out fastsd/assets/tiny-arith --seed 0 [--minutes 12] [--steps N]
+    python tools/make_tiny_model.py --out fastsd/assets/tiny-arith --seed 0 [--minutes 30] [--steps N]
 
 Supervised training on the task's TRAIN split only (questions drawn with data seed `seed + 1`,
 so mostly not `fastsd-train`'s default training questions), fp32, 2 CPU threads, loss on the
@@ -11,11 +11,6 @@ response tokens + EOS only, on fresh examples of three kinds:
                  synthetic attempt (canonical steps with an error
                  carried forward, a cut, or none; see below)      -> the critique text itself
   (c) reference: REFERENCE prompt with reference_solution         -> canonical solution
-  (d) continue:  CRITIQUE prompt (critique of a synthetic attempt
-                 with an error) or REFERENCE prompt, then that
-                 attempt; loss only on the steps after its first
-                 wrong one                                        -> the attempt, computed on
-                                                                     from its own wrong value
 
 Two phases, because what a tiny model learns first decides what it can learn at all:
 
@@ -28,11 +23,14 @@ Two phases, because what a tiny model learns first decides what it can learn at 
      (spaces, swapped operands, leading zeros), which the critic copies verbatim, so a critique
      can only be reproduced by copying it, however well the model computes.
 
-Why (d): a pure copier, given a context and a response that has already left it, snaps back to
-the context's values at every later step; as a self-teacher it then tells the student, after its
-first mistake, to contradict its own earlier results (most of the divergence lands there, and
-self-distillation unlearns chaining). With (d) the teacher continues from what is written once the
-text has departed from the context, so its disagreement concentrates on the first wrong step.
+Known property of this teacher: it is a copier. Teacher-forced on a response that has already
+left the context, it snaps back to the context's values at the later steps too, so most of a
+wrong rollout's divergence lies after its first wrong step (`adv_after_first_error_step`).
+Tried and dropped (2026-11-27): a fourth kind of example teaching it to continue from its own
+written values once they depart from the context; at this size it weakened copying (critique
+accuracy 0.95 -> 0.6) without removing the snap-back. Forward KL turns the snap-back into the
+lesson "do not carry your previous result", which collapses the student; reverse KL, whose
+gradient vanishes where the student is confident and the teacher disagrees, does not (README).
 
 The held-out split is only measured, never trained on. In phase 2, every --eval-every steps
 (once the student loss is low), the script measures the model and stops as soon as the targets
@@ -60,11 +58,11 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastsd.conditions import student_prompt, teacher_prompt  # noqa: E402
 from fastsd.critic import ArithCritic  # noqa: E402
-from fastsd.format import format_steps, parse_response, reward  # noqa: E402
+from fastsd.format import parse_response, reward  # noqa: E402
 from fastsd.model import build_tokenizer, tiny_config  # noqa: E402
 from fastsd.tasks import arith, make_split  # noqa: E402
 
-KINDS = ("student", "critique", "reference", "continue")
+KINDS = ("student", "critique", "reference")
 CRITIC = ArithCritic()
 
 
@@ -109,43 +107,26 @@ def synthetic_attempt(problem: arith.Problem, rng: random.Random) -> tuple[list[
     return steps, str(value)
 
 
-def make_example(kind: str, problem: arith.Problem, rng: random.Random) -> tuple[str, str, int]:
-    """(prompt, target, skip) of one training example of `kind`; the first `skip` target
-    characters (= tokens) carry no loss."""
-    q = problem.question
+def make_example(kind: str, problem: arith.Problem, rng: random.Random) -> tuple[str, str]:
+    """(prompt, target) of one training example of `kind`."""
     if kind == "student":
-        return student_prompt(q), problem.solution, 0
+        return student_prompt(problem.question), problem.solution
     if kind == "reference":
-        return teacher_prompt("reference", q, reference=problem.reference_solution), problem.solution, 0
-    if kind == "critique":
-        steps, answer = synthetic_attempt(problem, rng)
-        text = CRITIC.critique(q, problem.answer, steps, answer).text
-        return teacher_prompt("critique", q, critique=text), text, 0
-    while True:  # "continue": an attempt with a wrong step and a complete answer
-        steps, answer = synthetic_attempt(problem, rng)
-        crit = CRITIC.critique(q, problem.answer, steps, answer)
-        if answer is None or crit.first_error is None:
-            continue
-        later = [arith.parse_step(t) for t in steps[crit.first_error + 1:]]
-        if all(st is not None and arith.step_is_true(st) for st in later):  # not clamped at 0
-            break
-    attempt = format_steps(steps, answer)
-    nxt = crit.first_error + 2  # the tag after the first wrong step: the next step, or the answer
-    skip = attempt.index(f"<step_{nxt}>" if nxt <= len(steps) else "<answer>")
-    prompt = (teacher_prompt("critique", q, critique=crit.text) if rng.random() < 0.5
-              else teacher_prompt("reference", q, reference=problem.reference_solution))
-    return prompt, attempt, skip
+        return teacher_prompt("reference", problem.question, reference=problem.reference_solution), problem.solution
+    steps, answer = synthetic_attempt(problem, rng)
+    text = CRITIC.critique(problem.question, problem.answer, steps, answer).text
+    return teacher_prompt("critique", problem.question, critique=text), text
 
 
-def encode(tok, examples: list[tuple[str, str, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids [B, T] and labels (-100 except on target tokens after `skip`, and EOS)."""
-    rows = [(tok(p)["input_ids"], tok(t)["input_ids"] + [tok.eos_token_id], k) for p, t, k in examples]
-    width = max(len(p) + len(t) for p, t, _ in rows)
+def encode(tok, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, T] and labels (-100 except on target tokens and EOS)."""
+    rows = [(tok(p)["input_ids"], tok(t)["input_ids"] + [tok.eos_token_id]) for p, t in pairs]
+    width = max(len(p) + len(t) for p, t in rows)
     ids = torch.full((len(rows), width), tok.pad_token_id)
     labels = torch.full((len(rows), width), -100)
-    for i, (p, t, k) in enumerate(rows):
+    for i, (p, t) in enumerate(rows):
         ids[i, : len(p) + len(t)] = torch.tensor(p + t)
-        labels[i, len(p) + k : len(p) + len(t)] = torch.tensor(t[k:])
+        labels[i, len(p) : len(p) + len(t)] = torch.tensor(t)
     return ids, labels
 
 
@@ -174,7 +155,7 @@ def first_error_advantage(model, tok, problems, attempts, critiques) -> tuple[fl
             continue
         lps = []
         for prompt in (student_prompt(p.question), teacher_prompt("critique", p.question, critique=c)):
-            ids, labels = encode(tok, [(prompt, y, 0)])
+            ids, labels = encode(tok, [(prompt, y)])
             logp = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
             lab = labels[0, 1:]
             lps.append(logp[lab >= 0].gather(-1, lab[lab >= 0, None])[:-1, 0])  # drop EOS
@@ -233,13 +214,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="fastsd/assets/tiny-arith")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--minutes", type=float, default=12.0, help="wall-time budget of the whole script")
+    ap.add_argument("--minutes", type=float, default=30.0, help="wall-time budget of the whole script")
     ap.add_argument("--steps", type=int, default=1400, help="most optimizer steps")
     ap.add_argument("--copy-steps", type=int, default=500, help="longest phase 1 (learn to copy a context)")
     ap.add_argument("--copy-extra", type=int, default=25, help="phase 1 steps after copying is learned")
-    ap.add_argument("--copy-mix", default="0.2,0.55,0.25,0", help="phase 1 weights of student,critique,reference,continue")
+    ap.add_argument("--copy-mix", default="0.2,0.55,0.25", help="phase 1 weights of student,critique,reference")
     ap.add_argument("--copy-batch", type=int, default=48, help="phase 1 examples per step")
-    ap.add_argument("--mix", default="0.6,0.1,0.18,0.12", help="phase 2 weights of student,critique,reference,continue")
+    ap.add_argument("--mix", default="0.68,0.1,0.22", help="phase 2 weights of student,critique,reference")
     ap.add_argument("--batch", type=int, default=40, help="phase 2 examples per step")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--eval-every", type=int, default=50)
