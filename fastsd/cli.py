@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg, d)
     except ValueError as e:  # user errors found while loading models or data
         parser.exit(2, f"fastsd-train: error: {e}\n")
-    except NonFiniteLossError as e:  # the last checkpoint in run_dir is intact: resume=auto goes on from it
+    except NonFiniteLossError as e:  # nothing of this step was applied; the last checkpoint is intact
         parser.exit(1, f"fastsd-train: error: {e}\n")
     finally:
         dist.teardown(d)

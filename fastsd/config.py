@@ -76,10 +76,10 @@ class LossConfig:
     main: ClassVar[str] = "kind"
     kind: Literal["divergence", "sampled_token"] = "divergence"
     """Self-distillation loss: full-vocabulary divergence, or -(A_t.detach() * log p_s(y_t))."""
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "reverse_kl"
+    divergence: Literal["auto", "forward_kl", "reverse_kl", "jsd"] = "auto"
     """Divergence between teacher and student next-token distributions: forward_kl KL(p_t || p_s),
-    reverse_kl KL(p_s || p_t), jsd. reverse_kl by default: forward KL (the paper's choice)
-    collapses the built-in tiny model, measured in README ("Why reverse KL by default")."""
+    reverse_kl KL(p_s || p_t), jsd. auto: forward_kl (the paper's), except reverse_kl for the
+    built-in tiny model (model=builtin), which forward KL collapses (README, "Why reverse KL")."""
     temperature: float = 1.0
     """Temperature applied to both heads' logits inside the loss."""
     clip: float | None = None
@@ -265,6 +265,8 @@ def _check(cfg: TrainConfig) -> None:
             raise ValueError(f"{key}: must be > 0, got {value}")
     if not 0 < cfg.rollout.top_p <= 1:
         raise ValueError(f"rollout.top_p: must be in (0, 1], got {cfg.rollout.top_p}")
+    if cfg.loss.divergence == "auto":  # resolved here, so the saved config says what ran
+        cfg.loss.divergence = "reverse_kl" if cfg.model.path == "builtin" else "forward_kl"
     if cfg.loss.clip is not None and cfg.loss.divergence != "forward_kl":
         raise ValueError(f"loss.clip: only with loss.divergence=forward_kl, got {cfg.loss.divergence}")
     if not 0 < cfg.loss.beta < 1:

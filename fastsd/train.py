@@ -193,12 +193,13 @@ def _micro_loss(cfg, policy, teacher, batch, world, total_tokens, stats):
             t_lp = fused_linear_logprob(h_t, (w_t if w_t is not None else policy.head_weight).detach(),
                                         batch.targets, temperature=cfg.loss.temperature)
         gap = t_lp - s_lp.detach()
-        stats["gap"] += float(gap.sum())
+        stats["gap"] += float(gap.sum()) * batch.weight
         return -(gap * s_lp).sum() * scale
     out = policy(batch.s_ids, batch.s_attn, batch.s_index, mode="divergence", targets=batch.targets,
                  teacher_hidden=h_t, teacher_weight=w_t, loss_kw=loss_kw)
-    stats["gap"] += float((out.teacher_logprob - out.student_logprob).sum())
-    stats["divergence"] += float(out.loss.detach())
+    # A filler micro-batch (weight 0, FSDP lock-step only) adds nothing to the logs either.
+    stats["gap"] += float((out.teacher_logprob - out.student_logprob).sum()) * batch.weight
+    stats["divergence"] += float(out.loss.detach()) * batch.weight
     return out.loss * scale
 
 

@@ -1,6 +1,6 @@
 """One or two processes run the same fixed update steps; rank 0 writes what the test compares.
 
-    python tests/fsdp_train_worker.py OUT.pt [key=value ...]                    # one process
+    python tests/fsdp_train_worker.py OUT.pt [rollouts=N] [key=value ...]       # one process
     torchrun --nproc_per_node 2 tests/fsdp_train_worker.py OUT.pt [...]         # FSDP2, gloo
 
 The rollouts are fixed (canonical solutions, every other one with a wrong first result, two per
@@ -22,14 +22,15 @@ from fastsd.train import Rollout, build_models, build_optim, encode, feedback, u
 
 
 def fixed_rollouts(cfg, tok, n=8):
-    """n rollouts of n // 2 questions: per question a correct one and one with a wrong first
-    result and final answer."""
-    out = []
-    for i, ex in enumerate(builtin_split("train", n // 2, 0) * 2):
-        g = i % (n // 2)
+    """n rollouts of (n + 1) // 2 questions: per question a correct one, then (for as many as n
+    allows) one with a wrong first result and final answer; one grpo group per question."""
+    out, questions = [], builtin_split("train", (n + 1) // 2, 0)
+    for i in range(n):
+        g = i % len(questions)
+        ex = questions[g]
         solution = arith.canonical_solution(ex.question)
         wrong = solution.replace("=", "=1", 1).replace(f"<answer>{ex.answer}<", f"<answer>{ex.answer}1<")
-        text = solution if i < n // 2 else wrong
+        text = solution if i < len(questions) else wrong
         parsed = parse_response(text)
         prompt = encode(tok, cfg.templates.student.format(question=ex.question))
         out.append(Rollout(ex, prompt, encode(tok, text) + [tok.eos_token_id], parsed, reward(parsed, ex.answer), g))
@@ -37,13 +38,15 @@ def fixed_rollouts(cfg, tok, n=8):
 
 
 def main():
-    out_path, overrides = sys.argv[1], sys.argv[2:]
+    out_path, overrides, n = sys.argv[1], sys.argv[2:], 8
+    if overrides and overrides[0].startswith("rollouts="):
+        n, overrides = int(overrides[0].split("=")[1]), overrides[1:]
     cfg = load_config(overrides=["steps=2", "optim.micro_batch=3", "optim.warmup_steps=0", *overrides])
     d = dist.setup()
     torch.manual_seed(0)
     policy, teacher, tok = build_models(cfg, d)
     opt, sched = build_optim(cfg, policy)
-    rolls = fixed_rollouts(cfg, tok)
+    rolls = fixed_rollouts(cfg, tok, n)
     feedback(cfg, tok, rolls, ArithCritic())  # grpo groups need every member: advantages first
     mine = rolls[d.rank::d.world]
     full = lambda: {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()  # noqa: E731

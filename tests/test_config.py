@@ -29,6 +29,16 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.teacher.kind == "ema" and cfg.model.path == "/some/path"
 
 
+def test_auto_divergence_resolves_by_model():
+    """auto: the paper's forward_kl, but reverse_kl for the built-in tiny model (README)."""
+    assert load_config().loss.divergence == "reverse_kl"
+    assert load_config(overrides=["model=/some/path"]).loss.divergence == "forward_kl"
+    assert load_config(overrides=["model=/some/path", "loss.divergence=jsd"]).loss.divergence == "jsd"
+    assert load_config(overrides=["loss.divergence=forward_kl", "loss.clip=0.05"]).loss.clip == 0.05
+    with pytest.raises(ValueError, match="loss.clip"):
+        load_config(overrides=["loss.clip=0.05"])  # auto on the built-in model is reverse_kl
+
+
 def test_round_trip_through_yaml(tmp_path):
     cfg = load_config(overrides=["condition=grpo", "loss.clip=none", "eval.k=4", "model.liger=false"])
     f = tmp_path / "saved.yaml"

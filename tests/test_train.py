@@ -171,9 +171,11 @@ def _worker(tmp_path, nproc: int, overrides: list[str]) -> dict:
     return torch.load(out, weights_only=False)
 
 
-@pytest.mark.parametrize("overrides", [["condition=critique"], ["condition=grpo"]], ids=["critique", "grpo"])
+@pytest.mark.parametrize("overrides", [["condition=critique"], ["condition=grpo"], ["rollouts=7", "condition=critique"]],
+                         ids=["critique", "grpo", "uneven-critique"])
 def test_two_process_fsdp_matches_one_process(tmp_path, overrides):
-    """Same rollouts, 2 steps: losses within 1e-5 relative. The parameters differ from one
+    """Same rollouts, 2 steps: losses within 1e-5 relative (uneven: rank 1 has 3 rollouts to
+    rank 0's 4, so it runs a zero-weight filler micro-batch to stay in lock-step). The parameters differ from one
     process's by under 1e-3 of the update's size: gloo sums gradients in another order, and AdamW's
     g / sqrt(v) amplifies that on near-zero gradients, so an element-wise bound would be flaky."""
     one, two = _worker(tmp_path, 1, overrides), _worker(tmp_path, 2, overrides)
@@ -282,5 +284,25 @@ def test_autocast_policy_computes_in_bf16_with_fp32_gradients(random_model):
                  teacher_hidden=torch.randn_like(h), loss_kw={})
     out.loss.backward()
     assert torch.isfinite(out.loss)
-    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in lm.parameters())
     assert lm.get_output_embeddings().weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["divergence", "sampled_token"])
+def test_update_under_autocast(kind):
+    """The single-process CUDA path (bf16 autocast over fp32 weights), run on the CPU: student and
+    teacher heads, hidden states and the loss meet in bf16; the fp32 weights take the step."""
+    cfg = load_config(overrides=[f"loss={kind}", "optim.micro_batch=4"])
+    policy, teacher, tok = build_models(cfg, Dist())
+    policy.autocast = teacher.autocast = torch.bfloat16
+    assert policy.head_weight.dtype == torch.bfloat16 and policy.lm.dtype == torch.float32
+    opt, sched = build_optim(cfg, policy)
+    rolls = fixed_rollouts(cfg, tok)
+    feedback(cfg, tok, rolls, ArithCritic())
+    before, frozen = params(policy), params(teacher)
+    stats = update(cfg, Dist(), policy, teacher, opt, sched, tok, rolls, 0)
+    assert math.isfinite(stats["gap"]) and stats["grad_norm"] > 0
+    if kind == "divergence":
+        assert stats["divergence"] > 0
+    assert all(v.dtype == torch.float32 for v in policy.state_dict().values())
+    assert sum(not torch.equal(v, before[k]) for k, v in policy.state_dict().items()) > 10
+    assert all(torch.equal(v, frozen[k]) for k, v in teacher.state_dict().items())
