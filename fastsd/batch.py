@@ -35,13 +35,16 @@ class Batch:
         return Batch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
 
 
-def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad(seqs: list[list[int]], pad_id: int, *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, L] padded to the longest sequence (on the right, or the left for `generate`)
+    and the attention mask (1 on real tokens)."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        attn[i, : len(s)] = 1
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, cols] = torch.tensor(s, dtype=torch.long)
+        attn[i, cols] = 1
     return ids, attn
 
 
@@ -62,12 +65,12 @@ def build_batch(student_prompts: list[list[int]], responses: list[list[int]], pa
     if any(len(p) == 0 for p in student_prompts) or (teacher_prompts and any(len(p) == 0 for p in teacher_prompts)):
         raise ValueError("prompts: every prompt needs at least one token")
     lengths = [len(r) for r in responses]
-    s_ids, s_attn = _pad([p + r for p, r in zip(student_prompts, responses)], pad_id)
+    s_ids, s_attn = pad([p + r for p, r in zip(student_prompts, responses)], pad_id)
     targets = torch.tensor([t for r in responses for t in r], dtype=torch.long)
     row = torch.repeat_interleave(torch.arange(len(responses)), torch.tensor(lengths, dtype=torch.long))
     s_index = _positions(student_prompts, lengths, s_ids.shape[1])
     t_ids = t_attn = t_index = None
     if teacher_prompts is not None:
-        t_ids, t_attn = _pad([p + r for p, r in zip(teacher_prompts, responses)], pad_id)
+        t_ids, t_attn = pad([p + r for p, r in zip(teacher_prompts, responses)], pad_id)
         t_index = _positions(teacher_prompts, lengths, t_ids.shape[1])
     return Batch(s_ids, s_attn, t_ids, t_attn, s_index, t_index, targets, row)

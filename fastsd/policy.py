@@ -48,11 +48,11 @@ class Policy(nn.Module):
         with self.compute():
             h = body(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
         h = h.reshape(-1, h.shape[-1]).index_select(0, index)
-        w = self.head_weight
         if self.autocast is not None:
             h = h.to(self.autocast)
         if mode == "hidden":
             return h
+        w = self.head_weight
         if mode == "logprob":
             return fused_linear_logprob(h, w, targets, temperature=loss_kw.get("temperature", 1.0))
         if mode == "divergence":

@@ -9,17 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .batch import pad
 from .dist import Dist
-
-
-def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        attn[i, width - len(p):] = 1
-    return ids.to(device), attn.to(device)
 
 
 def cut_at_eos(tokens: list[int], eos_id: int, pad_id: int) -> list[int]:
@@ -47,7 +38,7 @@ def sample(policy, prompts: list[list[int]], *, eos_id: int, pad_id: int, temper
         n_calls = d.all_max((len(prompts) + batch_size - 1) // batch_size)
         for c in range(n_calls):
             chunk = prompts[c * batch_size:(c + 1) * batch_size] or prompts[:1] or [[pad_id]]
-            ids, attn = left_pad(chunk, pad_id, device)
+            ids, attn = (t.to(device) for t in pad(chunk, pad_id, left=True))
             with policy.compute():
                 gen = lm.generate(
                     input_ids=ids, attention_mask=attn, do_sample=True, temperature=temperature,

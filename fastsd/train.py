@@ -21,6 +21,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .batch import build_batch
+from .conditions import student_prompt, teacher_prompt
 from .config import TrainConfig, to_yaml
 from .critic import ArithCritic
 from .data import Example, builtin_split, load_jsonl
@@ -55,7 +56,7 @@ class Rollout:
 
 # ---------------------------------------------------------------- set-up
 
-def _dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+def _dtype(cfg: TrainConfig) -> torch.dtype:
     if cfg.model.dtype == "auto":
         return torch.float32  # bf16 on CUDA comes from FSDP mixed precision / autocast
     return getattr(torch, cfg.model.dtype)
@@ -63,7 +64,7 @@ def _dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
 
 def build_models(cfg: TrainConfig, d: Dist):
     path = DEFAULT_MODEL_DIR if cfg.model.path == "builtin" else cfg.model.path
-    lm, tok = load_model_and_tokenizer(path, dtype=_dtype(cfg, d.device))
+    lm, tok = load_model_and_tokenizer(path, dtype=_dtype(cfg))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     lm.to(d.device)
@@ -114,12 +115,14 @@ def load_data(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
 def step_questions(train: list[Example], cfg: TrainConfig, step: int) -> list[Example]:
     """The questions of optimizer step `step`: a fresh seeded permutation per epoch."""
     n, per = len(train), cfg.questions_per_step
+    orders: dict[int, list[int]] = {}
     out = []
     for pos in range(step * per, (step + 1) * per):
         epoch, i = divmod(pos, n)
-        order = list(range(n))
-        random.Random(cfg.seed * 100_003 + epoch).shuffle(order)
-        out.append(train[order[i]])
+        if epoch not in orders:
+            orders[epoch] = list(range(n))
+            random.Random(cfg.seed * 100_003 + epoch).shuffle(orders[epoch])
+        out.append(train[orders[epoch][i]])
     return out
 
 
@@ -130,7 +133,7 @@ def encode(tok, text: str) -> list[int]:
 
 
 def rollout(cfg: TrainConfig, d: Dist, policy, tok, examples: list[Example], k: int, temperature: float) -> list[Rollout]:
-    prompts = [encode(tok, cfg.templates.student.format(question=ex.question)) for ex in examples]
+    prompts = [encode(tok, student_prompt(ex.question, cfg.templates.student)) for ex in examples]
     flat = [(g, ex, p) for g, (ex, p) in enumerate(zip(examples, prompts)) for _ in range(k)]
     responses = sample(policy, [p for _, _, p in flat], eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                        temperature=temperature, top_p=cfg.rollout.top_p,
@@ -154,17 +157,17 @@ def feedback(cfg: TrainConfig, tok, rollouts: list[Rollout], critic) -> None:
             for r, a in zip(members, ((rewards - rewards.mean()) / (std + 1e-6)).tolist()):
                 r.advantage, r.trained = a, bool(std > 0) and len(r.response) > 0
         return
+    templates = {"reference": cfg.templates.reference, "critique": cfg.templates.critique}
     for r in rollouts:
         q = r.example.question
         if cfg.condition == "reference":
             r.context = r.example.reference_solution
-            text = cfg.templates.reference.format(question=q, reference=r.context)
         else:
             crit = critic.critique(q, r.example.answer, r.parsed.steps, r.parsed.answer)
             if not crit.ok:
                 continue  # no usable context: no loss for this rollout (counted in the logs)
             r.context = crit.text
-            text = cfg.templates.critique.format(question=q, critique=r.context)
+        text = teacher_prompt(cfg.condition, q, templates=templates, **{cfg.condition: r.context})
         r.teacher_prompt = encode(tok, text)
         r.trained = len(r.response) > 0
 
@@ -357,10 +360,11 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
     train_set, held = load_data(cfg)
     critic = ArithCritic() if cfg.condition == "critique" else None
     state = {"step": 0, "first_eval": None}
+    # The teacher is checkpointed only when it drifts (ema); initial is model.path itself.
+    saved_teacher = teacher.lm if teacher is not None and cfg.teacher.kind == "ema" else None
     resume = ckpt.resolve_resume(cfg.resume, cfg.run_dir)
     if resume is not None:
-        state = ckpt.load_checkpoint(resume, model=policy.lm, optimizer=opt, scheduler=sched,
-                                     teacher=teacher.lm if teacher is not None and cfg.teacher.kind == "ema" else None)
+        state = ckpt.load_checkpoint(resume, model=policy.lm, optimizer=opt, scheduler=sched, teacher=saved_teacher)
     runlog = RunLog(cfg, d, state["step"])
     if resume is not None:
         runlog.say(f"[fastsd] resumed from {resume} at step {state['step']}")
@@ -371,8 +375,7 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
 
     def save(step: int) -> None:
         ckpt.save_checkpoint(cfg.run_dir, step, model=policy.lm, tokenizer=tok, optimizer=opt, scheduler=sched,
-                             state=dict(state), keep=cfg.checkpoint.keep,
-                             teacher=teacher.lm if teacher is not None and cfg.teacher.kind == "ema" else None)
+                             state=dict(state), keep=cfg.checkpoint.keep, teacher=saved_teacher)
 
     last_eval = state["first_eval"]
     for step in range(state["step"], cfg.steps):

@@ -13,6 +13,7 @@ import sys
 import torch
 
 from fastsd import dist
+from fastsd.conditions import student_prompt
 from fastsd.config import load_config
 from fastsd.critic import ArithCritic
 from fastsd.data import builtin_split
@@ -32,7 +33,7 @@ def fixed_rollouts(cfg, tok, n=8):
         wrong = solution.replace("=", "=1", 1).replace(f"<answer>{ex.answer}<", f"<answer>{ex.answer}1<")
         text = solution if i < len(questions) else wrong
         parsed = parse_response(text)
-        prompt = encode(tok, cfg.templates.student.format(question=ex.question))
+        prompt = encode(tok, student_prompt(ex.question, cfg.templates.student))
         out.append(Rollout(ex, prompt, encode(tok, text) + [tok.eos_token_id], parsed, reward(parsed, ex.answer), g))
     return out
 

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from fastsd import cli
 from fastsd.checkpoint import latest_checkpoint
+from fastsd.conditions import student_prompt
 from fastsd.config import load_config
 from fastsd.critic import ArithCritic
 from fastsd.data import builtin_split
@@ -252,7 +253,7 @@ def test_feedback_on_malformed_responses(condition):
     cfg = load_config(overrides=[f"condition={condition}"])
     tok = build_tokenizer()
     ex = builtin_split("train", 1, 0)[0]
-    prompt = encode(tok, cfg.templates.student.format(question=ex.question))
+    prompt = encode(tok, student_prompt(ex.question, cfg.templates.student))
     texts = ["", "<step_1>12+", "garbage >< no tags", "<answer></answer>", arith_solution(ex)]
     rolls = [Rollout(ex, prompt, encode(tok, t), parse_response(t), reward(parse_response(t), ex.answer), 0)
              for t in texts]
