@@ -2,7 +2,8 @@
 
 One program per row walks the vocabulary in BLOCK_V slices. z = logits / temperature.
 
-Pass 1 (always): online max / sum-exp per lane for both heads -> lse_s, lse_t. Forward and
+Pass 1 (always): online max / sum-exp per lane for both heads -> lse_s, lse_t (kept as max and
+log sum-exp below it; log p = (z - max) - log_s, see `_finish`). Forward and
 reverse KL are accumulated online too, as probability-weighted means of z_t - z_s:
     KL(p_t || p_s) = E_pt[z_t - z_s] - lse_t + lse_s,   KL(p_s || p_t) = E_ps[z_s - z_t] - lse_s + lse_t
 Pass 2 (jsd, clip): needs the final lse. With lp = z - lse and M = (1-beta) p_s + beta p_t:
@@ -38,11 +39,14 @@ def _online(m, s, a, z, w, ok):
 
 @triton.jit
 def _finish(m, s, a):
-    """Combine lanes: returns (lse, weighted mean of w)."""
+    """Combine lanes: returns (max, log sum-exp below the max, weighted mean of w).
+
+    lse = max + log_s, but it is never formed: log p = (z - max) - log_s keeps the digits that
+    rounding lse at the magnitude of the largest logit would lose (ulp(76.5) = 7.6e-6)."""
     m_row = tl.max(m, axis=0)
     scale = tl.exp(m - m_row)
     s_row = tl.sum(s * scale, axis=0)
-    return m_row + tl.log(s_row), tl.sum(a * scale, axis=0) / s_row
+    return m_row, tl.log(s_row), tl.sum(a * scale, axis=0) / s_row
 
 
 @triton.jit
@@ -79,12 +83,12 @@ def _divergence_row_kernel(
         zt = tl.load(zt_row + offs, mask=ok, other=float("-inf"))
         m_s, s_s, a_s = _online(m_s, s_s, a_s, zs, zs - zt, ok)
         m_t, s_t, a_t = _online(m_t, s_t, a_t, zt, zt - zs, ok)
-    lse_s, mean_s = _finish(m_s, s_s, a_s)
-    lse_t, mean_t = _finish(m_t, s_t, a_t)
-    if DIV == 0:
-        loss = mean_t - lse_t + lse_s
+    max_s, logs_s, mean_s = _finish(m_s, s_s, a_s)
+    max_t, logs_t, mean_t = _finish(m_t, s_t, a_t)
+    if DIV == 0:  # lse_s - lse_t, without forming either
+        loss = mean_t + (max_s - max_t) + (logs_s - logs_t)
     else:
-        loss = mean_s - lse_s + lse_t
+        loss = mean_s + (max_t - max_s) + (logs_t - logs_s)
     k_row = 0.0
     log1mb = tl.log(1.0 - beta)
     logb = tl.log(beta)
@@ -94,8 +98,8 @@ def _divergence_row_kernel(
         for v0 in range(0, V, BLOCK_V):
             offs = v0 + lanes
             ok = offs < V
-            lps = tl.load(zs_row + offs, mask=ok, other=0.0) - lse_s
-            lpt = tl.load(zt_row + offs, mask=ok, other=0.0) - lse_t
+            lps = (tl.load(zs_row + offs, mask=ok, other=0.0) - max_s) - logs_s
+            lpt = (tl.load(zt_row + offs, mask=ok, other=0.0) - max_t) - logs_t
             ps = tl.exp(lps)
             pt = tl.exp(lpt)
             if HAS_CLIP:
@@ -115,16 +119,16 @@ def _divergence_row_kernel(
     tl.store(loss_ptr + row, loss)
     if HAS_TARGET:
         t = tl.load(tgt_ptr + row)
-        tl.store(slp_ptr + row, tl.load(zs_row + t) - lse_s)
-        tl.store(tlp_ptr + row, tl.load(zt_row + t) - lse_t)
+        tl.store(slp_ptr + row, (tl.load(zs_row + t) - max_s) - logs_s)
+        tl.store(tlp_ptr + row, (tl.load(zt_row + t) - max_t) - logs_t)
     if COMPUTE_GRAD:
         scale = tl.load(scale_ptr + row) * inv_temp
         g_row = g_ptr + r * stride_g
         for v0 in range(0, V, BLOCK_V):
             offs = v0 + lanes
             ok = offs < V
-            lps = tl.load(zs_row + offs, mask=ok, other=0.0) - lse_s
-            lpt = tl.load(zt_row + offs, mask=ok, other=0.0) - lse_t
+            lps = (tl.load(zs_row + offs, mask=ok, other=0.0) - max_s) - logs_s
+            lpt = (tl.load(zt_row + offs, mask=ok, other=0.0) - max_t) - logs_t
             ps = tl.exp(lps)
             pt = tl.exp(lpt)
             if DIV == 0:
@@ -169,16 +173,16 @@ def _logprob_row_kernel(
         ok = offs < V
         z = tl.load(z_row + offs, mask=ok, other=float("-inf"))
         m, s, a = _online(m, s, a, z, 0.0, ok)
-    lse, _ = _finish(m, s, a)
+    z_max, log_s, _ = _finish(m, s, a)
     t = tl.load(tgt_ptr + row)
-    tl.store(lp_ptr + row, tl.load(z_row + t) - lse)
+    tl.store(lp_ptr + row, (tl.load(z_row + t) - z_max) - log_s)
     if COMPUTE_GRAD:  # d log p(t) / d z = onehot(t) - p
         scale = tl.load(scale_ptr + row) * inv_temp
         g_row = g_ptr + r * stride_g
         for v0 in range(0, V, BLOCK_V):
             offs = v0 + lanes
             ok = offs < V
-            p = tl.exp(tl.load(z_row + offs, mask=ok, other=float("-inf")) - lse)
+            p = tl.exp((tl.load(z_row + offs, mask=ok, other=float("-inf")) - z_max) - log_s)
             g = tl.where(offs == t, 1.0, 0.0) - p
             tl.store(g_row + offs, cast_rtne(g * scale, g_ptr.dtype.element_ty), mask=ok)
 
