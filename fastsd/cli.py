@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(cfg), end="")
         return 0
     logging.basicConfig(level=logging.INFO, format="[fastsd] %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per critic request
     from . import dist
     from .train import NonFiniteLossError, train
 

@@ -102,8 +102,28 @@ class TeacherConfig:
 @dataclass
 class CriticConfig:
     main: ClassVar[str] = "kind"
-    kind: Literal["builtin"] = "builtin"
-    """Who writes the step-aligned critique: the built-in programmatic critic of the arithmetic task."""
+    kind: Literal["builtin", "http"] = "builtin"
+    """Who writes the step-aligned critique (condition=critique): builtin, the programmatic critic of
+    the arithmetic task, or http, a frozen LLM behind an OpenAI-compatible server."""
+    base_url: str = "http://127.0.0.1:8100/v1"
+    """http: the server's API root (requests go to {base_url}/chat/completions)."""
+    model: str = ""
+    """http: the served model name; empty asks {base_url}/models and takes the only one listed."""
+    api_key_env: str = "FASTSD_CRITIC_API_KEY"
+    """http: name of the environment variable holding the API key (sent as a bearer token if set)."""
+    timeout: float = 300.0
+    """http: seconds one request may take, reply included."""
+    step_timeout: float = 1800.0
+    """http: seconds all critiques of one optimizer step may take, retries included; past it the
+    rest fail (their rollouts get no loss)."""
+    concurrency: int = 32
+    """http: requests in flight at once (the server batches them)."""
+    retries: int = 4
+    """http: retries after a connection error, timeout, 408, 429 or 5xx (other 4xx are final)."""
+    backoff: float = 1.0
+    """http: first retry delay in seconds; doubles per retry (at most 32x), with jitter."""
+    max_tokens: int = 8192
+    """http: reply length limit, thinking included."""
 
 
 @dataclass
@@ -273,6 +293,15 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError(f"loss.beta: must be in (0, 1), got {cfg.loss.beta}")
     if not 0 <= cfg.teacher.ema_rate < 1:
         raise ValueError(f"teacher.ema_rate: must be in [0, 1), got {cfg.teacher.ema_rate}")
+    c = cfg.critic
+    for name in ("timeout", "step_timeout", "concurrency", "max_tokens"):
+        if not getattr(c, name) > 0:
+            raise ValueError(f"critic.{name}: must be > 0, got {getattr(c, name)}")
+    for name in ("retries", "backoff"):
+        if getattr(c, name) < 0:
+            raise ValueError(f"critic.{name}: must be >= 0, got {getattr(c, name)}")
+    if c.kind == "http" and not c.base_url.startswith(("http://", "https://")):
+        raise ValueError(f"critic.base_url: expected http://HOST:PORT/v1 or https://..., got {c.base_url!r}")
     if cfg.condition == "grpo" and cfg.group_size < 2:
         raise ValueError(f"rollout.group_size: grpo needs at least 2 rollouts per question, got {cfg.group_size}")
 

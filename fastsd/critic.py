@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from .format import format_steps, parse_response
 from .tasks import arith
 
-__all__ = ["Critique", "Critic", "ArithCritic", "step_matches", "correct_step"]
+__all__ = ["Critique", "Critic", "ArithCritic", "check_items", "step_matches", "correct_step"]
 
 # A step with its spacing kept: lead, a, gap, op, gap, b, gap, "=", gap, c, trail.
 _STEP_PARTS = re.compile(r"(\s*)(\d+)(\s*)([+\-*])(\s*)(\d+)(\s*)=(\s*)(\d+)(\s*)")
@@ -43,12 +43,14 @@ class Critique:
     first_error: index of the earliest wrong student step; None when every step is correct
         (the attempt may still be incomplete or have a wrong answer: `text` fixes both).
     ok: a usable critique was produced (a model-based critic may fail; then do not use `text`).
+    error: why not, when `ok` is False (e.g. "timeout", "http 500", "invalid reply: ...").
     """
 
     text: str
     verdicts: list[bool] = field(default_factory=list)
     first_error: int | None = None
     ok: bool = True
+    error: str | None = None
 
 
 class Critic(ABC):
@@ -56,22 +58,29 @@ class Critic(ABC):
 
     @abstractmethod
     def critique(
-        self, question: str, ground_truth: str, steps: list[str], answer: str | None = None
+        self, question: str, ground_truth: str, steps: list[str], answer: str | None = None,
+        reference: str | None = None,
     ) -> Critique:
         """Critique the student's `steps` (contents without tags, as `Parsed.steps` gives them).
 
         `ground_truth` is the final answer (or a full solution trace); `answer` is the student's
-        own answer, if any, which a critic may copy when it is right.
+        own answer, if any, which a critic may copy when it is right; `reference` is a worked
+        solution, which a model-based critic is shown.
         """
 
     def critique_batch(self, items: Iterable[Sequence]) -> list[Critique]:
-        """Critique many attempts; each item is (question, ground_truth, steps[, answer])."""
-        out = []
-        for item in items:
-            if not isinstance(item, (tuple, list)) or len(item) not in (3, 4):
-                raise ValueError(f"items: expected (question, ground_truth, steps[, answer]), got {item!r}")
-            out.append(self.critique(*item))
-        return out
+        """Critique many attempts; each item is (question, ground_truth, steps[, answer[, reference]])."""
+        return [self.critique(*item) for item in check_items(items)]
+
+
+def check_items(items: Iterable[Sequence]) -> list[Sequence]:
+    """`items` as a list, ValueError naming the first that is not (question, ground_truth, steps[, answer[, reference]])."""
+    items = list(items)
+    for item in items:
+        if not isinstance(item, (tuple, list)) or len(item) not in (3, 4, 5):
+            raise ValueError(f"items: expected (question, ground_truth, steps[, answer[, reference]]), got {item!r}")
+        _check_steps(item[2])
+    return items
 
 
 def _check_steps(steps: list[str]) -> None:
@@ -140,9 +149,11 @@ class ArithCritic(Critic):
     """Exact, deterministic critic for `fastsd.tasks.arith` (see the module docstring)."""
 
     def critique(
-        self, question: str, ground_truth: str, steps: list[str], answer: str | None = None
+        self, question: str, ground_truth: str, steps: list[str], answer: str | None = None,
+        reference: str | None = None,
     ) -> Critique:
-        """The faithful-scribe critique of `steps`; `answer` is copied only when all is right."""
+        """The faithful-scribe critique of `steps`; `answer` is copied only when all is right.
+        `reference` is not needed: the task's own solver knows every step."""
         _check_steps(steps)
         canon = arith.solve(question)
         truth = str(canon[-1].result)

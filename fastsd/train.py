@@ -15,6 +15,7 @@ import random
 import sys
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,7 @@ class Rollout:
     teacher_prompt: list[int] | None = None
     advantage: float = 0.0
     trained: bool = False
+    critique_error: str | None = None  # why the critic gave no usable critique
 
 
 # ---------------------------------------------------------------- set-up
@@ -145,8 +147,21 @@ def rollout(cfg: TrainConfig, d: Dist, policy, tok, examples: list[Example], k: 
     return out
 
 
+def build_critic(cfg: TrainConfig, d: Dist):
+    """The critic of condition=critique (None otherwise); an http critic caches in the run directory."""
+    if cfg.condition != "critique":
+        return None
+    if cfg.critic.kind == "builtin":
+        return ArithCritic()
+    from .http_critic import HttpCritic
+
+    return HttpCritic(cfg.critic, cache_dir=f"{cfg.run_dir}/critic_cache", rank=d.rank)
+
+
 def feedback(cfg: TrainConfig, tok, rollouts: list[Rollout], critic) -> None:
-    """Fill in what each rollout is trained on: group advantages (grpo) or the teacher prompt."""
+    """Fill in what each rollout is trained on: group advantages (grpo) or the teacher prompt.
+
+    A rollout whose critique failed keeps `trained=False` and records `critique_error`."""
     if cfg.condition == "grpo":
         groups: dict[int, list[Rollout]] = {}
         for r in rollouts:
@@ -158,15 +173,18 @@ def feedback(cfg: TrainConfig, tok, rollouts: list[Rollout], critic) -> None:
                 r.advantage, r.trained = a, bool(std > 0) and len(r.response) > 0
         return
     templates = {"reference": cfg.templates.reference, "critique": cfg.templates.critique}
-    for r in rollouts:
+    if cfg.condition == "critique":  # all at once: a remote critic answers them concurrently
+        crits = critic.critique_batch([(r.example.question, r.example.answer, r.parsed.steps, r.parsed.answer,
+                                        r.example.reference_solution) for r in rollouts])
+    for i, r in enumerate(rollouts):
         q = r.example.question
         if cfg.condition == "reference":
             r.context = r.example.reference_solution
         else:
-            crit = critic.critique(q, r.example.answer, r.parsed.steps, r.parsed.answer)
-            if not crit.ok:
+            if not crits[i].ok:
+                r.critique_error = crits[i].error or "unknown"
                 continue  # no usable context: no loss for this rollout (counted in the logs)
-            r.context = crit.text
+            r.context = crits[i].text
         text = teacher_prompt(cfg.condition, q, templates=templates, **{cfg.condition: r.context})
         r.teacher_prompt = encode(tok, text)
         r.trained = len(r.response) > 0
@@ -343,7 +361,8 @@ def _rng_seed(cfg: TrainConfig, d: Dist) -> None:
 
 def _rollout_rows(rolls: list[Rollout], tok) -> list[dict]:
     return [{"question": r.example.question, "response": tok.decode(r.response, skip_special_tokens=True),
-             "reward": r.reward, "context": r.context, "trained": r.trained} for r in rolls]
+             "reward": r.reward, "context": r.context, "trained": r.trained,
+             **({"critique_error": r.critique_error} if r.critique_error else {})} for r in rolls]
 
 
 def train(cfg: TrainConfig, d: Dist) -> dict:
@@ -358,7 +377,7 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
     policy, teacher, tok = build_models(cfg, d)
     opt, sched = build_optim(cfg, policy)
     train_set, held = load_data(cfg)
-    critic = ArithCritic() if cfg.condition == "critique" else None
+    critic = build_critic(cfg, d)
     state = {"step": 0, "first_eval": None}
     # The teacher is checkpointed only when it drifts (ema); initial is model.path itself.
     saved_teacher = teacher.lm if teacher is not None and cfg.teacher.kind == "ema" else None
@@ -387,10 +406,11 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
         t2 = time.perf_counter()
         upd = update(cfg, d, policy, teacher, opt, sched, tok, rolls, step)
         t3 = time.perf_counter()
-        n_roll, reward_sum, usable, zero_var, no_answer, resp_tokens = d.all_sum(
+        failed = Counter(r.critique_error for r in rolls if r.critique_error)
+        n_roll, reward_sum, usable, zero_var, no_answer, resp_tokens, n_failed = d.all_sum(
             len(rolls), sum(r.reward for r in rolls), sum(r.trained for r in rolls),
             sum(not r.trained for r in rolls) if cfg.condition == "grpo" else 0,
-            sum(r.parsed.answer is None for r in rolls), sum(len(r.response) for r in rolls))
+            sum(r.parsed.answer is None for r in rolls), sum(len(r.response) for r in rolls), sum(failed.values()))
         state["step"] = step + 1
         row = {"step": step + 1, "loss": upd["divergence"], "reward": reward_sum / max(n_roll, 1),
                "usable": usable / max(n_roll, 1), "no_answer": no_answer / max(n_roll, 1), "gap": upd["gap"],
@@ -398,6 +418,12 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
                "time_rollout": t1 - t0, "time_feedback": t2 - t1, "time_update": t3 - t2}
         if cfg.condition == "grpo":
             row["zero_variance_rollouts"] = zero_var
+        if cfg.condition == "critique":
+            row["critique_failed"] = n_failed
+            if n_failed:
+                why = ", ".join(f"{n} {reason}" for reason, n in failed.most_common(3))
+                runlog.say(f"[fastsd] step {step + 1}: {n_failed:.0f} of {n_roll:.0f} critiques failed, "
+                           f"those rollouts get no loss (rank {d.rank}: {why or 'none'})")
         if cfg.eval.every and state["step"] % cfg.eval.every == 0 and state["step"] < cfg.steps:
             row["eval"] = last_eval = evaluate(cfg, d, policy, tok, held)
         runlog.metrics(row)

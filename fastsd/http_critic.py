@@ -1,0 +1,334 @@
+"""A frozen LLM critic behind an OpenAI-compatible `/chat/completions` server (vLLM, SGLang,
+llama.cpp, or `tools/critic_server.py`).
+
+The wire format. The request is one system message (`SCRIBE_INSTRUCTIONS`, the faithful-scribe
+rules of METHOD.md) and one user message (`user_message`) holding the question, the worked
+ground-truth solution, the final answer and the student's numbered steps; decoding is greedy.
+The reply, after any `<think>...</think>` block, is
+
+    <first_error>K</first_error>            (K: the 1-based number of the earliest wrong step,
+                                             or "none" when every student step is right)
+    <step_1>...</step_1> ... <answer>...</answer>
+
+and is accepted only if it is aligned with the student's steps (`parse_reply`): steps 1..K-1
+copied verbatim (surrounding whitespace aside), step K present and different from the student's,
+every step non-empty, and a final answer equal to the ground truth. The teacher then reads the
+trace re-rendered with `format_steps`, the copied prefix in the student's exact text.
+
+Failure handling, per critique (a failed one is `Critique(ok=False, error=...)`, and the trainer
+gives its rollout no loss):
+- connection errors, timeouts, 408, 429 and 5xx are retried up to `retries` times, with
+  exponential backoff and jitter (a 429's or 503's Retry-After is honoured); other 4xx are final;
+- an answer that fails `parse_reply` (malformed JSON included) is asked for once more, then fails;
+- nothing runs past `step_timeout` seconds after the batch started.
+At most `concurrency` requests are in flight. Validated replies are cached by the content of the
+request, in jsonl files under the run directory, so a resumed run does not pay for them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import httpx
+
+from .config import CriticConfig
+from .critic import Critic, Critique, check_items
+from .format import format_steps, parse_response
+
+__all__ = ["HttpCritic", "ReplyCache", "SCRIBE_INSTRUCTIONS", "user_message", "parse_reply", "strip_think"]
+
+SCRIBE_INSTRUCTIONS = """\
+You check a student's step-by-step solution against a known correct solution, and write it out \
+again as a faithful scribe would: keeping everything the student got right, fixing only what is wrong.
+
+The student's attempt is given as numbered tags <step_1>...</step_1>, <step_2>...</step_2>, ... \
+possibly followed by <answer>...</answer>. Find the earliest step that is wrong (a wrong \
+calculation, a wrong claim, or a result carried over from an earlier mistake), then reply with \
+exactly this and nothing else:
+
+<first_error>K</first_error>
+<step_1>...</step_1>
+<step_2>...</step_2>
+...
+<answer>FINAL</answer>
+
+where K is the number of the earliest wrong step, or none if every step is right. The steps you write:
+- steps 1 to K-1: copied character for character from the student, even where you would word them differently;
+- step K: the student's step K corrected, in the student's own notation and style;
+- after that: the solution continued, in the same style, until the final answer.
+If every step is right, copy all of them and, if the attempt stops early, continue it to the end.
+FINAL is the correct final answer. Do not use < or > inside a step."""
+
+
+def user_message(question: str, reference: str, answer: str, steps: list[str], student_answer: str | None) -> str:
+    """The user turn: question, ground truth, and the student's numbered steps."""
+    attempt = "\n".join(f"<step_{i}>{s}</step_{i}>" for i, s in enumerate(steps, start=1)) or "(no steps)"
+    if student_answer is not None:
+        attempt += f"\n<answer>{student_answer}</answer>"
+    return (f"<question>\n{question}\n</question>\n\n<correct_solution>\n{reference}\n</correct_solution>\n\n"
+            f"<correct_answer>{answer}</correct_answer>\n\n<student_attempt>\n{attempt}\n</student_attempt>")
+
+
+_FIRST_ERROR = re.compile(r"<first_error>\s*(\w+)\s*</first_error>")
+
+
+def strip_think(text: str) -> str:
+    """Drop reasoning: everything up to the last `</think>`; a `<think>` never closed is an error."""
+    if "</think>" in text:
+        return text.rsplit("</think>", 1)[1]
+    if "<think>" in text:
+        raise ValueError("the reply ended inside <think> (out of tokens?)")
+    return text
+
+
+def parse_reply(reply: str, steps: list[str], answer: str) -> Critique:
+    """The critique in `reply` (see the module docstring), ValueError saying why it is unusable.
+
+    `steps` are the student's steps, `answer` the ground-truth final answer. Verdicts: steps
+    before the first error are right; the critic judges nothing after it, so those count as wrong.
+    """
+    body = strip_think(reply)
+    marks = _FIRST_ERROR.findall(body)
+    if len(marks) != 1:
+        raise ValueError(f"expected one <first_error> tag, found {len(marks)}")
+    mark = marks[0].lower()
+    if mark == "none":
+        k = None
+    elif mark.isdigit() and 1 <= int(mark) <= len(steps):
+        k = int(mark) - 1
+    else:
+        raise ValueError(f"<first_error>{marks[0]}</first_error>: the attempt has {len(steps)} steps")
+    parsed = parse_response(_FIRST_ERROR.sub("", body))
+    ours = parsed.steps
+    if parsed.truncated or parsed.answer is None:
+        raise ValueError("the trace has no complete <answer>")
+    if parsed.answer != answer.strip():
+        raise ValueError(f"the trace ends in {parsed.answer!r}, not the correct answer {answer.strip()!r}")
+    if not ours or any(not s.strip() for s in ours):
+        raise ValueError("the trace has no steps, or an empty one")
+    keep = len(steps) if k is None else k
+    if len(ours) < keep + (k is not None):
+        raise ValueError(f"the trace has {len(ours)} steps, fewer than the {keep} it must copy (plus the correction)")
+    for i in range(keep):
+        if ours[i].strip() != steps[i].strip():
+            raise ValueError(f"step {i + 1} is not the student's step {i + 1} copied verbatim")
+    if k is not None and ours[k].strip() == steps[k].strip():
+        raise ValueError(f"step {k + 1} is marked wrong but copied unchanged")
+    verdicts = [i < keep for i in range(len(steps))]
+    return Critique(format_steps(list(steps[:keep]) + ours[keep:], parsed.answer), verdicts, k)
+
+
+class ReplyCache:
+    """Validated replies keyed by a hash of the request body, in `directory/rank{R}.jsonl`.
+
+    Every file in the directory is read (any rank may reuse any reply); each process appends to
+    its own, one flushed line per reply, so a crash loses at most the line being written (a torn
+    last line is skipped when read back).
+    """
+
+    def __init__(self, directory: str | os.PathLike, rank: int = 0):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.replies: dict[str, str] = {}
+        for path in sorted(self.dir.glob("*.jsonl")):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                    self.replies[row["key"]] = row["reply"]
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn line from an interrupted write
+        self._path = self.dir / f"rank{rank}.jsonl"
+
+    @staticmethod
+    def key(body: dict) -> str:
+        return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+    def get(self, key: str) -> str | None:
+        return self.replies.get(key)
+
+    def put(self, key: str, reply: str) -> None:
+        self.replies[key] = reply
+        with open(self._path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"key": key, "reply": reply}, ensure_ascii=False) + "\n")
+
+
+class _Retry(Exception):
+    """A transient failure: retry after `delay` seconds at least."""
+
+    def __init__(self, reason: str, delay: float = 0.0):
+        super().__init__(reason)
+        self.reason, self.delay = reason, delay
+
+
+class _Final(Exception):
+    """A failure not worth retrying."""
+
+
+class HttpCritic(Critic):
+    """The `Critic` interface over HTTP; `critique_batch` sends a step's requests concurrently.
+
+    `stats` counts the outcomes of the last `critique_batch` (ok, cached, failed, requests,
+    max_in_flight, and one `failed: REASON` entry per failure reason).
+    """
+
+    RETRY_STATUS = frozenset({408, 429})  # and every 5xx
+
+    def __init__(self, cfg: CriticConfig, cache_dir: str | os.PathLike | None = None, rank: int = 0):
+        self.cfg = cfg
+        self.url = cfg.base_url.rstrip("/")
+        key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
+        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.cache = ReplyCache(cache_dir, rank) if cache_dir is not None else None
+        self.model = cfg.model or self._served_model()
+        self.stats: Counter = Counter()
+        self._in_flight = 0
+        self._jitter = random.Random()  # never the trainer's random stream
+
+    def _served_model(self) -> str:
+        """The one model the server lists; ValueError naming critic.base_url / critic.model."""
+        try:
+            r = httpx.get(f"{self.url}/models", headers=self._headers, timeout=min(self.cfg.timeout, 30.0))
+            r.raise_for_status()
+            names = [m["id"] for m in r.json()["data"]]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"critic.base_url: cannot list the models at {self.url}/models "
+                             f"({type(e).__name__}: {e}); is the server up? (or set critic.model)") from None
+        if len(names) != 1:
+            raise ValueError(f"critic.model: the server at {self.url} serves {names}; name one")
+        return names[0]
+
+    def request(self, question: str, ground_truth: str, steps: list[str], answer: str | None = None,
+                reference: str | None = None) -> dict:
+        """The /chat/completions body for one attempt."""
+        text = user_message(question, reference or ground_truth, ground_truth, list(steps), answer)
+        return {"model": self.model, "temperature": 0.0, "max_tokens": self.cfg.max_tokens,
+                "messages": [{"role": "system", "content": SCRIBE_INSTRUCTIONS}, {"role": "user", "content": text}]}
+
+    def critique(self, question, ground_truth, steps, answer=None, reference=None) -> Critique:
+        return self.critique_batch([(question, ground_truth, steps, answer, reference)])[0]
+
+    def critique_batch(self, items: Iterable[Sequence]) -> list[Critique]:
+        items = check_items(items)
+        self.stats = Counter()
+        bodies = [self.request(*item) for item in items]
+        keys = [ReplyCache.key(b) for b in bodies]
+        out: list[Critique | None] = [None] * len(items)
+        todo = []
+        for i, (item, key) in enumerate(zip(items, keys)):
+            cached = self.cache.get(key) if self.cache is not None else None
+            if cached is not None:
+                try:
+                    out[i] = parse_reply(cached, list(item[2]), str(item[1]))
+                    self.stats["cached"] += 1
+                    continue
+                except ValueError:
+                    pass  # validated under other rules: ask again
+            todo.append(i)
+        if todo:
+            results = asyncio.run(self._run([(bodies[i], items[i]) for i in todo]))
+            for i, (crit, reply) in zip(todo, results):
+                out[i] = crit
+                if crit.ok and self.cache is not None:
+                    self.cache.put(keys[i], reply)
+        for crit in out:
+            self.stats["ok" if crit.ok else "failed"] += 1
+            if not crit.ok:
+                self.stats[f"failed: {crit.error}"] += 1
+        return out
+
+    # ------------------------------------------------------------ async part
+
+    async def _run(self, jobs: list[tuple[dict, Sequence]]) -> list[tuple[Critique, str]]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.step_timeout
+        sem = asyncio.Semaphore(self.cfg.concurrency)
+        limits = httpx.Limits(max_connections=self.cfg.concurrency, max_keepalive_connections=self.cfg.concurrency)
+        async with httpx.AsyncClient(headers=self._headers, limits=limits, timeout=self.cfg.timeout) as client:
+            tasks = [asyncio.create_task(self._one(client, sem, body, item, deadline)) for body, item in jobs]
+            await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()) + 0.5)
+            results = []
+            for t in tasks:
+                if t.done():
+                    results.append(t.result())
+                else:  # only if a request ignored its own bound
+                    t.cancel()
+                    results.append((Critique("", ok=False, error="step time bound"), ""))
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return results
+
+    async def _one(self, client, sem, body, item, deadline) -> tuple[Critique, str]:
+        """One critique with its retries; never raises."""
+        loop = asyncio.get_running_loop()
+        steps, truth = list(item[2]), str(item[1])
+        retries, invalid_retry = self.cfg.retries, True
+        while True:
+            if loop.time() >= deadline:
+                return Critique("", ok=False, error="step time bound"), ""
+            try:
+                # the step bound covers queueing for a slot too
+                reply = await asyncio.wait_for(self._attempt(client, sem, body), deadline - loop.time())
+                return parse_reply(reply, steps, truth), strip_think(reply)
+            except ValueError as e:  # an unusable answer: ask once more
+                if invalid_retry:
+                    invalid_retry = False
+                    continue
+                return Critique("", ok=False, error=f"invalid reply: {e}"), ""
+            except _Final as e:
+                return Critique("", ok=False, error=str(e)), ""
+            except (_Retry, asyncio.TimeoutError, httpx.TransportError) as e:
+                if loop.time() >= deadline:
+                    return Critique("", ok=False, error="step time bound"), ""
+                reason = e.reason if isinstance(e, _Retry) else (
+                    "timeout" if isinstance(e, (asyncio.TimeoutError, httpx.TimeoutException))
+                    else f"connection error ({type(e).__name__})")
+                if retries == 0:
+                    return Critique("", ok=False, error=reason), ""
+                used = self.cfg.retries - retries
+                delay = self.cfg.backoff * 2 ** min(used, 5) * self._jitter.uniform(0.5, 1.0)
+                delay = max(delay, getattr(e, "delay", 0.0))
+                if loop.time() + delay >= deadline:
+                    return Critique("", ok=False, error=f"{reason}; no time left to retry"), ""
+                retries -= 1
+                await asyncio.sleep(delay)
+
+    async def _attempt(self, client: httpx.AsyncClient, sem: asyncio.Semaphore, body: dict) -> str:
+        async with sem:
+            self.stats["requests"] += 1
+            self._in_flight += 1
+            self.stats["max_in_flight"] = max(self.stats["max_in_flight"], self._in_flight)
+            try:
+                return await asyncio.wait_for(self._post(client, body), self.cfg.timeout)
+            finally:
+                self._in_flight -= 1
+
+    async def _post(self, client: httpx.AsyncClient, body: dict) -> str:
+        """The reply text; _Retry, _Final, or ValueError for a body that is no chat completion
+        (transport errors propagate)."""
+        r = await client.post(f"{self.url}/chat/completions", json=body)
+        if r.status_code in self.RETRY_STATUS or r.status_code >= 500:
+            raise _Retry(f"http {r.status_code}", _retry_after(r))
+        if r.status_code >= 400:
+            raise _Final(f"http {r.status_code}: {r.text[:200]}")
+        try:
+            content = r.json()["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise ValueError(f"not a chat completion: {r.text[:200]!r}") from None
+        if not isinstance(content, str):
+            raise ValueError("the chat completion has no message content")
+        return content
+
+
+def _retry_after(r: httpx.Response) -> float:
+    """Seconds a 429/503 asks us to wait (Retry-After in seconds), else 0."""
+    try:
+        return max(0.0, float(r.headers.get("retry-after", 0)))
+    except ValueError:
+        return 0.0
