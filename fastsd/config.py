@@ -117,13 +117,14 @@ class CriticConfig:
     """http: seconds all critiques of one optimizer step may take, retries included; past it the
     rest fail (their rollouts get no loss)."""
     concurrency: int = 32
-    """http: requests in flight at once (the server batches them)."""
+    """http: requests in flight at once, per process (the server batches them)."""
     retries: int = 4
     """http: retries after a connection error, timeout, 408, 429 or 5xx (other 4xx are final)."""
     backoff: float = 1.0
     """http: first retry delay in seconds; doubles per retry (at most 32x), with jitter."""
     max_tokens: int = 8192
-    """http: reply length limit, thinking included."""
+    """http: reply length limit, thinking included (reasoning critics such as QwQ may need more;
+    a reply cut off here counts as invalid)."""
 
 
 @dataclass

@@ -18,9 +18,12 @@ trace re-rendered with `format_steps`, the copied prefix in the student's exact 
 Failure handling, per critique (a failed one is `Critique(ok=False, error=...)`, and the trainer
 gives its rollout no loss):
 - connection errors, timeouts, 408, 429 and 5xx are retried up to `retries` times, with
-  exponential backoff and jitter (a 429's or 503's Retry-After is honoured); other 4xx are final;
-- an answer that fails `parse_reply` (malformed JSON included) is asked for once more, then fails;
-- nothing runs past `step_timeout` seconds after the batch started.
+  exponential backoff and jitter (a Retry-After header in seconds is honoured); other 4xx are
+  final, and a step whose every request gets one stops training (ValueError: a wrong model name
+  or parameters would otherwise train on nothing);
+- an answer that fails `parse_reply` (malformed JSON, or cut off at max_tokens, included) is asked
+  for once more, telling the critic what was wrong, then fails;
+- no request starts or runs past `step_timeout` seconds after the batch started.
 At most `concurrency` requests are in flight. Validated replies are cached by the content of the
 request, in jsonl files under the run directory, so a resumed run does not pay for them again.
 """
@@ -110,6 +113,9 @@ def parse_reply(reply: str, steps: list[str], answer: str) -> Critique:
     ours = parsed.steps
     if parsed.truncated or parsed.answer is None:
         raise ValueError("the trace has no complete <answer>")
+    if not parsed.well_formed:
+        raise ValueError("the trace is not only <step_1>..</step_1> ... <answer>..</answer> (text outside "
+                         "the tags, steps out of order, or something after the answer)")
     if parsed.answer != answer.strip():
         raise ValueError(f"the trace ends in {parsed.answer!r}, not the correct answer {answer.strip()!r}")
     if not ours or any(not s.strip() for s in ours):
@@ -120,8 +126,8 @@ def parse_reply(reply: str, steps: list[str], answer: str) -> Critique:
     for i in range(keep):
         if ours[i].strip() != steps[i].strip():
             raise ValueError(f"step {i + 1} is not the student's step {i + 1} copied verbatim")
-    if k is not None and ours[k].strip() == steps[k].strip():
-        raise ValueError(f"step {k + 1} is marked wrong but copied unchanged")
+    if k is not None and "".join(ours[k].split()) == "".join(steps[k].split()):
+        raise ValueError(f"step {k + 1} is marked wrong but copied unchanged (up to spacing)")
     verdicts = [i < keep for i in range(len(steps))]
     return Critique(format_steps(list(steps[:keep]) + ours[keep:], parsed.answer), verdicts, k)
 
@@ -139,13 +145,19 @@ class ReplyCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.replies: dict[str, str] = {}
         for path in sorted(self.dir.glob("*.jsonl")):
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                    self.replies[row["key"]] = row["reply"]
-                except (ValueError, KeyError, TypeError):
-                    continue  # a torn line from an interrupted write
+            with open(path, "rb") as f:
+                for line in f:  # ASCII lines (json escapes the rest): a torn one fails to parse
+                    try:
+                        row = json.loads(line)
+                        self.replies[row["key"]] = row["reply"]
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a torn line from an interrupted write
         self._path = self.dir / f"rank{rank}.jsonl"
+        if self._path.exists() and self._path.stat().st_size:
+            with open(self._path, "rb+") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")  # end a torn line, so the next record starts on its own
 
     @staticmethod
     def key(body: dict) -> str:
@@ -156,8 +168,8 @@ class ReplyCache:
 
     def put(self, key: str, reply: str) -> None:
         self.replies[key] = reply
-        with open(self._path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"key": key, "reply": reply}, ensure_ascii=False) + "\n")
+        with open(self._path, "a", encoding="ascii") as f:
+            f.write(json.dumps({"key": key, "reply": reply}) + "\n")
 
 
 class _Retry(Exception):
@@ -187,23 +199,34 @@ class HttpCritic(Critic):
         key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.cache = ReplyCache(cache_dir, rank) if cache_dir is not None else None
-        self.model = cfg.model or self._served_model()
+        self.model = self._check_server()
         self.stats: Counter = Counter()
         self._in_flight = 0
         self._jitter = random.Random()  # never the trainer's random stream
 
-    def _served_model(self) -> str:
-        """The one model the server lists; ValueError naming critic.base_url / critic.model."""
+    def _check_server(self) -> str:
+        """Ask {base_url}/models, before any training: the server is up, takes the key, serves
+        critic.model (or exactly one model, when it is empty). Returns the model name; ValueError
+        naming the config key otherwise. A server without /models is trusted with critic.model."""
         try:
             r = httpx.get(f"{self.url}/models", headers=self._headers, timeout=min(self.cfg.timeout, 30.0))
+        except httpx.HTTPError as e:
+            raise ValueError(f"critic.base_url: cannot reach {self.url} ({type(e).__name__}: {e}); is the server up?") from None
+        if r.status_code in (401, 403):
+            raise ValueError(f"critic.api_key_env: {self.url} refused the key in ${self.cfg.api_key_env} "
+                             f"(http {r.status_code}{'' if self._headers else '; that variable is not set'})")
+        if r.status_code == 404 and self.cfg.model:
+            return self.cfg.model
+        try:
             r.raise_for_status()
             names = [m["id"] for m in r.json()["data"]]
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"critic.base_url: cannot list the models at {self.url}/models "
-                             f"({type(e).__name__}: {e}); is the server up? (or set critic.model)") from None
-        if len(names) != 1:
+            raise ValueError(f"critic.base_url: cannot list the models at {self.url}/models ({type(e).__name__}: {e})") from None
+        if self.cfg.model and self.cfg.model not in names:
+            raise ValueError(f"critic.model: {self.cfg.model!r} is not served at {self.url} (it serves {names})")
+        if not self.cfg.model and len(names) != 1:
             raise ValueError(f"critic.model: the server at {self.url} serves {names}; name one")
-        return names[0]
+        return self.cfg.model or names[0]
 
     def request(self, question: str, ground_truth: str, steps: list[str], answer: str | None = None,
                 reference: str | None = None) -> dict:
@@ -242,6 +265,9 @@ class HttpCritic(Critic):
             self.stats["ok" if crit.ok else "failed"] += 1
             if not crit.ok:
                 self.stats[f"failed: {crit.error}"] += 1
+        if out and all(not c.ok and c.error.startswith("http 4") for c in out):
+            raise ValueError(f"critic: {self.url} refused every request of this step ({out[0].error}); "
+                             f"check critic.model and critic.max_tokens")
         return out
 
     # ------------------------------------------------------------ async part
@@ -269,6 +295,7 @@ class HttpCritic(Critic):
         loop = asyncio.get_running_loop()
         steps, truth = list(item[2]), str(item[1])
         retries, invalid_retry = self.cfg.retries, True
+        reply = None
         while True:
             if loop.time() >= deadline:
                 return Critique("", ok=False, error="step time bound"), ""
@@ -276,9 +303,13 @@ class HttpCritic(Critic):
                 # the step bound covers queueing for a slot too
                 reply = await asyncio.wait_for(self._attempt(client, sem, body), deadline - loop.time())
                 return parse_reply(reply, steps, truth), strip_think(reply)
-            except ValueError as e:  # an unusable answer: ask once more
+            except ValueError as e:  # an unusable answer: ask once more, saying what was wrong
                 if invalid_retry:
                     invalid_retry = False
+                    if reply is not None:
+                        body = {**body, "messages": [*body["messages"], {"role": "assistant", "content": reply},
+                                                     {"role": "user", "content": f"That reply cannot be used: {e}. "
+                                                      "Reply again, in exactly the format asked for."}]}
                     continue
                 return Critique("", ok=False, error=f"invalid reply: {e}"), ""
             except _Final as e:
@@ -289,15 +320,18 @@ class HttpCritic(Critic):
                 reason = e.reason if isinstance(e, _Retry) else (
                     "timeout" if isinstance(e, (asyncio.TimeoutError, httpx.TimeoutException))
                     else f"connection error ({type(e).__name__})")
+                reply = None
                 if retries == 0:
                     return Critique("", ok=False, error=reason), ""
                 used = self.cfg.retries - retries
                 delay = self.cfg.backoff * 2 ** min(used, 5) * self._jitter.uniform(0.5, 1.0)
-                delay = max(delay, getattr(e, "delay", 0.0))
+                delay = max(delay, getattr(e, "delay", 0.0) * self._jitter.uniform(1.0, 1.25))
                 if loop.time() + delay >= deadline:
                     return Critique("", ok=False, error=f"{reason}; no time left to retry"), ""
                 retries -= 1
                 await asyncio.sleep(delay)
+            except httpx.HTTPError as e:  # after TransportError, its subclass: a bad body encoding, redirects...
+                return Critique("", ok=False, error=f"http error ({type(e).__name__}: {e})"), ""
 
     async def _attempt(self, client: httpx.AsyncClient, sem: asyncio.Semaphore, body: dict) -> str:
         async with sem:
@@ -318,16 +352,19 @@ class HttpCritic(Critic):
         if r.status_code >= 400:
             raise _Final(f"http {r.status_code}: {r.text[:200]}")
         try:
-            content = r.json()["choices"][0]["message"]["content"]
+            choice = r.json()["choices"][0]
+            content = choice["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
             raise ValueError(f"not a chat completion: {r.text[:200]!r}") from None
         if not isinstance(content, str):
             raise ValueError("the chat completion has no message content")
+        if choice.get("finish_reason") == "length":
+            raise ValueError("the reply was cut off at critic.max_tokens (finish_reason=length)")
         return content
 
 
 def _retry_after(r: httpx.Response) -> float:
-    """Seconds a 429/503 asks us to wait (Retry-After in seconds), else 0."""
+    """Seconds a retried answer asks us to wait (Retry-After in seconds; an HTTP date counts as 0)."""
     try:
         return max(0.0, float(r.headers.get("retry-after", 0)))
     except ValueError:

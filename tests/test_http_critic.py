@@ -89,10 +89,10 @@ def test_critiques_over_http_equal_the_in_process_critic(serve):
 
 
 def test_the_request_is_greedy_and_carries_the_ground_truth_and_the_numbered_steps(serve):
-    critic = HttpCritic(http_cfg("http://127.0.0.1:9/v1", model="m"))
+    critic = HttpCritic(http_cfg(serve().url, model="fastsd-arith-critic"))
     q, a, steps, ans, ref = attempts(1)[1]
     body = critic.request(q, a, steps, ans, ref)
-    assert body["model"] == "m" and body["temperature"] == 0
+    assert body["model"] == "fastsd-arith-critic" and body["temperature"] == 0
     system, user = body["messages"]
     assert "faithful scribe" in system["content"]
     text = user["content"]
@@ -101,8 +101,12 @@ def test_the_request_is_greedy_and_carries_the_ground_truth_and_the_numbered_ste
 
 
 def test_api_key_comes_from_the_environment_and_stays_out_of_the_config(serve, monkeypatch):
-    srv = serve()
+    locked = serve(api_key="sk-secret-123")
+    with pytest.raises(ValueError, match=r"critic.api_key_env: .* refused the key .* not set"):
+        HttpCritic(http_cfg(locked.url, api_key_env="MY_CRITIC_KEY"))  # checked before any training
     monkeypatch.setenv("MY_CRITIC_KEY", "sk-secret-123")
+    assert HttpCritic(http_cfg(locked.url, api_key_env="MY_CRITIC_KEY")).critique_batch(attempts(1)[:1])[0].ok
+    srv = serve()
     cfg = http_cfg(srv.url, api_key_env="MY_CRITIC_KEY")
     assert HttpCritic(cfg).critique_batch(attempts(1)[:1])[0].ok
     assert srv.last_authorization == "Bearer sk-secret-123"
@@ -121,8 +125,9 @@ FAULTS = {
     "429-then-ok": (dict(fault="status", status=429, fail_first=1), {}, 2, None),
     "503-once": (dict(fault="status", status=503, fail_first=1), {}, 2, None),
     "500-always": (dict(fault="status", status=500), dict(retries=2), 3, "http 500"),
-    "400-final": (dict(fault="status", status=400), dict(retries=2), 1, "http 400"),
-    "404-final": (dict(fault="status", status=404), dict(retries=2), 1, "http 404"),
+    "408-then-ok": (dict(fault="status", status=408, fail_first=2), {}, 3, None),
+    "400-final": (dict(fault="status", status=400), dict(retries=2), 1, "refused"),
+    "404-final": (dict(fault="status", status=404), dict(retries=2), 1, "refused"),
     "hang": (dict(fault="hang"), dict(timeout=0.3, retries=1), 2, "timeout"),
     "reset": (dict(fault="reset"), dict(retries=2), 3, "connection error"),
     "reset-once": (dict(fault="reset", fail_first=1), dict(retries=2), 2, None),
@@ -137,17 +142,23 @@ def test_fault(serve, name):
     server_kw, critic_kw, per_item, outcome = FAULTS[name]
     srv = serve(**server_kw)
     items = attempts(2)[:5]
-    cfg = http_cfg(srv.url, model="fastsd-arith-critic", **critic_kw)
+    cfg = http_cfg(srv.url, **critic_kw)
     critic = HttpCritic(cfg)
     t0 = time.monotonic()
-    got = critic.critique_batch(items)  # never raises
+    if outcome == "refused":  # every request of the step got a final 4xx: a setup error, stop
+        with pytest.raises(ValueError, match="refused every request"):
+            critic.critique_batch(items)
+    else:
+        got = critic.critique_batch(items)  # never raises
     elapsed = time.monotonic() - t0
     assert elapsed < cfg.step_timeout
     assert critic.stats["max_in_flight"] <= cfg.concurrency
-    if name != "hang":  # a hung handler learns only later that its client gave up
+    if name not in ("hang", "reset"):  # a broken-off handler may outlive its client by a moment
         assert srv.stats["max_in_flight"] <= cfg.concurrency
     assert srv.stats["requests"] == per_item * len(items)  # only the listed cases are retried
-    if outcome is None:
+    if outcome == "refused":
+        assert critic.stats["failed"] == len(items)
+    elif outcome is None:
         want = ArithCritic().critique_batch(items)
         assert all(same(g, w) for g, w in zip(got, want))
     else:
@@ -157,10 +168,11 @@ def test_fault(serve, name):
 
 def test_a_step_never_outlasts_its_time_bound(serve):
     srv = serve(fault="hang")
-    cfg = http_cfg(srv.url, model="x", timeout=30.0, step_timeout=0.6, retries=10, concurrency=2)
+    cfg = http_cfg(srv.url, timeout=30.0, step_timeout=0.6, retries=10, concurrency=2)
+    critic = HttpCritic(cfg)
     t0 = time.monotonic()
-    got = HttpCritic(cfg).critique_batch(attempts(2))
-    assert time.monotonic() - t0 < 0.6 + 0.5
+    got = critic.critique_batch(attempts(2))
+    assert time.monotonic() - t0 < 0.6 + 2.0  # the bound, plus closing the connections
     assert all(not g.ok and g.error == "step time bound" for g in got)
 
 
@@ -175,7 +187,7 @@ def test_backoff_doubles_with_jitter_and_honours_retry_after(serve, monkeypatch)
         return await real_sleep(0)
 
     monkeypatch.setattr(http_critic.asyncio, "sleep", record)
-    HttpCritic(http_cfg(srv.url, model="x", retries=4, backoff=0.1)).critique_batch(attempts(1)[:1])
+    HttpCritic(http_cfg(srv.url, retries=4, backoff=0.1)).critique_batch(attempts(1)[:1])
     assert len(slept) == 4
     for i, d in enumerate(slept):
         assert 0.1 * 2**i * 0.5 <= d <= 0.1 * 2**i
@@ -184,17 +196,22 @@ def test_backoff_doubles_with_jitter_and_honours_retry_after(serve, monkeypatch)
     slept.clear()
     srv429 = serve(fault="status", status=429, fail_first=1)
     srv429.retry_after = "2"
-    assert HttpCritic(http_cfg(srv429.url, model="x", backoff=0.01)).critique_batch(attempts(1)[:1])[0].ok
-    assert slept and slept[0] >= 2  # Retry-After: 2 beats a 10 ms backoff
+    assert HttpCritic(http_cfg(srv429.url, backoff=0.01)).critique_batch(attempts(1)[:1])[0].ok
+    assert slept and 2 <= slept[0] <= 2.5  # Retry-After: 2 (plus jitter) beats a 10 ms backoff
 
 
-def test_unreachable_server_is_a_clear_error():
+def test_unreachable_server_is_a_clear_error(serve):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(ValueError, match="critic.base_url"):
+    with pytest.raises(ValueError, match="critic.base_url: cannot reach"):
         HttpCritic(http_cfg(f"http://127.0.0.1:{port}/v1"))
-    got = HttpCritic(http_cfg(f"http://127.0.0.1:{port}/v1", model="x", retries=1)).critique_batch(attempts(1)[:2])
+    srv = serve()
+    with pytest.raises(ValueError, match="critic.model: 'nope' is not served"):
+        HttpCritic(http_cfg(srv.url, model="nope"))
+    critic = HttpCritic(http_cfg(srv.url, retries=1))
+    srv.close()  # the server goes away during the run
+    got = critic.critique_batch(attempts(1)[:2])
     assert all(not g.ok and g.error.startswith("connection error") for g in got)
 
 
@@ -202,24 +219,27 @@ def test_unreachable_server_is_a_clear_error():
 
 def test_cache_makes_a_second_run_free(serve, tmp_path):
     srv = serve()
-    items = attempts(2)
-    first = HttpCritic(http_cfg(srv.url, model="x"), cache_dir=tmp_path).critique_batch(items)
+    items, more = attempts(2), attempts(3)[8:]
+    first = HttpCritic(http_cfg(srv.url), cache_dir=tmp_path).critique_batch(items)
     assert srv.stats["requests"] == len(items)
     with open(tmp_path / "rank0.jsonl", "a") as f:
-        f.write('{"key": "torn')  # an interrupted write
-    again = HttpCritic(http_cfg(srv.url, model="x"), cache_dir=tmp_path, rank=1)
-    second = again.critique_batch(items)
-    assert srv.stats["requests"] == len(items)  # nothing asked twice
-    assert again.stats["cached"] == len(items)
-    assert [c.text for c in second] == [c.text for c in first]
-    other = HttpCritic(http_cfg(srv.url, model="y"), cache_dir=tmp_path)
-    other.critique_batch(items[:1])  # another model is another request
-    assert srv.stats["requests"] == len(items) + 1
+        f.write('{"key": "torn, \\u00e9')  # an interrupted write
+    HttpCritic(http_cfg(srv.url), cache_dir=tmp_path).critique_batch(more)  # appends after the torn line
+    again = HttpCritic(http_cfg(srv.url), cache_dir=tmp_path, rank=1)
+    second = again.critique_batch(items + more)
+    assert srv.stats["requests"] == len(items) + len(more)  # nothing asked twice
+    assert again.stats["cached"] == len(items) + len(more)
+    assert [c.text for c in second[: len(items)]] == [c.text for c in first]
+    other = HttpCritic(http_cfg(srv.url, max_tokens=100), cache_dir=tmp_path)
+    other.critique_batch(items[:1])  # another request body is another request
+    assert srv.stats["requests"] == len(items) + len(more) + 1
 
 
-def test_failed_critiques_are_not_cached(serve, tmp_path):
-    srv = serve(fault="status", status=500)
-    HttpCritic(http_cfg(srv.url, model="x", retries=0), cache_dir=tmp_path).critique_batch(attempts(1))
+@pytest.mark.parametrize("fault", ["status", "misaligned"])
+def test_failed_critiques_are_not_cached(serve, tmp_path, fault):
+    srv = serve(fault=fault, status=500)
+    got = HttpCritic(http_cfg(srv.url, retries=0), cache_dir=tmp_path).critique_batch(attempts(1))
+    assert not any(g.ok for g in got)
     assert not (tmp_path / "rank0.jsonl").exists() or (tmp_path / "rank0.jsonl").read_text() == ""
 
 
@@ -249,6 +269,10 @@ def test_parse_reply_accepts_the_faithful_scribe_form():
     (reply(0, STEPS), "has 3 steps"),
     (reply(2, ["12+7=20", "19*3=57", "57-5=52"]), "step 1 is not the student's"),
     (reply(2, ["12+7=19", "19*3=58", "58-5=53"]), "copied unchanged"),
+    (reply(2, ["12+7=19", "19 * 3 = 58", "58-5=53"]), "copied unchanged"),  # only respaced
+    ("<first_error>2</first_error>Sure:<step_1>12+7=19</step_1><step_2>19*3=57</step_2><answer>52</answer>", "not only"),
+    (reply(2, ["12+7=19", "19*3=57"]) + "<step_3>x</step_3>", "not only"),
+    ("<first_error>2</first_error><step_1>12+7=19</step_1><step_3>19*3=57</step_3><answer>52</answer>", "not only"),
     (reply("none", ["12+7=19", "19*3=57"]), "fewer than"),
     (reply(2, ["12+7=19", "19*3=57", "57-5=52"], "53"), "not the correct answer"),
     ("<first_error>2</first_error><step_1>12+7=19</step_1><step_2>19*3=57</step_2>", "no complete <answer>"),
@@ -301,8 +325,7 @@ def test_a_resumed_run_takes_repeated_critiques_from_the_cache(serve, tmp_path):
 
 def test_failed_critiques_give_no_loss_and_are_counted(serve, tmp_path, capsys, monkeypatch):
     srv = serve(fault="status", status=500)
-    cfg = load_config(overrides=[*SMALL, "steps=1", f"run_dir={tmp_path}", f"critic.base_url={srv.url}",
-                                 "critic.model=x"])
+    cfg = load_config(overrides=[*SMALL, "steps=1", f"run_dir={tmp_path}", f"critic.base_url={srv.url}"])
     real_update, updates = train_mod.update, []
 
     def spy(cfg, d, policy, *a, **k):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import select
 import socket
@@ -41,8 +42,9 @@ _SECTION = {name: re.compile(rf"<{name}>\n?(.*?)\n?</{name}>", re.S)
 
 
 def read_request(messages: list) -> tuple[str, str, list[str], str | None]:
-    """(question, correct answer, student steps, student answer) from fastsd's user message."""
-    text = next(m["content"] for m in reversed(messages) if m.get("role") == "user")
+    """(question, correct answer, student steps, student answer) from fastsd's user message
+    (the first one: a retry appends the critic's last reply and a note)."""
+    text = next(m["content"] for m in messages if m.get("role") == "user")
     found = {k: rx.search(text) for k, rx in _SECTION.items()}
     missing = [k for k, m in found.items() if m is None]
     if missing:
@@ -60,12 +62,12 @@ class CriticServer(ThreadingHTTPServer):
 
     def __init__(self, port: int = 0, host: str = "127.0.0.1", *, model: str = "fastsd-arith-critic",
                  fault: str = "none", status: int = 500, fail_first: int = 0, latency: float = 0.0,
-                 think: bool = False):
+                 think: bool = False, api_key: str | None = None):
         if fault not in FAULTS:
             raise ValueError(f"fault: expected one of {FAULTS}, got {fault!r}")
         super().__init__((host, port), _Handler)
         self.model, self.fault, self.status, self.fail_first = model, fault, status, fail_first
-        self.latency, self.think = latency, think
+        self.latency, self.think, self.api_key = latency, think, api_key
         self.retry_after = "0"  # the Retry-After header of a 429
         self.last_authorization: str | None = None
         self.critic = ArithCritic()
@@ -106,8 +108,8 @@ class CriticServer(ThreadingHTTPServer):
         return f"<think>\nChecking each step against the correct solution.\n</think>\n{text}" if self.think else text
 
     def _faulty(self, body: dict) -> bool:
-        """Does the fault apply to this attempt of this request?"""
-        key = json.dumps(body, sort_keys=True)
+        """Does the fault apply to this attempt of this request (its first user message)?"""
+        key = next((m.get("content") for m in body["messages"] if m.get("role") == "user"), "")
         with self.lock:
             self.attempts[key] += 1
             n = self.attempts[key]
@@ -146,7 +148,15 @@ class _Handler(BaseHTTPRequestHandler):
                 except OSError:
                     return
 
+    def _authorized(self) -> bool:
+        if self.server.api_key is None or self.headers.get("Authorization") == f"Bearer {self.server.api_key}":
+            return True
+        self._error(401, "invalid API key")
+        return False
+
     def do_GET(self) -> None:
+        if not self._authorized():
+            return
         if self.path.rstrip("/") == "/v1/models":
             self._send(200, json.dumps({"object": "list", "data": [{"id": self.server.model, "object": "model"}]}).encode())
         else:
@@ -168,6 +178,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, raw: bytes) -> None:
         srv = self.server
+        if not self._authorized():
+            return None
         if self.path.rstrip("/") != "/v1/chat/completions":
             return self._error(404, f"no route {self.path}")
         try:
@@ -213,10 +225,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="fault only the first N attempts of each request (0: all)")
     ap.add_argument("--latency", type=float, default=0.0, help="seconds to wait before each answer")
     ap.add_argument("--think", action="store_true", help="prefix each reply with a <think> block")
+    ap.add_argument("--api-key-env", metavar="VAR", help="require the key in this environment variable")
     args = ap.parse_args(argv)
+    key = None
+    if args.api_key_env:
+        key = os.environ.get(args.api_key_env)
+        if not key:
+            ap.error(f"--api-key-env: ${args.api_key_env} is not set")
     try:
         srv = CriticServer(args.port, args.host, model=args.model, fault=args.fault, status=args.status,
-                           fail_first=args.fail_first, latency=args.latency, think=args.think)
+                           fail_first=args.fail_first, latency=args.latency, think=args.think, api_key=key)
     except OSError as e:
         print(f"critic_server: cannot listen on {args.host}:{args.port}: {e.strerror}", file=sys.stderr)
         return 1
