@@ -1,0 +1,186 @@
+"""The paper's comparison on the built-in task: grpo vs reference vs critique, several seeds.
+
+    python tools/compare_conditions.py --out runs/compare            # 3 conditions x 3 seeds
+    python tools/compare_conditions.py --out runs/smoke --seeds 0 --steps 2 --eval-every 1 \\
+        data.eval_size=4 eval.k=2                                    # extra args: fastsd-train overrides
+
+Every run starts from the same checkpoint (`model.path`, the shipped warm-started tiny model by
+default) with the same budget: `--steps` optimizer steps of `questions_per_step` questions.
+grpo samples 8 rollouts per question, reference and critique 1. Each run is a `fastsd-train`
+process in OUT/CONDITION-seedS (so an interrupted comparison resumes where it stopped; finished
+runs are kept), evaluated at step 0, every `--eval-every` steps and at the end (avg@k, pass@k,
+maj@k on the held-out split). Then OUT/results.md (table: mean, standard deviation and range over
+seeds, at the final step and at each run's best evaluation), OUT/results.json and
+OUT/avg_vs_step.png (avg@k against step, the mean over seeds with a min-max band).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+CONDITIONS = ("grpo", "reference", "critique")
+METRICS = ("avg@k", "pass@k", "maj@k")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/compare", help="directory for the runs and the results")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS))
+    ap.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
+    ap.add_argument("--eval-every", type=int, default=10, help="evaluate every N steps (and at 0 and the end)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at once (each gets cpus / jobs threads)")
+    ap.add_argument("overrides", nargs="*", help="fastsd-train key=value overrides for every run")
+    args = ap.parse_args(argv)
+    for item in args.overrides:
+        if "=" not in item:
+            ap.error(f"overrides: expected key=value, got {item!r}")
+    if args.steps < 1 or args.eval_every < 1 or args.jobs < 1:
+        ap.error("--steps, --eval-every and --jobs must be >= 1")
+    return args
+
+
+def run_command(args, condition: str, seed: int) -> list[str]:
+    run_dir = Path(args.out) / f"{condition}-seed{seed}"
+    return [sys.executable, "-m", "fastsd.cli", f"condition={condition}", f"seed={seed}", f"steps={args.steps}",
+            f"eval.every={args.eval_every}", f"run_dir={run_dir}", "log_every=1000000", *args.overrides]
+
+
+def evals(run_dir: Path) -> list[tuple[int, dict]]:
+    """(step, evaluation) pairs of a run, in step order (the last row per step wins)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    found = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if "eval" in row:
+            found[row["step"]] = row["eval"]
+    return sorted(found.items())
+
+
+def finished(run_dir: Path) -> bool:
+    path = run_dir / "metrics.jsonl"
+    return path.exists() and any(json.loads(line).get("final") for line in path.read_text().splitlines())
+
+
+def run_all(args) -> None:
+    jobs = [(c, s) for s in args.seeds for c in args.conditions]
+    todo = [(c, s) for c, s in jobs if not finished(Path(args.out) / f"{c}-seed{s}")]
+    if len(todo) < len(jobs):
+        print(f"[compare] {len(jobs) - len(todo)} of {len(jobs)} runs already finished in {args.out}", flush=True)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    done, t_start = 0, time.perf_counter()
+
+    def one(job):
+        condition, seed = job
+        run_dir = Path(args.out) / f"{condition}-seed{seed}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        with open(run_dir / "stdout.log", "a") as log:
+            rc = subprocess.call(run_command(args, condition, seed), stdout=log, stderr=subprocess.STDOUT, env=env)
+        return condition, seed, rc, time.perf_counter() - t0
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for condition, seed, rc, took in pool.map(one, todo):
+            done += 1
+            status = "done" if rc == 0 else f"FAILED (exit {rc}, see {args.out}/{condition}-seed{seed}/stdout.log)"
+            print(f"[compare] {done}/{len(todo)} {condition} seed {seed} {status} in {took / 60:.1f} min "
+                  f"({(time.perf_counter() - t_start) / 60:.1f} min so far)", flush=True)
+            if rc != 0:
+                raise SystemExit(1)
+
+
+def summarise(args) -> dict:
+    """Per condition: the eval curve per seed, and final / best statistics over seeds."""
+    out = {}
+    for c in args.conditions:
+        curves = {s: evals(Path(args.out) / f"{c}-seed{s}") for s in args.seeds}
+        finals = [curve[-1][1] for curve in curves.values() if curve]
+        bests = [max(curve, key=lambda se: se[1]["avg@k"])[1] for curve in curves.values() if curve]
+        firsts = [curve[0][1] for curve in curves.values() if curve]
+        out[c] = {"curves": {str(s): [[step, e] for step, e in curve] for s, curve in curves.items()},
+                  "start": _stats(firsts), "final": _stats(finals), "best": _stats(bests)}
+    return out
+
+
+def _stats(rows: list[dict]) -> dict:
+    res = {}
+    for m in METRICS:
+        xs = [r[m] for r in rows]
+        if xs:
+            res[m] = {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+                      "min": min(xs), "max": max(xs), "n": len(xs)}
+    return res
+
+
+def table(summary: dict, k: int | None) -> str:
+    ks = f"@{k}" if k else "@k"
+    head = f"| condition | when | {' | '.join(m.replace('@k', ks) for m in METRICS)} |\n|---|---|---|---|---|\n"
+    rows = []
+    for c, s in summary.items():
+        for when in ("start", "best", "final"):
+            cells = [f"{s[when][m]['mean']:.3f} ± {s[when][m]['std']:.3f} ({s[when][m]['min']:.3f}-{s[when][m]['max']:.3f})"
+                     if m in s[when] else "-" for m in METRICS]
+            rows.append(f"| {c} | {when} | {' | '.join(cells)} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def plot(summary: dict, path: Path, k: int | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for c, s in summary.items():
+        curves = [dict((step, e["avg@k"]) for step, e in curve) for curve in s["curves"].values() if curve]
+        steps = sorted(set.intersection(*(set(cv) for cv in curves))) if curves else []
+        if not steps:
+            continue
+        mean = [statistics.fmean(cv[st] for cv in curves) for st in steps]
+        ax.plot(steps, mean, marker="o", label=f"{c} ({len(curves)} seeds)")
+        ax.fill_between(steps, [min(cv[st] for cv in curves) for st in steps],
+                        [max(cv[st] for cv in curves) for st in steps], alpha=0.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"avg@{k or 'k'} on held-out questions")
+    ax.set_title("fastsd built-in task: feedback conditions")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    run_all(args)
+    summary = summarise(args)
+    first = next((e for s in summary.values() for cv in s["curves"].values() for _, e in cv), {})
+    k = first.get("k")
+    command = "python tools/compare_conditions.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = (f"Command: `{command.strip()}`\n\n{table(summary, k)}\n"
+            f"{len(args.seeds)} seeds; mean ± standard deviation (min-max) over seeds; {first.get('questions')} "
+            f"held-out questions, k={k}; best: each run's best evaluation by avg@k.\n")
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps({"command": command, "summary": summary}, indent=1))
+    plot(summary, out / "avg_vs_step.png", k)
+    print(text, end="")
+    print(f"[compare] wrote {out}/results.md, results.json, avg_vs_step.png ({(time.perf_counter() - t0) / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
