@@ -67,6 +67,17 @@ def evals(run_dir: Path) -> list[tuple[int, dict]]:
     return sorted(found.items())
 
 
+def cost(run_dir: Path) -> tuple[int, float]:
+    """(rollouts sampled per step, minutes of training steps: rollout + feedback + update)."""
+    import yaml
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    group = cfg["rollout"]["group_size"] or (8 if cfg["condition"] == "grpo" else 1)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    minutes = sum(r["time_rollout"] + r["time_feedback"] + r["time_update"] for r in rows if "time_rollout" in r) / 60
+    return cfg["questions_per_step"] * group, minutes
+
+
 def finished(run_dir: Path) -> bool:
     path = run_dir / "metrics.jsonl"
     return path.exists() and any(json.loads(line).get("final") for line in path.read_text().splitlines())
@@ -108,8 +119,11 @@ def summarise(args) -> dict:
         finals = [curve[-1][1] for curve in curves.values() if curve]
         bests = [max(curve, key=lambda se: se[1]["avg@k"])[1] for curve in curves.values() if curve]
         firsts = [curve[0][1] for curve in curves.values() if curve]
+        costs = [cost(Path(args.out) / f"{c}-seed{s}") for s, curve in curves.items() if curve]
         out[c] = {"curves": {str(s): [[step, e] for step, e in curve] for s, curve in curves.items()},
-                  "start": _stats(firsts), "final": _stats(finals), "best": _stats(bests)}
+                  "start": _stats(firsts), "final": _stats(finals), "best": _stats(bests),
+                  "rollouts_per_step": costs[0][0] if costs else None,
+                  "train_minutes": statistics.fmean(m for _, m in costs) if costs else None}
     return out
 
 
@@ -125,13 +139,15 @@ def _stats(rows: list[dict]) -> dict:
 
 def table(summary: dict, k: int | None) -> str:
     ks = f"@{k}" if k else "@k"
-    head = f"| condition | when | {' | '.join(m.replace('@k', ks) for m in METRICS)} |\n|---|---|---|---|---|\n"
+    head = (f"| condition | when | {' | '.join(m.replace('@k', ks) for m in METRICS)} | rollouts/step | "
+            f"train min/run |\n|---|---|---|---|---|---|---|\n")
     rows = []
     for c, s in summary.items():
         for when in ("start", "best", "final"):
             cells = [f"{s[when][m]['mean']:.3f} ± {s[when][m]['std']:.3f} ({s[when][m]['min']:.3f}-{s[when][m]['max']:.3f})"
                      if m in s[when] else "-" for m in METRICS]
-            rows.append(f"| {c} | {when} | {' | '.join(cells)} |")
+            extra = [str(s["rollouts_per_step"]), f"{s['train_minutes']:.1f}"] if when == "final" and s["train_minutes"] else ["", ""]
+            rows.append(f"| {c} | {when} | {' | '.join(cells + extra)} |")
     return head + "\n".join(rows) + "\n"
 
 
@@ -141,21 +157,25 @@ def plot(summary: dict, path: Path, k: int | None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.0), dpi=120, sharey=True)
     for c, s in summary.items():
         curves = [dict((step, e["avg@k"]) for step, e in curve) for curve in s["curves"].values() if curve]
         steps = sorted(set.intersection(*(set(cv) for cv in curves))) if curves else []
         if not steps:
             continue
         mean = [statistics.fmean(cv[st] for cv in curves) for st in steps]
-        ax.plot(steps, mean, marker="o", label=f"{c} ({len(curves)} seeds)")
-        ax.fill_between(steps, [min(cv[st] for cv in curves) for st in steps],
-                        [max(cv[st] for cv in curves) for st in steps], alpha=0.2)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(f"avg@{k or 'k'} on held-out questions")
-    ax.set_title("fastsd built-in task: feedback conditions")
-    ax.grid(alpha=0.3)
-    ax.legend()
+        lo = [min(cv[st] for cv in curves) for st in steps]
+        hi = [max(cv[st] for cv in curves) for st in steps]
+        for ax, xs in ((axes[0], steps), (axes[1], [st * (s["rollouts_per_step"] or 0) for st in steps])):
+            ax.plot(xs, mean, marker="o", label=f"{c} ({len(curves)} seeds)")
+            ax.fill_between(xs, lo, hi, alpha=0.2)
+    axes[0].set_xlabel("optimizer step")
+    axes[1].set_xlabel("rollouts sampled for training")
+    axes[0].set_ylabel(f"avg@{k or 'k'} on held-out questions")
+    fig.suptitle("fastsd built-in task: feedback conditions (mean over seeds, min-max band)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
