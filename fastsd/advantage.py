@@ -103,7 +103,8 @@ def aggregate(advantages: list[torch.Tensor], labels: list[list[str]]) -> dict:
     mean_<segment>: mean A_t over the tokens of that segment (None if there are none);
     first_wrong_abs_share: share of the total |A_t| of rollouts with a wrong step that falls on
         their first wrong step;
-    correct_negative_share: share of the tokens of fully correct rollouts with A_t < 0;
+    correct_negative_share: share of all negative A_t (the sum of min(A_t, 0) over every token)
+        that falls on fully correct rollouts;
     tokens_<segment> and rollouts_<kind> counts.
     """
     by = {s: [] for s in SEGMENTS}
@@ -119,7 +120,8 @@ def aggregate(advantages: list[torch.Tensor], labels: list[list[str]]) -> dict:
     out = {f"mean_{s}": mean(by[s]) for s in SEGMENTS}
     wrong_abs = sum(abs(a) for s in ("before", "first_wrong", "after") for a in by[s])
     out["first_wrong_abs_share"] = sum(abs(a) for a in by["first_wrong"]) / wrong_abs if wrong_abs else None
-    out["correct_negative_share"] = mean([float(a < 0) for a in by["correct"]])
+    negative = sum(min(a, 0.0) for xs in by.values() for a in xs)
+    out["correct_negative_share"] = sum(min(a, 0.0) for a in by["correct"]) / negative if negative else None
     out.update({f"tokens_{s}": len(by[s]) for s in SEGMENTS})
     out.update({f"rollouts_{k}": v for k, v in rollouts.items()})
     return out

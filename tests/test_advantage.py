@@ -52,11 +52,12 @@ def test_aggregate_by_hand():
     assert m["mean_before"] == 0.0 and m["mean_first_wrong"] == -4.0 and m["mean_after"] == -1.0
     assert m["mean_correct"] == pytest.approx(0.0) and m["mean_other"] == 9.0
     assert m["first_wrong_abs_share"] == pytest.approx(4.0 / 6.0)
-    assert m["correct_negative_share"] == pytest.approx(1 / 3)
+    assert m["correct_negative_share"] == pytest.approx(0.2 / 5.7)  # of -0.5 - 4 - 1 - 0.2
     assert (m["rollouts_correct"], m["rollouts_wrong_step"], m["rollouts_other"]) == (1, 1, 1)
     assert m["tokens_before"] == 2
     empty = aggregate([], [])
     assert empty["mean_first_wrong"] is None and empty["first_wrong_abs_share"] is None
+    assert empty["correct_negative_share"] is None
     with pytest.raises(ValueError, match="labels"):
         aggregate([torch.zeros(2)], [["before"]])
 

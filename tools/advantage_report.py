@@ -220,7 +220,7 @@ def summary_table(summaries: dict) -> str:
             ("mean_after", "mean A_t, after the first wrong step"),
             ("first_wrong_abs_share", "share of |A_t| on the first wrong step (wrong rollouts)"),
             ("mean_correct", "mean A_t, fully correct rollouts"),
-            ("correct_negative_share", "share of A_t < 0, fully correct rollouts")]
+            ("correct_negative_share", "share of all negative A_t on fully correct rollouts")]
     conds = list(summaries)
     lines = [f"| figure | {' | '.join(conds)} |", "|---|" + "---|" * len(conds)]
     for key, name in keys:
