@@ -13,6 +13,16 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # logit gradient before the dX/dW matmuls.
 VALUE_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}
 GRAD_TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-3, torch.float16: 6e-4}
+# The Triton backend rounds the logit gradient to the weight dtype before the dX/dW GEMMs (16-bit
+# tensor-core operands), on top of the final rounding. Emulating exactly that in float math over
+# 1000 fresh draws of each 16-bit case of test_loss gave, for bf16, p50 2.3e-3, p99 2.6-3.0e-3,
+# p99.9 2.8-3.4e-3, max 3.8e-3 (the torch backend, one rounding: max 1.9e-3); for fp16, max 3.8e-4.
+# So 3e-3 would fail ~0.1-0.5% of draws by design, not by a bug: bf16 gets 5e-3 on this path.
+TRITON_GRAD_TOL = {**GRAD_TOL, torch.bfloat16: 5e-3}
+
+
+def grad_tol(dtype: torch.dtype, backend: str) -> float:
+    return (TRITON_GRAD_TOL if backend == "triton" else GRAD_TOL)[dtype]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
