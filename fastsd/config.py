@@ -69,6 +69,12 @@ class RolloutConfig:
     """Longest response, in tokens."""
     group_size: int = 0
     """Rollouts per question; 0 picks the method's default (8 for grpo, 1 for self-distillation)."""
+    engine: Literal["auto", "fastsd", "generate"] = "auto"
+    """Sampler: fastsd (static KV cache, compiled decode step with fused sampling), generate
+    (transformers), auto: fastsd on CUDA, generate on CPUs."""
+    stop_at_answer: bool = False
+    """Stop a response at the end of its answer tag, not only at EOS (the EOS token is then never
+    sampled or trained)."""
 
 
 @dataclass

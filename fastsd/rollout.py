@@ -1,8 +1,11 @@
-"""On-policy sampling with transformers `generate` and its KV cache.
+"""On-policy sampling: fastsd's `RolloutEngine` (static KV cache, fused decode step) or
+transformers `generate`.
 
 Prompts of different lengths are left-padded into one batch. Under FSDP2 the root's own
 parameters (embeddings, final norm, head) are unsharded around the call, the decoder layers
-unshard themselves, and `synced_gpus=True` keeps every rank stepping until all are done.
+unshard themselves, and every rank keeps stepping until all are done (`synced_gpus=True` for
+`generate`, an all-reduced "all done" for the engine). With `generate`, a stop sequence only
+cuts the response afterwards.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import torch
 
 from .batch import pad
 from .dist import Dist
+from .engine import RolloutEngine
 
 
 def cut_at_eos(tokens: list[int], eos_id: int, pad_id: int) -> list[int]:
@@ -22,10 +26,32 @@ def cut_at_eos(tokens: list[int], eos_id: int, pad_id: int) -> list[int]:
     return tokens
 
 
+def cut_at_stop(tokens: list[int], stop: list[int] | None) -> list[int]:
+    """Tokens up to and including the first occurrence of `stop` (unchanged without one)."""
+    n = len(stop or [])
+    for i in range(n, len(tokens) + 1) if n else ():
+        if tokens[i - n:i] == stop:
+            return tokens[:i]
+    return tokens
+
+
+def _engine(policy) -> RolloutEngine:
+    """The policy's rollout engine, made on first use (it holds the compiled decode step). An
+    FSDP2-sharded model runs it eagerly: its per-layer all-gathers do not fit in a CUDA graph."""
+    if getattr(policy, "_rollout_engine", None) is None:
+        from torch.distributed.fsdp import FSDPModule
+
+        sharded = isinstance(policy.lm, FSDPModule)
+        policy._rollout_engine = RolloutEngine(policy.lm, compile=False if sharded else None)
+    return policy._rollout_engine
+
+
 @torch.no_grad()
 def sample(policy, prompts: list[list[int]], *, eos_id: int, pad_id: int, temperature: float,
-           top_p: float, max_new_tokens: int, d: Dist, batch_size: int = 256) -> list[list[int]]:
-    """Sample one response per prompt from `policy.lm` (a Policy, possibly an FSDP root)."""
+           top_p: float, max_new_tokens: int, d: Dist, batch_size: int = 256, engine: str = "generate",
+           stop: list[int] | None = None) -> list[list[int]]:
+    """Sample one response per prompt from `policy.lm` (a Policy, possibly an FSDP root) with
+    `engine` ("fastsd" or "generate"); `stop`: token ids that also end a response."""
     lm = policy.lm
     device = next(lm.parameters()).device
     was_training = lm.training
@@ -38,15 +64,24 @@ def sample(policy, prompts: list[list[int]], *, eos_id: int, pad_id: int, temper
         n_calls = d.all_max((len(prompts) + batch_size - 1) // batch_size)
         for c in range(n_calls):
             chunk = prompts[c * batch_size:(c + 1) * batch_size] or prompts[:1] or [[pad_id]]
-            ids, attn = (t.to(device) for t in pad(chunk, pad_id, left=True))
-            with policy.compute():
-                gen = lm.generate(
-                    input_ids=ids, attention_mask=attn, do_sample=True, temperature=temperature,
-                    top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
-                    pad_token_id=pad_id, synced_gpus=d.enabled,
-                )
+            if engine == "fastsd":
+                with policy.compute():
+                    rows, _ = _engine(policy).generate(
+                        chunk, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                        eos_id=eos_id, pad_id=pad_id, stop=stop,
+                        all_done=(lambda mine: d.all_sum(float(not mine))[0] == 0) if d.enabled else None)
+            else:
+                ids, attn = (t.to(device) for t in pad(chunk, pad_id, left=True))
+                with policy.compute():
+                    gen = lm.generate(
+                        input_ids=ids, attention_mask=attn, do_sample=True, temperature=temperature,
+                        top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
+                        pad_token_id=pad_id, synced_gpus=d.enabled,
+                    )
+                rows = [cut_at_stop(cut_at_eos(row.tolist(), eos_id, pad_id), stop)
+                        for row in gen[:, ids.shape[1]:].cpu()]
             if c * batch_size < len(prompts):
-                out += [cut_at_eos(row.tolist(), eos_id, pad_id) for row in gen[:, ids.shape[1]:].cpu()]
+                out += rows
     finally:
         if d.enabled:
             policy.reshard()

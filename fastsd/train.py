@@ -28,7 +28,7 @@ from .critic import ArithCritic
 from .data import Example, builtin_split, load_jsonl
 from .dist import Dist
 from .evaluation import score_samples
-from .format import Parsed, parse_response, reward
+from .format import ANSWER_CLOSE, Parsed, parse_response, reward
 from .loss import fused_linear_logprob
 from .model import DEFAULT_MODEL_DIR, load_model_and_tokenizer
 from .policy import Policy, apply_liger, shard
@@ -137,9 +137,13 @@ def encode(tok, text: str) -> list[int]:
 def rollout(cfg: TrainConfig, d: Dist, policy, tok, examples: list[Example], k: int, temperature: float) -> list[Rollout]:
     prompts = [encode(tok, student_prompt(ex.question, cfg.templates.student)) for ex in examples]
     flat = [(g, ex, p) for g, (ex, p) in enumerate(zip(examples, prompts)) for _ in range(k)]
+    engine = cfg.rollout.engine
+    if engine == "auto":
+        engine = "fastsd" if d.device.type == "cuda" else "generate"
+    stop = encode(tok, ANSWER_CLOSE) if cfg.rollout.stop_at_answer else None
     responses = sample(policy, [p for _, _, p in flat], eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                        temperature=temperature, top_p=cfg.rollout.top_p,
-                       max_new_tokens=cfg.rollout.max_new_tokens, d=d)
+                       max_new_tokens=cfg.rollout.max_new_tokens, d=d, engine=engine, stop=stop)
     out = []
     for (g, ex, p), resp in zip(flat, responses):
         parsed = parse_response(tok.decode(resp, skip_special_tokens=True))
