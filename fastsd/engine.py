@@ -22,6 +22,7 @@ log-probability of each under the distribution it was sampled from (after temper
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -69,6 +70,19 @@ class RolloutEngine:
     def _decode(self, tok, attn, pos, cache_pos, cache, temperature: float, top_p: float):
         return sample_next(self._forward(tok[:, None], attn, pos[:, None], cache_pos, cache), temperature, top_p)
 
+    def _decode_step(self, *args):
+        if not self.compile:
+            return self._decode(*args)
+        torch.compiler.cudagraph_mark_step_begin()
+        try:
+            tok, lp = self._step(*args)
+        except Exception as e:  # noqa: BLE001 - a compiler failure must not cost the run
+            warnings.warn(f"fastsd.engine: the compiled decode step failed ({type(e).__name__}: {e}); "
+                          "decoding eagerly from now on")
+            self.compile, self._step = False, self._decode
+            return self._decode(*args)  # rewrites the same cache slot: idempotent
+        return tok.clone(), lp.clone()  # CUDA graph outputs are overwritten by the next replay
+
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
                  eos_id: int, pad_id: int, stop: list[int] | None = None,
@@ -109,10 +123,7 @@ class RolloutEngine:
                     break
             attn[:, P + t] = 1
             pos = pos + 1
-            if self.compile:
-                torch.compiler.cudagraph_mark_step_begin()
-            tok, lp = self._step(tok, attn, pos, torch.tensor([P + t], device=device), cache, temperature, top_p)
-            tok, lp = tok.clone(), lp.clone()  # CUDA graph outputs are overwritten by the next replay
+            tok, lp = self._decode_step(tok, attn, pos, torch.tensor([P + t], device=device), cache, temperature, top_p)
         return self._rows(tokens[:, :steps], logps[:, :steps], eos_id, stop or [])
 
     @staticmethod
