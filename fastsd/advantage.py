@@ -9,8 +9,11 @@ belongs to, relative to the rollout's first wrong step (known exactly on the bui
     first_wrong  the first wrong step (its tag, content and closing tag)
     after        everything after it: later steps, the answer, the end-of-sequence token
     correct      any token of a fully correct rollout (every step right, right answer)
-    other        rollouts with no wrong step but no right answer (cut off, answer miscopied),
-                 and ill-formed rollouts, whose steps cannot be located reliably
+    other        rollouts with no wrong step but no right answer (cut off, answer miscopied)
+
+Steps are counted in order of appearance, as `fastsd.format.parse_response` counts them (so a
+misnumbered or unclosed step tag still starts a step); a cut-off last step is a step like any
+other (the built-in critic judges it wrong unless it is complete and right).
 
 A token belongs to the step whose opening tag is the last one at or before the token's first
 character; text before the first step counts as `before` (or `correct`).
@@ -66,7 +69,7 @@ def segments(text: str, spans: list[tuple[int, int]], first_error: int | None, c
     parsed = parse_response(text)
     if correct and first_error is None:
         return ["correct"] * len(spans)
-    if first_error is None or first_error >= len(parsed.steps) or not (parsed.well_formed or parsed.truncated):
+    if first_error is None or first_error >= len(parsed.steps):
         return ["other"] * len(spans)
     wrong = first_error + 1
     return ["before" if k < wrong else "first_wrong" if k == wrong else "after" for k in token_steps(text, spans)]

@@ -74,7 +74,8 @@ class RolloutConfig:
     (transformers), auto: fastsd on CUDA, generate on CPUs."""
     stop_at_answer: bool = False
     """Stop a response at the end of its answer tag, not only at EOS (the EOS token is then never
-    sampled or trained)."""
+    sampled or trained). Matched on the tag's token ids encoded alone: exact for the built-in
+    character tokenizer; a BPE tokenizer may merge the tag with what follows and miss it."""
 
 
 @dataclass

@@ -10,7 +10,10 @@ One decode step = one forward of the new tokens + sampling, with no host synchro
     exponential race argmax(p / E), E ~ Exp(1), which draws exactly from p
 
 On CUDA the step is compiled (`torch.compile(mode="reduce-overhead")`: CUDA graphs) unless
-`compile=False`; its outputs are copied out before the next replay. A sequence finishes at EOS or
+`compile=False`; its outputs are copied out before the next replay. To keep to a few shapes (each
+new one compiles and records again), the compiled path pads the batch to a power of two and the
+prompts to a multiple of 64 tokens, and reuses one cache per shape. If compiling fails, the call
+starts over eagerly (with a warning) and stays eager. A sequence finishes at EOS or
 at the end of a stop sequence (e.g. the answer tag's token ids); finished rows keep stepping
 (padding, cheap) until all are done, which is checked every `check_every` steps. `all_done` lets
 FSDP ranks agree, so every rank runs the same number of forwards.
@@ -50,6 +53,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float) -> tuple
     return token, logp.gather(-1, token[:, None])[:, 0]
 
 
+class _CompileFailed(RuntimeError):
+    pass
+
+
 class RolloutEngine:
     """Static-cache sampler for `lm` (see the module docstring)."""
 
@@ -61,6 +68,7 @@ class RolloutEngine:
         # transformers renamed past_key_values to cache (5.2x); use whichever this version takes
         self._cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
         self._step = torch.compile(self._decode, mode="reduce-overhead", dynamic=False) if self.compile else self._decode
+        self._caches: dict[tuple[int, int], StaticCache] = {}
 
     def _forward(self, ids, attn, pos, cache_pos, cache):
         out = self.lm(input_ids=ids, attention_mask=attn, position_ids=pos, cache_position=cache_pos,
@@ -77,11 +85,20 @@ class RolloutEngine:
         try:
             tok, lp = self._step(*args)
         except Exception as e:  # noqa: BLE001 - a compiler failure must not cost the run
-            warnings.warn(f"fastsd.engine: the compiled decode step failed ({type(e).__name__}: {e}); "
-                          "decoding eagerly from now on")
-            self.compile, self._step = False, self._decode
-            return self._decode(*args)  # rewrites the same cache slot: idempotent
+            raise _CompileFailed(f"{type(e).__name__}: {e}") from e
         return tok.clone(), lp.clone()  # CUDA graph outputs are overwritten by the next replay
+
+    def _cache(self, batch: int, length: int) -> StaticCache:
+        """A zeroed static cache for `batch` x `length`, reused across calls of the same shape (a
+        new one would make the compiled step record new CUDA graphs)."""
+        key = (batch, length)
+        if key not in self._caches:
+            if len(self._caches) >= 4:
+                self._caches.pop(next(iter(self._caches)))
+            self._caches[key] = StaticCache(config=self.lm.config, max_cache_len=length)
+        cache = self._caches[key]
+        cache.reset()
+        return cache
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
@@ -91,18 +108,36 @@ class RolloutEngine:
             raise ValueError("prompts: expected at least one prompt, each with at least one token")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
+        args = (prompts, max_new_tokens, temperature, top_p, eos_id, pad_id, stop or [], all_done)
+        try:
+            return self._generate(*args)
+        except _CompileFailed as e:  # start over eagerly, with a clean cache
+            warnings.warn(f"fastsd.engine: the compiled decode step failed ({e}); decoding eagerly from now on")
+            self.compile, self._step = False, self._decode
+            return self._generate(*args)
+
+    def _generate(self, prompts, max_new_tokens, temperature, top_p, eos_id, pad_id, stop, all_done):
         device = next(self.lm.parameters()).device
-        ids, prompt_attn = (t.to(device) for t in pad(prompts, pad_id, left=True))
+        n = len(prompts)
+        if self.compile:  # a few fixed shapes, so the compiled step is reused: the batch to a power of 2
+            prompts = prompts + [prompts[0]] * ((1 << (n - 1).bit_length()) - n)  # dummy rows, dropped
+        ids, prompt_attn = pad(prompts, pad_id, left=True)
+        if self.compile:  # and the prompt width to a multiple of 64
+            extra = -(-ids.shape[1] // 64) * 64 - ids.shape[1]
+            ids = torch.nn.functional.pad(ids, (extra, 0), value=pad_id)
+            prompt_attn = torch.nn.functional.pad(prompt_attn, (extra, 0), value=0)
+        ids, prompt_attn = ids.to(device), prompt_attn.to(device)
         B, P = ids.shape
         total = P + max_new_tokens
         attn = torch.zeros(B, total, dtype=torch.long, device=device)
         attn[:, :P] = prompt_attn
-        cache = StaticCache(config=self.lm.config, max_cache_len=total)
+        cache = self._cache(B, total)
+        positions = torch.arange(total, device=device)  # cache positions: sliced, never copied from the host
         pos = (prompt_attn.cumsum(-1) - 1).clamp(min=0)
-        logits = self._forward(ids, attn, pos, torch.arange(P, device=device), cache)
+        logits = self._forward(ids, attn, pos, positions[:P], cache)
         tok, lp = sample_next(logits, temperature, top_p)
         pos = pos[:, -1]
-        stop_t = torch.tensor(stop or [], dtype=torch.long, device=device)
+        stop_t = torch.tensor(stop, dtype=torch.long, device=device)
         tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
         logps = torch.zeros(B, max_new_tokens, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -117,14 +152,14 @@ class RolloutEngine:
             if t + 1 == max_new_tokens:
                 break
             if (t + 1) % self.check_every == 0:
-                finished = bool(done.all())
+                finished = bool(done[:n].all())
                 if (all_done(finished) if all_done is not None else finished):
                     steps = t + 1
                     break
             attn[:, P + t] = 1
             pos = pos + 1
-            tok, lp = self._decode_step(tok, attn, pos, torch.tensor([P + t], device=device), cache, temperature, top_p)
-        return self._rows(tokens[:, :steps], logps[:, :steps], eos_id, stop or [])
+            tok, lp = self._decode_step(tok, attn, pos, positions[P + t:P + t + 1], cache, temperature, top_p)
+        return self._rows(tokens[:n, :steps], logps[:n, :steps], eos_id, stop)
 
     @staticmethod
     def _rows(tokens, logps, eos_id, stop) -> tuple[list[list[int]], list[list[float]]]:

@@ -41,7 +41,7 @@ def _engine(policy) -> RolloutEngine:
     if getattr(policy, "_rollout_engine", None) is None:
         from torch.distributed.fsdp import FSDPModule
 
-        sharded = isinstance(policy.lm, FSDPModule)
+        sharded = isinstance(policy, FSDPModule) or isinstance(policy.lm, FSDPModule)  # shard() wraps the Policy
         policy._rollout_engine = RolloutEngine(policy.lm, compile=False if sharded else None)
     return policy._rollout_engine
 

@@ -40,7 +40,9 @@ def test_token_steps_and_segments_by_hand():
     assert first[:S2] == ["first_wrong"] * S2 and set(first[S2:]) == {"after"}
     assert set(segments(TEXT, spans, None, correct=True)) == {"correct"}
     assert set(segments(TEXT, spans, None, correct=False)) == {"other"}  # no wrong step, wrong answer
-    assert set(segments("hi <step_1>1+2=3</step_3>", char_spans("hi <step_1>1+2=3</step_3>"), 0, False)) == {"other"}
+    odd = "hi <step_1>1+2=3</step_3><step_7>3*2=7"  # text outside tags, misnumbered: still counted
+    assert segments(odd, char_spans(odd), 1, False)[odd.index("<step_7>")] == "first_wrong"
+    assert set(segments(TEXT, char_spans(TEXT), 2, False)) == {"other"}  # no such step
     cut = "<step_1>1+2=3</step_1><step_2>3*2=7"  # truncated: still located
     assert segments(cut, char_spans(cut), 1, False)[-2] == "first_wrong"
 

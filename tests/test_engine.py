@@ -155,3 +155,34 @@ def test_engine_under_torchrun_two_processes(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[fastsd] after:" in proc.stdout
+
+
+def test_compiled_step_matches_eager_and_keeps_to_one_shape(model):
+    """torch.compile on the CPU (no CUDA graphs here): the same greedy output as eager, and batches
+    of 7 and 5 share one padded shape, so one cache. Without a working compiler the engine warns
+    and decodes eagerly, which must give the same output too."""
+    lm, tok = model
+    prompts = prompts_for(tok, 7)
+    kw = dict(max_new_tokens=48, temperature=0, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    want, _ = RolloutEngine(lm, compile=False).generate(prompts, **kw)
+    eng = RolloutEngine(lm, compile=True)
+    assert eng.generate(prompts, **kw)[0] == want
+    assert eng.generate(prompts[:5], **kw)[0] == want[:5]
+    if eng.compile:  # compiled for real
+        assert list(eng._caches) == [(8, 64 + 48)]
+
+
+def test_a_failing_compiled_step_falls_back_to_eager(model):
+    lm, tok = model
+    prompts = prompts_for(tok, 3)
+    kw = dict(max_new_tokens=40, temperature=0, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    want, _ = RolloutEngine(lm, compile=False).generate(prompts, **kw)
+    eng = RolloutEngine(lm, compile=True)
+
+    def broken(*args):
+        raise RuntimeError("no compiler")
+
+    eng._step = broken
+    with pytest.warns(UserWarning, match="decoding eagerly"):
+        got, _ = eng.generate(prompts, **kw)
+    assert got == want and not eng.compile

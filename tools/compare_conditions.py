@@ -7,8 +7,8 @@
 Every run starts from the same checkpoint (`model.path`, the shipped warm-started tiny model by
 default) with the same budget: `--steps` optimizer steps of `questions_per_step` questions.
 grpo samples 8 rollouts per question, reference and critique 1. Each run is a `fastsd-train`
-process in OUT/CONDITION-seedS (so an interrupted comparison resumes where it stopped; finished
-runs are kept), evaluated at step 0, every `--eval-every` steps and at the end (avg@k, pass@k,
+process in OUT/CONDITION-seedS, checkpointed at every evaluation (so an interrupted comparison
+resumes from its runs' last checkpoints; finished runs are kept), evaluated at step 0, every `--eval-every` steps and at the end (avg@k, pass@k,
 maj@k on the held-out split). Then OUT/results.md (table: mean, standard deviation and range over
 seeds, at the final step and at each run's best evaluation), OUT/results.json and
 OUT/avg_vs_step.png (avg@k against step, the mean over seeds with a min-max band).
@@ -51,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_command(args, condition: str, seed: int) -> list[str]:
     run_dir = Path(args.out) / f"{condition}-seed{seed}"
     return [sys.executable, "-m", "fastsd.cli", f"condition={condition}", f"seed={seed}", f"steps={args.steps}",
-            f"eval.every={args.eval_every}", f"run_dir={run_dir}", "log_every=1000000", *args.overrides]
+            f"eval.every={args.eval_every}", f"checkpoint.every={args.eval_every}", f"run_dir={run_dir}",
+            "log_every=1000000", *args.overrides]
 
 
 def evals(run_dir: Path) -> list[tuple[int, dict]]:
@@ -73,8 +74,12 @@ def cost(run_dir: Path) -> tuple[int, float]:
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     group = cfg["rollout"]["group_size"] or (8 if cfg["condition"] == "grpo" else 1)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    minutes = sum(r["time_rollout"] + r["time_feedback"] + r["time_update"] for r in rows if "time_rollout" in r) / 60
+    rows = {}  # a resumed run repeats steps after its last checkpoint: the last row of a step counts
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "time_rollout" in row:
+            rows[row["step"]] = row
+    minutes = sum(r["time_rollout"] + r["time_feedback"] + r["time_update"] for r in rows.values()) / 60
     return cfg["questions_per_step"] * group, minutes
 
 
