@@ -33,7 +33,25 @@ from transformers import StaticCache
 
 from .batch import pad
 
-__all__ = ["RolloutEngine", "sample_next"]
+__all__ = ["RolloutEngine", "sample_next", "cut_at_eos", "cut_at_stop"]
+
+
+def cut_at_eos(tokens: list[int], eos_id: int, pad_id: int) -> list[int]:
+    """Response tokens up to and including the first EOS; trailing padding dropped."""
+    if eos_id in tokens:
+        return tokens[: tokens.index(eos_id) + 1]
+    while tokens and tokens[-1] == pad_id:
+        tokens = tokens[:-1]
+    return tokens
+
+
+def cut_at_stop(tokens: list[int], stop: list[int] | None) -> list[int]:
+    """Tokens up to and including the first occurrence of `stop` (unchanged without one)."""
+    n = len(stop or [])
+    for i in range(n, len(tokens) + 1) if n else ():
+        if tokens[i - n:i] == stop:
+            return tokens[:i]
+    return tokens
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,20 +177,9 @@ class RolloutEngine:
             attn[:, P + t] = 1
             pos = pos + 1
             tok, lp = self._decode_step(tok, attn, pos, positions[P + t:P + t + 1], cache, temperature, top_p)
-        return self._rows(tokens[:n, :steps], logps[:n, :steps], eos_id, stop)
+        return self._rows(tokens[:n, :steps], logps[:n, :steps], eos_id, pad_id, stop)
 
     @staticmethod
-    def _rows(tokens, logps, eos_id, stop) -> tuple[list[list[int]], list[list[float]]]:
-        out_t, out_l = [], []
-        for row, lrow in zip(tokens.tolist(), logps.tolist()):
-            end = len(row)
-            if eos_id in row:
-                end = row.index(eos_id) + 1
-            n = len(stop)
-            for i in range(n, end + 1) if n else ():
-                if row[i - n:i] == stop:
-                    end = i
-                    break
-            out_t.append(row[:end])
-            out_l.append(lrow[:end])
-        return out_t, out_l
+    def _rows(tokens, logps, eos_id, pad_id, stop) -> tuple[list[list[int]], list[list[float]]]:
+        rows = [cut_at_stop(cut_at_eos(row, eos_id, pad_id), stop) for row in tokens.tolist()]
+        return rows, [lrow[:len(row)] for row, lrow in zip(rows, logps.tolist())]

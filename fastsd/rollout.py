@@ -14,25 +14,7 @@ import torch
 
 from .batch import pad
 from .dist import Dist
-from .engine import RolloutEngine
-
-
-def cut_at_eos(tokens: list[int], eos_id: int, pad_id: int) -> list[int]:
-    """Response tokens up to and including the first EOS; trailing padding dropped."""
-    if eos_id in tokens:
-        return tokens[: tokens.index(eos_id) + 1]
-    while tokens and tokens[-1] == pad_id:
-        tokens = tokens[:-1]
-    return tokens
-
-
-def cut_at_stop(tokens: list[int], stop: list[int] | None) -> list[int]:
-    """Tokens up to and including the first occurrence of `stop` (unchanged without one)."""
-    n = len(stop or [])
-    for i in range(n, len(tokens) + 1) if n else ():
-        if tokens[i - n:i] == stop:
-            return tokens[:i]
-    return tokens
+from .engine import RolloutEngine, cut_at_eos, cut_at_stop
 
 
 def _engine(policy) -> RolloutEngine:

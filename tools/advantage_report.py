@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from fastsd.advantage import SEGMENTS, aggregate, segments, token_advantages, token_spans, token_steps
+from fastsd.conditions import student_prompt
 from fastsd.config import load_config
 from fastsd.critic import ArithCritic
 from fastsd.data import Example
@@ -70,8 +71,6 @@ def _example(question: str, known: dict[str, Example]) -> Example:
 
 def read_rollouts(path: str, step: int | None, cfg, tok) -> list[Rollout]:
     """Rollouts from a run's rollouts.jsonl (the response text re-encoded)."""
-    from fastsd.conditions import student_prompt
-
     train, held = load_data(cfg)
     known = {ex.question: ex for ex in train + held}
     out = []
@@ -91,9 +90,12 @@ def read_rollouts(path: str, step: int | None, cfg, tok) -> list[Rollout]:
     return out
 
 
+CRITIC = ArithCritic()
+
+
 def first_error(r: Rollout) -> int | None | str:
     try:
-        return ArithCritic().critique(r.example.question, r.example.answer, r.parsed.steps, r.parsed.answer).first_error
+        return CRITIC.critique(r.example.question, r.example.answer, r.parsed.steps, r.parsed.answer).first_error
     except ValueError:
         return "unknown"
 
@@ -103,7 +105,7 @@ def _colour(a: float) -> str:
     return f"rgba(215,48,39,{abs(x):.2f})" if x < 0 else f"rgba(26,152,80,{abs(x):.2f})"
 
 
-def render_html(condition: str, rows: list[dict], summary: dict, tok) -> str:
+def render_html(condition: str, rows: list[dict], summary: dict) -> str:
     parts = [f"<!doctype html><meta charset=utf-8><title>fastsd A_t: {condition}</title><style>"
              "body{font:14px sans-serif;max-width:70em;margin:2em auto}"
              ".r{margin:1.2em 0;padding:.5em;border-top:1px solid #ccc}.ctx{color:#666;font-size:12px}"
@@ -192,7 +194,7 @@ def main(argv=None) -> int:
             r, fe = rs[i], errors[i]
             text = tok.decode(r.response, skip_special_tokens=True)
             spans = token_spans(tok, r.response)
-            lab = segments(text, spans, None if fe == "unknown" else fe, r.reward == 1) if fe != "unknown" else ["other"] * len(spans)
+            lab = ["other"] * len(spans) if fe == "unknown" else segments(text, spans, fe, r.reward == 1)
             step_of = token_steps(text, spans)
             labels.append(lab)
             rows.append({"question": r.example.question, "answer": r.example.answer, "reward": r.reward,
@@ -202,7 +204,7 @@ def main(argv=None) -> int:
         summary["rollouts_without_context"] = len(rs) - len(keep)
         summaries[condition] = summary
         shown = sorted(rows, key=lambda r: (r["first_error"] in (None, "unknown"), str(r["question"])))[: args.show]
-        (out / f"{condition}.html").write_text(render_html(condition, shown, summary, tok), encoding="utf-8")
+        (out / f"{condition}.html").write_text(render_html(condition, shown, summary), encoding="utf-8")
         render_png(condition, rows, summary, out / f"{condition}.png")
         with open(out / f"{condition}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
