@@ -194,10 +194,14 @@ def _dw_kernel(
 
 # ---------------------------------------------------------------- launchers
 
-def _cfg(kind: str) -> dict:
-    """Tile sizes. The interpreter wants few, large numpy ops; GPUs want tensor-core tiles."""
+def _cfg(kind: str, dtype: torch.dtype) -> dict:
+    """Tile sizes. The interpreter wants few, large numpy ops; GPUs want tensor-core tiles for
+    16-bit inputs. fp32 inputs take exact fp32 FMAs, whose operands need more registers: smaller
+    tiles, or the accumulator spills (checked by tools/kernel_report.py)."""
     if INTERPRET:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
     return {
         "logits": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
         "dx": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
@@ -212,7 +216,7 @@ def _upcast(t: torch.Tensor) -> bool:
 def logits(h, rows, nv, w, z, c0: int, c: int, inv_temp: float) -> None:
     """z[:c] = (h[rows[c0:c0+c]] @ w.T) * inv_temp in fp32 (rows past nv untouched)."""
     V, D = w.shape
-    cfg = _cfg("logits")
+    cfg = _cfg("logits", w.dtype)
     grid = (triton.cdiv(c, cfg["BLOCK_M"]) * triton.cdiv(V, cfg["BLOCK_N"]),)
     _logits_kernel[grid](h, rows, nv, w, z, c0, c, V, D, h.stride(0), w.stride(0), z.stride(0),
                          inv_temp, UPCAST=_upcast(w), **cfg)
@@ -221,7 +225,7 @@ def logits(h, rows, nv, w, z, c0: int, c: int, inv_temp: float) -> None:
 def dx_rows(g, w, rows, nv, dx, c0: int, c: int) -> None:
     """dx[rows[c0 + i]] = g[i] @ w for the live rows of the chunk."""
     V, D = w.shape
-    cfg = _cfg("dx")
+    cfg = _cfg("dx", w.dtype)
     grid = (triton.cdiv(c, cfg["BLOCK_M"]) * triton.cdiv(D, cfg["BLOCK_N"]),)
     _dx_kernel[grid](g, w, rows, nv, dx, c0, c, V, D, g.stride(0), w.stride(0), dx.stride(0),
                      UPCAST=_upcast(w), **cfg)
@@ -230,7 +234,7 @@ def dx_rows(g, w, rows, nv, dx, c0: int, c: int) -> None:
 def dw_accumulate(g, h, rows, nv, acc, lo, c0: int, c: int) -> None:
     """acc += g[:live].T @ h[rows[c0:c0+live]]; `lo` is the low-half plane for a bf16 `acc`."""
     V, D = acc.shape
-    cfg = _cfg("dw")
+    cfg = _cfg("dw", h.dtype)
     split = lo is not None
     grid = (triton.cdiv(V, cfg["BLOCK_M"]) * triton.cdiv(D, cfg["BLOCK_N"]),)
     _dw_kernel[grid](g, h, rows, nv, acc.view(torch.int16) if split else acc, lo if split else acc,

@@ -24,7 +24,7 @@ import triton.language as tl
 from .gemm import cast_rtne
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_NEG = -1.0e30  # finite "minus infinity" for running maxima: exp(_NEG - m) is 0, never NaN
+_NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: exp(_NEG - m) is 0, never NaN
 
 
 @triton.jit
