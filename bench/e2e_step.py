@@ -43,7 +43,7 @@ QWEN_1_5B = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
 PATHS = ("fastsd", "plain", "liger_fljsd", "liger_chunked")
 
 
-def build(args, device):
+def build(args):
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     if args.cpu_smoke:
@@ -55,7 +55,7 @@ def build(args, device):
         dtype = torch.bfloat16
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device)
+    return AutoModelForCausalLM.from_config(cfg, dtype=dtype)  # kept on the CPU: copied per case
 
 
 def make_batch(lm, B, args, device):
@@ -98,8 +98,8 @@ def loss_fn(path, student, teacher, batch, args):
 
 def run_case(path, B, ckpt, lm0, args, device, fsdp):
     """One (path, batch, checkpointing) case: a dict with timings and memory, or the failure."""
-    lm = copy.deepcopy(lm0)
-    teacher = Policy(copy.deepcopy(lm0).eval().requires_grad_(False))
+    lm = copy.deepcopy(lm0).to(device)  # lm0 stays on the CPU, out of every case's peak memory
+    teacher = Policy(copy.deepcopy(lm0).to(device).eval().requires_grad_(False))
     if ckpt:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student = Policy(lm.train())
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
         from fastsd import dist
 
         dist.setup()
-    lm0 = build(args, device)
+    lm0 = build(args)
     ckpts = {"off": [False], "on": [True], "both": [False, True]}[args.ckpt]
     rows = []
     for ckpt in ckpts:

@@ -1,5 +1,6 @@
 """Rollout speed: new tokens/s of transformers `generate` and of fastsd's RolloutEngine, same model,
-same prompts, in one run (a warm-up call per path and batch is excluded from the timing).
+same prompts, in one run (a short warm-up call per path and batch, which compiles the engine's
+step for that shape, is excluded from the timing and reported apart).
 
     python bench/rollout.py                                   # GPU: Qwen2.5-1.5B shape, bf16, random weights
     python bench/rollout.py --batch 8 32 --new-tokens 512     # shorter
@@ -44,8 +45,9 @@ def build(args):
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device).eval(), device
 
 
-def time_path(path, lm, engine, prompts, new_tokens, device) -> float:
-    """Seconds for one call of `path` ("generate" or "fastsd")."""
+def time_path(path, lm, engine, prompts, new_tokens, device, warm_up: bool = False) -> float:
+    """Seconds for one call of `path` ("generate" or "fastsd"). A warm-up call decodes 16 tokens
+    only; for the engine with the full cache shape, so the timed call reuses its compiled step."""
     V = lm.config.vocab_size
     if device == "cuda":
         torch.cuda.synchronize()
@@ -53,11 +55,12 @@ def time_path(path, lm, engine, prompts, new_tokens, device) -> float:
     with torch.no_grad():
         if path == "generate":
             ids = torch.tensor(prompts, device=device)
+            n = min(new_tokens, 16) if warm_up else new_tokens
             lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.1,
-                        top_k=0, top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                        eos_token_id=V - 1, pad_token_id=0)
+                        top_k=0, top_p=1.0, max_new_tokens=n, min_new_tokens=n, eos_token_id=V - 1, pad_token_id=0)
         else:
-            engine.generate(prompts, max_new_tokens=new_tokens, temperature=1.1, eos_id=-1, pad_id=0)
+            engine.generate(prompts, max_new_tokens=new_tokens, temperature=1.1, eos_id=-1, pad_id=0,
+                            all_done=(lambda finished: True) if warm_up else None)
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
@@ -85,7 +88,8 @@ def main(argv=None) -> int:
         for path in args.paths:
             row = {"path": path, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
             try:
-                time_path(path, lm, engine, prompts, args.new_tokens, device)  # warm-up: compiles this shape
+                warm = time_path(path, lm, engine, prompts, args.new_tokens, device, warm_up=True)
+                row["warm_up_s"] = warm  # for the engine: compiling and recording this shape
                 secs = time_path(path, lm, engine, prompts, args.new_tokens, device)
                 row.update(status="ok", seconds=secs, tokens_per_s=batch * args.new_tokens / secs)
             except torch.OutOfMemoryError:

@@ -20,8 +20,8 @@ BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2e_step.py")
 
 def test_fastsd_and_plain_paths_compute_the_same_loss():
     args = argparse.Namespace(cpu_smoke=True, student_prompt=8, teacher_prompt=12, response=16)
-    lm = e2e_step.build(args, torch.device("cpu"))
-    teacher = Policy(e2e_step.build(args, torch.device("cpu")).eval())
+    lm = e2e_step.build(args)
+    teacher = Policy(e2e_step.build(args).eval())
     with torch.no_grad():  # a teacher that differs from the student
         for p in teacher.lm.parameters():
             p.add_(0.05 * torch.randn_like(p))

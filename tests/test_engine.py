@@ -38,7 +38,7 @@ def prompts_for(tok, n, seed=0):
 
 
 def hf_generate(lm, tok, prompts, **kw):
-    ids, attn = pad(prompts, tok.pad_token_id, left=True)
+    ids, attn = (t.to(lm.device) for t in pad(prompts, tok.pad_token_id, left=True))
     with torch.no_grad():
         gen = lm.generate(input_ids=ids, attention_mask=attn, eos_token_id=tok.eos_token_id,
                           pad_token_id=tok.pad_token_id, **kw)
@@ -186,3 +186,31 @@ def test_a_failing_compiled_step_falls_back_to_eager(model):
     with pytest.warns(UserWarning, match="decoding eagerly"):
         got, _ = eng.generate(prompts, **kw)
     assert got == want and not eng.compile
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA graphs)")
+def test_on_cuda_the_compiled_step_with_cuda_graphs_samples_like_generate(model):
+    """The default CUDA path (torch.compile, reduce-overhead: CUDA graphs, replayed every step):
+    greedy output equal to eager decoding, and the random draws advance on every replay (the
+    sampled tokens follow generate's distribution, not one frozen draw)."""
+    lm_cpu, tok = model
+    lm = lm_cpu.to("cuda")
+    try:
+        prompts = prompts_for(tok, 7)
+        kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+        eng = RolloutEngine(lm)
+        assert eng.compile
+        want, _ = RolloutEngine(lm, compile=False).generate(prompts, max_new_tokens=64, temperature=0, **kw)
+        assert eng.generate(prompts, max_new_tokens=64, temperature=0, **kw)[0] == want
+        prompt = prompts_for(tok, 1, seed=3)[0]
+        n, positions = 1200, 40
+        torch.manual_seed(0)
+        ours, _ = eng.generate([prompt] * n, max_new_tokens=positions, temperature=1.1, **kw)
+        assert eng.compile  # still compiled: no fallback to eager happened
+        torch.manual_seed(1)
+        theirs = hf_generate(lm, tok, [prompt] * n, do_sample=True, temperature=1.1, top_k=0,
+                             max_new_tokens=positions)
+        same = [_tv(a, b, n) for a, b in zip(_frequencies(ours, positions), _frequencies(theirs, positions))]
+        assert max(same) < 0.06, same
+    finally:
+        lm_cpu.to("cpu")
