@@ -1,6 +1,7 @@
 """On-policy sampling with a static KV cache and a fused decode step.
 
-`RolloutEngine(lm)` samples from a transformers causal LM with its current weights (no copy).
+`RolloutEngine(lm)` samples from a transformers causal LM with its current weights (the model
+being trained, so there is no second model and no weight sync).
 Prompts of different lengths are left-padded into one batch; the KV cache is preallocated for
 prompt + `max_new_tokens` (transformers `StaticCache`), so every decode step has the same shapes.
 One decode step = one forward of the new tokens + sampling, with no host synchronisation:
@@ -17,6 +18,13 @@ starts over eagerly (with a warning) and stays eager. A sequence finishes at EOS
 at the end of a stop sequence (e.g. the answer tag's token ids); finished rows keep stepping
 (padding, cheap) until all are done, which is checked every `check_every` steps. `all_done` lets
 FSDP ranks agree, so every rank runs the same number of forwards.
+
+Under autocast with wider parameters (the trainer's single-process CUDA mode: fp32 weights, bf16
+compute), every decode step would cast every weight again: 8 bytes moved per parameter instead
+of 2, in a step bound by reading the weights. So each call first refreshes, in place, a copy of
+the nn.Linear weights and biases in the autocast dtype (exactly the values autocast would make;
+the embeddings and norms stay as autocast leaves them) and decodes with those. It costs one
+cast per call and the memory of the copy; `autocast_weights=False` turns it off.
 
 Returns per prompt the response token ids (up to and including EOS or the stop sequence) and the
 log-probability of each under the distribution it was sampled from (after temperature and top-p).
@@ -78,20 +86,42 @@ class _CompileFailed(RuntimeError):
 class RolloutEngine:
     """Static-cache sampler for `lm` (see the module docstring)."""
 
-    def __init__(self, lm, *, compile: bool | None = None, check_every: int = 16):
+    def __init__(self, lm, *, compile: bool | None = None, check_every: int = 16, autocast_weights: bool = True):
         self.lm = lm
         device = next(lm.parameters()).device
         self.compile = device.type == "cuda" if compile is None else compile
         self.check_every = check_every
+        self.autocast_weights = autocast_weights
+        self._weights: dict[str, torch.Tensor] = {}  # the autocast-dtype copies, refreshed per call
         # transformers renamed past_key_values to cache (5.2x); use whichever this version takes
         self._cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
         self._step = torch.compile(self._decode, mode="reduce-overhead", dynamic=False) if self.compile else self._decode
-        self._caches: dict[tuple[int, int], StaticCache] = {}
+        self._caches: dict[tuple, StaticCache] = {}
 
     def _forward(self, ids, attn, pos, cache_pos, cache):
-        out = self.lm(input_ids=ids, attention_mask=attn, position_ids=pos, cache_position=cache_pos,
-                      use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        kw = dict(input_ids=ids, attention_mask=attn, position_ids=pos, cache_position=cache_pos,
+                  use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        if self._weights:  # tie_weights=False: a tied embedding keeps its own (uncast) weight
+            out = torch.func.functional_call(self.lm, self._weights, kwargs=kw, tie_weights=False)
+        else:
+            out = self.lm(**kw)
         return out.logits[:, -1]
+
+    def _refresh_weights(self, device) -> None:
+        """Copy the nn.Linear parameters into the current autocast dtype, in place (see the module
+        docstring); without autocast, or with parameters already in that dtype, decode as they are."""
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        linear = {f"{m}.{n}": p for m, mod in self.lm.named_modules() if isinstance(mod, torch.nn.Linear)
+                  for n, p in mod.named_parameters(recurse=False)}
+        if not self.autocast_weights or dtype is None or all(p.dtype == dtype for p in linear.values()):
+            self._weights = {}
+            return
+        if not self._weights or next(iter(self._weights.values())).dtype != dtype:
+            self._weights = {name: torch.empty_like(p, dtype=dtype) for name, p in linear.items()}
+            for w in self._weights.values():  # fixed addresses: CUDA graphs read them in place
+                torch._dynamo.mark_static_address(w)
+        for name, p in linear.items():
+            self._weights[name].copy_(p.detach())
 
     def _decode(self, tok, attn, pos, cache_pos, cache, temperature: float, top_p: float):
         return sample_next(self._forward(tok[:, None], attn, pos[:, None], cache_pos, cache), temperature, top_p)
@@ -106,10 +136,12 @@ class RolloutEngine:
             raise _CompileFailed(f"{type(e).__name__}: {e}") from e
         return tok.clone(), lp.clone()  # CUDA graph outputs are overwritten by the next replay
 
-    def _cache(self, batch: int, length: int) -> StaticCache:
+    def _cache(self, batch: int, length: int, device) -> StaticCache:
         """A zeroed static cache for `batch` x `length`, reused across calls of the same shape (a
-        new one would make the compiled step record new CUDA graphs)."""
-        key = (batch, length)
+        new one would make the compiled step record new CUDA graphs) and compute dtype (the cache
+        takes the dtype of the first keys written to it)."""
+        autocast = torch.is_autocast_enabled(device.type)
+        key = (batch, length, torch.get_autocast_dtype(device.type) if autocast else None)
         if key not in self._caches:
             if len(self._caches) >= 4:
                 self._caches.pop(next(iter(self._caches)))
@@ -136,6 +168,7 @@ class RolloutEngine:
 
     def _generate(self, prompts, max_new_tokens, temperature, top_p, eos_id, pad_id, stop, all_done):
         device = next(self.lm.parameters()).device
+        self._refresh_weights(device)
         n = len(prompts)
         if self.compile:  # a few fixed shapes, so the compiled step is reused: the batch to a power of 2
             prompts = prompts + [prompts[0]] * ((1 << (n - 1).bit_length()) - n)  # dummy rows, dropped
@@ -149,7 +182,7 @@ class RolloutEngine:
         total = P + max_new_tokens
         attn = torch.zeros(B, total, dtype=torch.long, device=device)
         attn[:, :P] = prompt_attn
-        cache = self._cache(B, total)
+        cache = self._cache(B, total, device)
         positions = torch.arange(total, device=device)  # cache positions: sliced, never copied from the host
         pos = (prompt_attn.cumsum(-1) - 1).clamp(min=0)
         logits = self._forward(ids, attn, pos, positions[:P], cache)

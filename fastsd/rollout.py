@@ -24,7 +24,8 @@ def _engine(policy) -> RolloutEngine:
         from torch.distributed.fsdp import FSDPModule
 
         sharded = isinstance(policy, FSDPModule) or isinstance(policy.lm, FSDPModule)  # shard() wraps the Policy
-        policy._rollout_engine = RolloutEngine(policy.lm, compile=False if sharded else None)
+        policy._rollout_engine = RolloutEngine(policy.lm, compile=False if sharded else None,
+                                                autocast_weights=not sharded)
     return policy._rollout_engine
 
 

@@ -169,7 +169,7 @@ def test_compiled_step_matches_eager_and_keeps_to_one_shape(model):
     assert eng.generate(prompts, **kw)[0] == want
     assert eng.generate(prompts[:5], **kw)[0] == want[:5]
     if eng.compile:  # compiled for real
-        assert list(eng._caches) == [(8, 64 + 48)]
+        assert list(eng._caches) == [(8, 64 + 48, None)]
 
 
 def test_a_failing_compiled_step_falls_back_to_eager(model):
@@ -214,3 +214,65 @@ def test_on_cuda_the_compiled_step_with_cuda_graphs_samples_like_generate(model)
         assert max(same) < 0.06, same
     finally:
         lm_cpu.to("cpu")
+
+
+def _fresh_model():
+    lm, _ = load_model_and_tokenizer(DEFAULT_MODEL_DIR, dtype=torch.float32)
+    return lm.eval()
+
+
+def test_under_autocast_the_engine_decodes_with_refreshed_low_precision_weights(model):
+    """fp32 parameters under bf16 autocast (the trainer's single-process CUDA mode, here on the
+    CPU): the engine decodes with a bf16 copy of the Linear weights, made each call, and gives
+    exactly what autocast would (tokens and log-probs), also after the weights change in place."""
+    _, tok = model
+    lm = _fresh_model()
+    prompts = prompts_for(tok, 8)
+    kw = dict(max_new_tokens=32, temperature=1.2, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    plain, eng = RolloutEngine(lm, compile=False, autocast_weights=False), RolloutEngine(lm, compile=False)
+
+    def both():
+        out = []
+        for e in (plain, eng):
+            torch.manual_seed(0)
+            out.append(e.generate(prompts, **kw))
+        return out
+
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731 (a new one: autocast caches its casts)
+    with bf16():
+        want, got = both()
+        assert got == want
+        assert "lm_head.weight" in eng._weights and not any("embed" in n for n in eng._weights)
+        assert {w.dtype for w in eng._weights.values()} == {torch.bfloat16}
+    with torch.no_grad():  # an optimizer step, in effect
+        for p in lm.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    with bf16():
+        want2, got2 = both()
+        assert got2 == want2 and got2 != got  # the copy followed the update
+    eng.generate(prompts, **kw)
+    assert eng._weights == {}  # no autocast: the parameters as they are
+
+
+def test_compiled_step_reads_the_refreshed_weights(model):
+    """The compiled step reads the low-precision copy in place: after a large in-place change of
+    the weights its next tokens follow the eager decode, not the old weights. (Compiled and eager
+    bf16 round differently, so single tokens may differ: compared over 16 prompts.)"""
+    _, tok = model
+    lm = _fresh_model()
+    prompts = prompts_for(tok, 16, seed=7)
+    kw = dict(max_new_tokens=3, temperature=0, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    eager, compiled = RolloutEngine(lm, compile=False), RolloutEngine(lm, compile=True)
+
+    def agree():
+        a, b = eager.generate(prompts, **kw)[0], compiled.generate(prompts, **kw)[0]
+        return sum(x[1:] == y[1:] for x, y in zip(a, b)), a
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        same, before = agree()
+    assert same >= 14
+    with torch.no_grad():
+        lm.lm_head.weight.neg_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        same, after = agree()
+        assert same >= 14 and sum(x[1:] != y[1:] for x, y in zip(before, after)) >= 8
