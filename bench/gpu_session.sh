@@ -43,6 +43,9 @@ e2e)
     stage e2e 240 python3 bench/e2e_step.py --batch 4 8 16 --ckpt off --steps 2 --out "$OUT/e2e.json"
     stage e2e_ckpt 150 python3 bench/e2e_step.py --batch 8 16 32 --ckpt on --steps 2 --paths fastsd liger_fljsd \
         --out "$OUT/e2e_ckpt.json"
+    # the fused loss's workspace (default 512 MB of fp32 logits) against liger's smaller chunks
+    FASTSD_WORKSPACE_MB=128 stage e2e_ws128 60 python3 bench/e2e_step.py --paths fastsd --batch 4 8 --ckpt off \
+        --steps 2 --out "$OUT/e2e_ws128.json"
     stage e2e_fsdp 90 torchrun --nproc_per_node 1 bench/e2e_step.py --fsdp --paths fastsd --batch 4 --ckpt off \
         --steps 2 --out "$OUT/e2e_fsdp.json"
     ;;
