@@ -26,7 +26,7 @@ optimizer step. Writes JSON to --out and prints markdown tables.
 from __future__ import annotations
 
 import argparse
-import copy
+import gc
 import datetime
 import json
 import os
@@ -43,7 +43,8 @@ QWEN_1_5B = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
 PATHS = ("fastsd", "plain", "liger_fljsd", "liger_chunked")
 
 
-def build(args):
+def build(args, device="cpu"):
+    """The model with random weights, made on `device`; the same weights on every call (seed 0)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     if args.cpu_smoke:
@@ -55,7 +56,8 @@ def build(args):
         dtype = torch.bfloat16
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg, dtype=dtype)  # kept on the CPU: copied per case
+    with torch.device(device):  # initialised there: no host copy
+        return AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device)
 
 
 def make_batch(lm, B, args, device):
@@ -89,28 +91,34 @@ def loss_fn(path, student, teacher, batch, args):
     if path == "liger_fljsd":
         from liger_kernel.transformers import LigerFusedLinearJSD
 
-        return LigerFusedLinearJSD(jsd_beta=0.0)(h_s, student.head_weight, h_t, teacher.head_weight)
+        return LigerFusedLinearJSD(jsd_beta=0.0)(h_s, student.head_weight, h_t, teacher.head_weight, None)  # no labels
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
     fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, compiled=True)
     return fn(h_s, student.head_weight, h_t, teacher.head_weight, targets)
 
 
-def run_case(path, B, ckpt, lm0, args, device, fsdp):
-    """One (path, batch, checkpointing) case: a dict with timings and memory, or the failure."""
-    lm = copy.deepcopy(lm0).to(device)  # lm0 stays on the CPU, out of every case's peak memory
-    teacher = Policy(copy.deepcopy(lm0).to(device).eval().requires_grad_(False))
-    if ckpt:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    student = Policy(lm.train())
-    if fsdp:
-        shard(student, mixed_precision=False)
-        shard(teacher, mixed_precision=False)
-    opt = torch.optim.AdamW(lm.parameters(), lr=1e-6, fused=device.type == "cuda")
-    batch = make_batch(lm0, B, args, device)
+def run_case(path, B, ckpt, args, device, fsdp):
+    """One (path, batch, checkpointing) case: a dict with timings and memory, or the failure.
+    Student and teacher are made per case (the same initial weights), so each case's peak memory
+    holds only its own."""
+    lm = teacher = student = opt = batch = None
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     phases = {"teacher forward": 0.0, "student forward + loss": 0.0, "backward": 0.0, "optimizer": 0.0}
+
+    def setup():
+        nonlocal lm, teacher, student, opt, batch
+        lm = build(args, device)
+        teacher = Policy(build(args, device).eval().requires_grad_(False))
+        if ckpt:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student = Policy(lm.train())
+        if fsdp:
+            shard(student, mixed_precision=False)
+            shard(teacher, mixed_precision=False)
+        opt = torch.optim.AdamW(lm.parameters(), lr=1e-6, fused=device.type == "cuda")
+        batch = make_batch(lm, B, args, device)
 
     def step(split: bool):
         def mark(name, t0):
@@ -133,6 +141,7 @@ def run_case(path, B, ckpt, lm0, args, device, fsdp):
         mark("optimizer", t)
 
     try:
+        setup()
         step(False)  # warm-up (compiles liger's chunked loss)
         sync()
         if cuda:
@@ -145,16 +154,21 @@ def run_case(path, B, ckpt, lm0, args, device, fsdp):
         row = dict(status="ok", step_s=secs, resp_tok_per_s=B * args.response / secs,
                    peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
         if path == "fastsd":
-            step(True)
-            # the split run computes the teacher twice: report the student's side net of it
-            phases["student forward + loss"] -= phases["teacher forward"]
-            row["phases_s"] = dict(phases)
-    except torch.OutOfMemoryError:
-        row = dict(status="OOM")
+            try:
+                step(True)
+                # the split run computes the teacher twice: report the student's side net of it
+                phases["student forward + loss"] -= phases["teacher forward"]
+                row["phases_s"] = dict(phases)
+            except torch.OutOfMemoryError:  # the synchronised run needs a little more: keep the row
+                row["phases_s"] = "OOM"
     except ImportError as e:
         row = dict(status=f"missing: {e.name}")
+    except Exception as e:  # noqa: BLE001 - one failing case must not cost the others' results
+        oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+        row = dict(status="OOM" if oom else f"error: {type(e).__name__}: {str(e)[:300]}")
     finally:
         del lm, teacher, student, opt, batch
+        gc.collect()
         if cuda:
             torch.cuda.empty_cache()
     return row
@@ -183,25 +197,25 @@ def main(argv=None) -> int:
         from fastsd import dist
 
         dist.setup()
-    lm0 = build(args)
     ckpts = {"off": [False], "on": [True], "both": [False, True]}[args.ckpt]
+    meta = {"date": datetime.date.today().isoformat(),
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "shape": "tiny" if args.cpu_smoke else "Qwen2.5-1.5B",
+            "student_prompt": args.student_prompt, "teacher_prompt": args.teacher_prompt, "response": args.response,
+            "workspace_mb": os.environ.get("FASTSD_WORKSPACE_MB", "default")}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     rows = []
     for ckpt in ckpts:
         for path in args.paths:
             for B in args.batch:
                 row = {"path": path, "batch": B, "ckpt": ckpt, "fsdp": args.fsdp,
-                       **run_case(path, B, ckpt, lm0, args, device, args.fsdp)}
+                       **run_case(path, B, ckpt, args, device, args.fsdp)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                with open(args.out, "w") as f:  # after every case: a time limit keeps what was done
+                    json.dump({"meta": meta, "rows": rows}, f, indent=1)
                 if row["status"] == "OOM":
                     break  # larger batches will not fit either
-    meta = {"date": datetime.date.today().isoformat(),
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "shape": "tiny" if args.cpu_smoke else "Qwen2.5-1.5B",
-            "student_prompt": args.student_prompt, "teacher_prompt": args.teacher_prompt, "response": args.response}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(f"\n{meta['date']}, {meta['device']}, {meta['shape']}, prompts {args.student_prompt}/{args.teacher_prompt}, "
           f"{args.response} response tokens per sequence{', FSDP2' if args.fsdp else ''}\n")
     print("| path | ckpt | batch | step s | resp tok/s | peak GiB |\n|---|---|---|---|---|---|")

@@ -42,7 +42,8 @@ def build(args):
         dtype, device = torch.bfloat16, "cuda"
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device).eval(), device
+    with torch.device(device):  # initialised there: no host copy
+        return AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device).eval(), device
 
 
 def time_path(path, lm, engine, prompts, new_tokens, device, warm_up: bool = False) -> float:
@@ -81,6 +82,9 @@ def main(argv=None) -> int:
         ap.error("no CUDA device: use --cpu-smoke")
     lm, device = build(args)
     engine = RolloutEngine(lm)
+    meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "torch": torch.__version__, "shape": "tiny" if args.cpu_smoke else "Qwen2.5-1.5B", "dtype": str(lm.dtype)}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     rows = []
     for batch in args.batch:
         g = torch.Generator().manual_seed(batch)
@@ -92,16 +96,17 @@ def main(argv=None) -> int:
                 row["warm_up_s"] = warm  # for the engine: compiling and recording this shape
                 secs = time_path(path, lm, engine, prompts, args.new_tokens, device)
                 row.update(status="ok", seconds=secs, tokens_per_s=batch * args.new_tokens / secs)
-            except torch.OutOfMemoryError:
-                row.update(status="OOM")
-                torch.cuda.empty_cache()
+            except Exception as e:  # noqa: BLE001 - out of memory or a failure: recorded, the next row runs
+                oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+                row.update(status="OOM" if oom else f"error: {type(e).__name__}: {str(e)[:300]}")
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            if path == "fastsd":
+                row["compiled"] = engine.compile  # False: the engine fell back to eager decoding
             rows.append(row)
             print(json.dumps(row), flush=True)
-    meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-            "torch": torch.__version__, "shape": "tiny" if args.cpu_smoke else "Qwen2.5-1.5B", "dtype": str(lm.dtype)}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            with open(args.out, "w") as f:  # after every row: a time limit keeps what was done
+                json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(f"\n{meta['date']}, {meta['device']}, {meta['shape']} {meta['dtype']}, prompts {args.prompt_len}, "
           f"{args.new_tokens} new tokens, temperature 1.1\n")
     print("| batch | generate tok/s | fastsd tok/s | speed-up |\n|---|---|---|---|")
@@ -112,6 +117,8 @@ def main(argv=None) -> int:
         up = (f"{ours['tokens_per_s'] / gen['tokens_per_s']:.1f}x"
               if gen and ours and gen["status"] == ours["status"] == "ok" else "-")
         print(f"| {batch} | {fmt(gen)} | {fmt(ours)} | {up} |")
+    if "fastsd" in args.paths:
+        print(f"\nengine step compiled{' (CUDA graphs)' if device == 'cuda' else ''}: {engine.compile}")
     return 0
 
 

@@ -52,3 +52,20 @@ def test_e2e_step_under_torchrun_fsdp(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert rows and all(r["status"] == "ok" and r["fsdp"] for r in rows)
+
+
+def test_a_failing_case_is_recorded_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    real = e2e_step.loss_fn
+
+    def loss_fn(path, *args):
+        if path == "plain":
+            raise RuntimeError("boom")
+        return real(path, *args)
+
+    monkeypatch.setattr(e2e_step, "loss_fn", loss_fn)
+    out = tmp_path / "e2e.json"
+    assert e2e_step.main(["--cpu-smoke", "--ckpt", "off", "--out", str(out)]) == 0
+    rows = {(r["path"], r["batch"]): r["status"] for r in json.loads(out.read_text())["rows"]}
+    assert rows == {("fastsd", 1): "ok", ("fastsd", 2): "ok",
+                    ("plain", 1): "error: RuntimeError: boom", ("plain", 2): "error: RuntimeError: boom"}
+    assert "| plain | off | 1 | error: RuntimeError: boom |" in capsys.readouterr().out

@@ -83,6 +83,21 @@ class _CompileFailed(RuntimeError):
     pass
 
 
+def _values_keep_their_dtype(cache: StaticCache) -> StaticCache:
+    """Under autocast with fp32 weights the keys leave RoPE in fp32 and the values leave v_proj in
+    bf16. transformers before 5.2x allocates a static layer's values in the keys' dtype, and the
+    first update then fails ("index_copy_(): self and source expected to have the same dtype");
+    later versions size each from its own states. Make the older ones do the same."""
+    for layer in cache.layers:
+        def init(key_states, value_states, _layer=layer, _init=layer.lazy_initialization):
+            _init(key_states, value_states)
+            if _layer.values.dtype != value_states.dtype:
+                _layer.values = torch.zeros_like(_layer.values, dtype=value_states.dtype)
+                torch._dynamo.mark_static_address(_layer.values)
+        layer.lazy_initialization = init
+    return cache
+
+
 class RolloutEngine:
     """Static-cache sampler for `lm` (see the module docstring)."""
 
@@ -132,6 +147,8 @@ class RolloutEngine:
         torch.compiler.cudagraph_mark_step_begin()
         try:
             tok, lp = self._step(*args)
+        except torch.OutOfMemoryError:
+            raise  # the caller's to handle: not a reason to stop compiling
         except Exception as e:  # noqa: BLE001 - a compiler failure must not cost the run
             raise _CompileFailed(f"{type(e).__name__}: {e}") from e
         return tok.clone(), lp.clone()  # CUDA graph outputs are overwritten by the next replay
@@ -145,7 +162,7 @@ class RolloutEngine:
         if key not in self._caches:
             if len(self._caches) >= 4:
                 self._caches.pop(next(iter(self._caches)))
-            self._caches[key] = StaticCache(config=self.lm.config, max_cache_len=length)
+            self._caches[key] = _values_keep_their_dtype(StaticCache(config=self.lm.config, max_cache_len=length))
         cache = self._caches[key]
         cache.reset()
         return cache
