@@ -35,14 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     from .train import NonFiniteLossError, train
 
     d = dist.setup()
+    failed = True
     try:
         train(cfg, d)
+        failed = False
     except ValueError as e:  # user errors found while loading models or data
         parser.exit(2, f"fastsd-train: error: {e}\n")
     except NonFiniteLossError as e:  # nothing of this step was applied; the last checkpoint is intact
         parser.exit(1, f"fastsd-train: error: {e}\n")
     finally:
-        dist.teardown(d)
+        dist.teardown(d, failed=failed)
     return 0
 
 

@@ -68,6 +68,10 @@ def setup() -> Dist:
     return Dist(rank=rank, world=world, device=torch.device("cuda", local) if cuda else torch.device("cpu"))
 
 
-def teardown(d: Dist) -> None:
+def teardown(d: Dist, *, failed: bool = False) -> None:
+    """Destroy the process group; after a success, behind a barrier, so no rank tears its
+    connections down while another still finishes (after a failure the others may never come)."""
     if d.enabled and dist.is_initialized():
+        if not failed:
+            dist.barrier()
         dist.destroy_process_group()
