@@ -19,12 +19,13 @@ at the end of a stop sequence (e.g. the answer tag's token ids); finished rows k
 (padding, cheap) until all are done, which is checked every `check_every` steps. `all_done` lets
 FSDP ranks agree, so every rank runs the same number of forwards.
 
-Under autocast with wider parameters (the trainer's single-process CUDA mode: fp32 weights, bf16
-compute), every decode step would cast every weight again: 8 bytes moved per parameter instead
-of 2, in a step bound by reading the weights. So each call first refreshes, in place, a copy of
-the nn.Linear weights and biases in the autocast dtype (exactly the values autocast would make;
-the embeddings and norms stay as autocast leaves them) and decodes with those. It costs one
-cast per call and the memory of the copy; `autocast_weights=False` turns it off.
+Under autocast with fp32 parameters (the trainer's single-process CUDA mode: bf16 compute), a
+compiled decode step would cast every weight again on every step (eager autocast caches its
+casts for the call; a compiled graph does not): 8 bytes moved per parameter instead of 2, in a
+step bound by reading the weights. So a compiled engine first refreshes, in place, a copy of the
+fp32 nn.Linear weights and biases in the autocast dtype (exactly the values autocast would make;
+embeddings and norms stay as autocast leaves them) and decodes with those. It costs one cast
+per call and the memory of the copy; `autocast_weights=False` turns it off.
 
 Returns per prompt the response token ids (up to and including EOS or the stop sequence) and the
 log-probability of each under the distribution it was sampled from (after temperature and top-p).
@@ -38,6 +39,7 @@ from collections.abc import Callable
 
 import torch
 from transformers import StaticCache
+from transformers.cache_utils import StaticLayer
 
 from .batch import pad
 
@@ -87,13 +89,22 @@ def _values_keep_their_dtype(cache: StaticCache) -> StaticCache:
     """Under autocast with fp32 weights the keys leave RoPE in fp32 and the values leave v_proj in
     bf16. transformers before 5.2x allocates a static layer's values in the keys' dtype, and the
     first update then fails ("index_copy_(): self and source expected to have the same dtype");
-    later versions size each from its own states. Make the older ones do the same."""
+    later versions size each from its own states. Make the older ones do the same (attention
+    layers only: the layers of linear-attention models initialise differently)."""
     for layer in cache.layers:
-        def init(key_states, value_states, _layer=layer, _init=layer.lazy_initialization):
-            _init(key_states, value_states)
-            if _layer.values.dtype != value_states.dtype:
+        if not isinstance(layer, StaticLayer):
+            continue
+
+        def init(*args, _layer=layer, _init=layer.lazy_initialization, **kwargs):
+            _init(*args, **kwargs)
+            value_states = kwargs.get("value_states", args[1] if len(args) > 1 else None)
+            values = getattr(_layer, "values", None)
+            if isinstance(value_states, torch.Tensor) and isinstance(values, torch.Tensor) \
+                    and values.dtype != value_states.dtype:
                 _layer.values = torch.zeros_like(_layer.values, dtype=value_states.dtype)
-                torch._dynamo.mark_static_address(_layer.values)
+                if not torch.compiler.is_compiling():
+                    torch._dynamo.mark_static_address(_layer.values)
+
         layer.lazy_initialization = init
     return cache
 
@@ -123,15 +134,15 @@ class RolloutEngine:
         return out.logits[:, -1]
 
     def _refresh_weights(self, device) -> None:
-        """Copy the nn.Linear parameters into the current autocast dtype, in place (see the module
-        docstring); without autocast, or with parameters already in that dtype, decode as they are."""
+        """Refresh the autocast-dtype copy of the fp32 nn.Linear parameters, in place (see the
+        module docstring); none when eager, without autocast, or with nothing in fp32."""
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        linear = {f"{m}.{n}": p for m, mod in self.lm.named_modules() if isinstance(mod, torch.nn.Linear)
-                  for n, p in mod.named_parameters(recurse=False)}
-        if not self.autocast_weights or dtype is None or all(p.dtype == dtype for p in linear.values()):
-            self._weights = {}
-            return
-        if not self._weights or next(iter(self._weights.values())).dtype != dtype:
+        linear = {} if not (self.compile and self.autocast_weights and dtype) else {
+            f"{m}.{n}": p for m, mod in self.lm.named_modules() if isinstance(mod, torch.nn.Linear)
+            for n, p in mod.named_parameters(recurse=False) if p.dtype == torch.float32}
+        layout = {name: (p.shape, p.device, dtype) for name, p in linear.items()}
+        if layout != {name: (w.shape, w.device, w.dtype) for name, w in self._weights.items()}:
+            self._weights = {}  # dropped before the new copy is made
             self._weights = {name: torch.empty_like(p, dtype=dtype) for name, p in linear.items()}
             for w in self._weights.values():  # fixed addresses: CUDA graphs read them in place
                 torch._dynamo.mark_static_address(w)

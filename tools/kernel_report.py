@@ -100,12 +100,12 @@ def compile_all(N: int = 64, D: int = 256, V: int = 4096) -> None:
         targets, scale = torch.randint(0, V, (N,)), torch.ones(N)
         for div, clip in (("forward_kl", None), ("forward_kl", 0.5), ("reverse_kl", None), ("jsd", None)):
             for grad in (True, False):
-                out = kernels.divergence_chunked(
-                    h, w, h, w, rows, nv, targets if grad else None, divergence=div, beta=0.5,
-                    temperature=1.0, clip=clip, row_scale=scale if grad else None, chunk_size=32,
-                    need_dx=grad, need_dw=grad)
-                if grad:
-                    kernels.finish_grads(out[3], out[4], torch.ones(()), dtype, dtype)
+                for tgt in (targets, None):
+                    out = kernels.divergence_chunked(
+                        h, w, h, w, rows, nv, tgt, divergence=div, beta=0.5, temperature=1.0, clip=clip,
+                        row_scale=scale if grad else None, chunk_size=32, need_dx=grad, need_dw=grad)
+                    if grad:  # with an upstream gradient, and without one (scale None)
+                        kernels.finish_grads(out[3], out[4], torch.ones(()) if tgt is None else None, dtype, dtype)
         for grad in (True, False):
             kernels.logprob_chunked(h, w, rows, nv, targets, temperature=1.0, row_scale=scale if grad else None,
                                     chunk_size=32, need_dx=grad, need_dw=grad)
