@@ -194,6 +194,11 @@ def _dw_kernel(
 
 # ---------------------------------------------------------------- launchers
 
+# Compiled kernels fuse a*b+c into FMAs, said explicitly: Triton 3.9 warns when it is left to the
+# default, which 3.10 turns off. The interpreter ignores the option.
+FP_FUSION = dict(enable_fp_fusion=True)
+
+
 def _cfg(kind: str, dtype: torch.dtype) -> dict:
     """Tile sizes. The interpreter wants few, large numpy ops; GPUs want tensor-core tiles for
     16-bit inputs. fp32 inputs take exact fp32 FMAs, whose operands need more registers: smaller
@@ -203,11 +208,11 @@ def _cfg(kind: str, dtype: torch.dtype) -> dict:
     if INTERPRET:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
     if dtype == torch.float32:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, num_warps=8, num_stages=3, **FP_FUSION)
     return {
-        "logits": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
-        "dx": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-        "dw": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+        "logits": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, **FP_FUSION),
+        "dx": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, **FP_FUSION),
+        "dw": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, **FP_FUSION),
     }[kind]
 
 
@@ -250,6 +255,6 @@ def dw_finish(hi: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor | None) ->
     block = 1024
     _dw_finish_kernel[(triton.cdiv(n, block),)](
         hi.view(torch.int16), lo, lo if scale is None else scale, n,
-        HAS_SCALE=scale is not None, BLOCK=block,
+        HAS_SCALE=scale is not None, BLOCK=block, **FP_FUSION,
     )
     return hi

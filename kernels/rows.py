@@ -21,7 +21,7 @@ import os
 import triton
 import triton.language as tl
 
-from .gemm import cast_rtne
+from .gemm import FP_FUSION, cast_rtne
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: exp(_NEG - m) is 0, never NaN
@@ -193,7 +193,7 @@ _DIV_CODE = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 
 
 def _block_v() -> dict:
-    return dict(BLOCK_V=128) if INTERPRET else dict(BLOCK_V=2048, num_warps=8)
+    return dict(BLOCK_V=128) if INTERPRET else dict(BLOCK_V=2048, num_warps=8, **FP_FUSION)
 
 
 def divergence_rows(z_s, z_t, g, loss, s_lp, t_lp, targets, scale, nv, c0: int, c: int, *,

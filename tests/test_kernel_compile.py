@@ -23,6 +23,7 @@ def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
     run = subprocess.run([sys.executable, str(TOOL), "--json", str(out)], env=env, capture_output=True,
                          text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "TRITON_DEFAULT_FP_FUSION" not in run.stderr, "a launcher left FMA fusion to Triton's default"
     report = json.loads(out.read_text())
     assert report["arch"] == 90
     rows = report["kernels"]
@@ -33,6 +34,7 @@ def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
     for r in rows:
         where = f"{r['kernel']} {r['dtype']} {r['consts']}"
         assert r["shared"] <= 227 * 1024, where
+        assert r["fp_fusion"], where
         if r["kernel"] in GEMMS:
             assert r["stack"] == 0 and r["ldl_stl"] == 0, f"{where}: spills to local memory"
             if r["dtype"] == "bf16":

@@ -14,7 +14,8 @@ alignment, tile configs) for every divergence, clip, target and gradient variant
 fp32. The ptxas, cuobjdump and nvdisasm that ship in the triton wheel do the rest.
 
 It exits with 1 if a GEMM kernel uses local memory or misses the tensor cores for 16-bit inputs,
-or any kernel needs more shared memory than the target has. Must run without TRITON_INTERPRET.
+or any kernel needs more shared memory than the target has or was compiled without FMA fusion.
+Must run without TRITON_INTERPRET.
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ def report(arch: int) -> list[dict]:
             half = [t for t in pointers if t in ("*bf16", "*fp16")]
             out.append({"kernel": fn.__name__, "dtype": (half or pointers)[0][1:], "consts": consts,
                         "warps": kernel.metadata.num_warps, "stages": kernel.metadata.num_stages,
+                        "fp_fusion": bool(getattr(kernel.metadata, "enable_fp_fusion", False)),
                         "shared": kernel.metadata.shared, **inspect_cubin(kernel.asm["cubin"])})
     return out
 
@@ -156,6 +158,8 @@ def problems(rows: list[dict], arch: int) -> list[str]:
     limit = SHARED_LIMIT.get(arch, 99 * 1024)
     for r in rows:
         name = f"{r['kernel']} {r['dtype']} {r['consts']}"
+        if not r["fp_fusion"]:
+            bad.append(f"{name}: compiled without FMA fusion (the launcher should pass FP_FUSION)")
         if r["shared"] > limit:
             bad.append(f"{name}: {r['shared']} B of shared memory > {limit}")
         if r["kernel"] in GEMMS:
