@@ -8,10 +8,14 @@
 #   bash bench/gpu_session.sh e2e       # one update per loss path, checkpointing, a smaller loss
 #                                       # workspace, FSDP2                         (stages <= 510 s)
 #
-# The GPU image lacks liger-kernel: carry its wheel in .whl/ (git-ignored through
-# .git/info/exclude), fetched here with
+# The GPU image lacks liger-kernel, and its setuptools may predate the `license = "..."` form of
+# pyproject.toml (setuptools < 77 rejects it; the GPU machine cannot download a newer one for an
+# isolated build). Carry both as wheels in .whl/ (run with carry [".whl"]; git-ignored through
+# .git/info/exclude: `echo /.whl/ >> .git/info/exclude`), fetched here with
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       --platform manylinux_2_28_x86_64 -d .whl liger-kernel==0.8.5
+#       --platform manylinux_2_28_x86_64 -d .whl liger-kernel==0.8.5 setuptools
+# They are installed into /tmp/site, which goes first on PYTHONPATH (so the editable install's
+# build uses the carried setuptools).
 # Output goes to $OUT (bench/out without it): one log, session.log, and each bench's JSON, written
 # as it goes, so a stage stopped at its time limit keeps what it finished. Rollouts decode 256 new
 # tokens, the reference anchor's length. Paste the printed tables into bench/RESULTS.md with the
@@ -24,7 +28,9 @@ LOG=$OUT/session.log
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 \
     && export PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 || { cat "$LOG"; exit 1; }
+python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 \
+    && python3 -c "import fastsd.kernels" >>"$LOG" 2>&1 \
+    || { cat "$LOG"; echo "fastsd did not install (no setuptools wheel in .whl/? see the header)"; exit 1; }
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
