@@ -73,10 +73,31 @@ def _ops(backend: str):
 
 def _chunk_rows(chunk_size: int | None, vocab: int, heads: int) -> int:
     if chunk_size is not None:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
         return int(chunk_size)
     return max(16, _WORKSPACE_BYTES // (4 * heads * vocab) // 16 * 16)
+
+
+def _check_options(logprob=False, *, divergence="forward_kl", beta=0.5, temperature=1.0, clip=None,
+                   reduction="mean", backend=None, chunk_size=None) -> None:
+    """The scalar options, shared by the functions and the modules' constructors (`logprob`: only
+    those of the log-prob)."""
+    if not logprob and divergence not in DIVERGENCES:
+        raise ValueError(f"divergence: expected one of {DIVERGENCES}, got {divergence!r}")
+    if not logprob and reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature: must be > 0, got {temperature}")
+    if clip is not None:
+        if divergence != "forward_kl":
+            raise ValueError(f"clip: only supported with divergence='forward_kl', got {divergence!r}")
+        if not clip > 0:
+            raise ValueError(f"clip: must be > 0 (or None), got {clip}")
+    if divergence == "jsd" and not 0 < beta < 1:
+        raise ValueError(f"beta: jsd needs 0 < beta < 1, got {beta}")
+    if chunk_size is not None and not chunk_size >= 1:
+        raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
 
 
 def _check_pair(name_h: str, h: torch.Tensor, name_w: str, w: torch.Tensor) -> None:
@@ -134,6 +155,13 @@ def _scatter(values_c: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor 
     return torch.empty_like(values_c).index_copy_(0, rows, values_c)
 
 
+def _once_differentiable(name: str) -> None:
+    """Backward runs with grad mode on only under create_graph=True. The gradients computed here
+    are not differentiable, so a second derivative would silently miss this term: refuse."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{name}: not twice differentiable (backward with create_graph=True)")
+
+
 class _FusedDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, w_s, h_t, w_t, rows, num_valid, targets_c, opts):
@@ -141,12 +169,10 @@ class _FusedDivergence(torch.autograd.Function):
         need_dx = opts["grad_enabled"] and ctx.needs_input_grad[0]
         need_dw = opts["grad_enabled"] and ctx.needs_input_grad[1]
         eager = opts["reduction"] != "none" and (need_dx or need_dw)
-        row_scale = None
-        if eager:  # scalar output: compute the gradient now, scale it by grad_output later
-            denom = num_valid.clamp(min=1).to(torch.float32) if opts["reduction"] == "mean" else None
-            row_scale = torch.ones(rows.numel(), dtype=torch.float32, device=h_s.device)
-            if denom is not None:
-                row_scale /= denom
+        # Scalar output: compute the gradient now and scale it by grad_output (and, for "mean",
+        # 1 / valid rows) in backward, after the exact fp32 sums: a 1/N folded into the 16-bit
+        # logit gradient would push fp16 values into the subnormals at large N.
+        row_scale = torch.ones(rows.numel(), dtype=torch.float32, device=h_s.device) if eager else None
         loss_c, s_lp, t_lp, dx, dw = opts["ops"].divergence_chunked(
             h_s, w_s, h_t, w_t, rows, num_valid, targets_c, row_scale=row_scale,
             need_dx=need_dx, need_dw=need_dw, **opts["kw"],
@@ -163,12 +189,14 @@ class _FusedDivergence(torch.autograd.Function):
         ctx.grads = (dx, dw) if eager else None
         ctx.dtypes = (h_s.dtype, w_s.dtype)
         ctx.opts, ctx.eager = opts, eager
+        ctx.num_valid = num_valid if eager else None
         outs = (per_token, _scatter(s_lp, rows), _scatter(t_lp, rows))
         ctx.mark_non_differentiable(*[t for t in outs if t is not None])
         return (loss, *outs)
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
+        _once_differentiable("fused_linear_divergence")
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ops = ctx.opts["ops"]
         if ctx.eager:
@@ -176,6 +204,8 @@ class _FusedDivergence(torch.autograd.Function):
                 raise RuntimeError("fused_linear_divergence: backward through the same call twice is not supported")
             (dx, dw), ctx.grads = ctx.grads, None  # finished in place: release them
             scale = grad_loss.to(torch.float32).reshape(1)
+            if ctx.opts["reduction"] == "mean":
+                scale = scale / ctx.num_valid.clamp(min=1).to(torch.float32)
         else:
             h_s, w_s, h_t, w_t, rows, num_valid = ctx.saved_tensors
             row_scale = grad_loss.to(torch.float32)[rows].contiguous()
@@ -201,6 +231,7 @@ class _FusedLogprob(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_lp):
+        _once_differentiable("fused_linear_logprob")
         h, w, rows, num_valid, targets_c = ctx.saved_tensors
         row_scale = grad_lp.to(torch.float32)[rows].contiguous()
         ops = ctx.opts["ops"]
@@ -236,7 +267,11 @@ def fused_linear_divergence(
     max=clip before the sum. `teacher_weight=None` shares `weight`. The teacher never gets a
     gradient. `mask` [N] bool drops rows before any matmul; "mean" divides by the number of valid
     rows (all masked: 0.0). `chunk_size` is rows per chunk (default: from a 512 MiB workspace,
-    environment FASTSD_WORKSPACE_MB).
+    environment FASTSD_WORKSPACE_MB). Differentiable once (create_graph=True raises).
+
+    Precision: the Triton backend rounds the logit gradient, times any per-row upstream gradient
+    (reduction "none"), to the weight dtype before the dX/dW GEMMs. In fp16, per-row upstream
+    gradients far below 1 lose digits to subnormals; bf16 has fp32's range and does not.
     """
     if teacher_weight is weight:
         teacher_weight = None  # shared head, said explicitly
@@ -247,22 +282,15 @@ def fused_linear_divergence(
         raise ValueError(f"teacher_weight: vocabulary {w_t.shape[0]} differs from weight's {weight.shape[0]}")
     lead = tuple(student_hidden.shape[:-1])
     n = math.prod(lead)
-    if math.prod(teacher_hidden.shape[:-1]) != n:
-        raise ValueError(
-            f"teacher_hidden: {tuple(teacher_hidden.shape[:-1])} tokens do not match student_hidden's {lead}"
-        )
+    t_lead = tuple(teacher_hidden.shape[:-1])
+    if t_lead != lead and (n,) not in (lead, t_lead) or math.prod(t_lead) != n:
+        # one of the two may be flat ([N, D]); otherwise their leading shapes must agree, or
+        # rows would pair up wrongly ([T, B] against [B, T])
+        raise ValueError(f"teacher_hidden: leading shape {t_lead} does not match student_hidden's {lead}")
     if w_t.device != weight.device or teacher_hidden.device != student_hidden.device:
         raise ValueError("teacher_hidden: teacher tensors must be on the student's device")
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence: expected one of {DIVERGENCES}, got {divergence!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature: must be > 0, got {temperature}")
-    if clip is not None and divergence != "forward_kl":
-        raise ValueError(f"clip: only supported with divergence='forward_kl', got {divergence!r}")
-    if divergence == "jsd" and not 0 < beta < 1:
-        raise ValueError(f"beta: jsd needs 0 < beta < 1, got {beta}")
+    _check_options(divergence=divergence, beta=beta, temperature=temperature, clip=clip,
+                   reduction=reduction, chunk_size=chunk_size)
     device = student_hidden.device
     _check_rows("mask", mask, n, lead, device)
     _check_rows("target_ids", target_ids, n, lead, device)
@@ -272,8 +300,8 @@ def fused_linear_divergence(
         _check_targets(target_ids, weight.shape[0], mask)
     name = resolve_backend(backend, device)
 
-    h_s = student_hidden.reshape(n, -1).contiguous()
-    h_t = teacher_hidden.detach().reshape(n, -1).contiguous()
+    h_s = student_hidden.reshape(n, student_hidden.shape[-1]).contiguous()  # n may be 0
+    h_t = teacher_hidden.detach().reshape(n, teacher_hidden.shape[-1]).contiguous()
     w_t = w_t.detach().contiguous() if teacher_weight is not None else weight.contiguous()
     rows, num_valid = _compact(mask, n, device)
     targets_c = None if target_ids is None else target_ids.reshape(-1).to(torch.int64)[rows].contiguous()
@@ -299,13 +327,13 @@ def fused_linear_logprob(
     backend: str | None = None,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """log softmax((hidden @ W.T) / temperature)[target] per row, [N], differentiable in hidden
-    and weight, without materialising the logits. Masked rows give 0 and cost nothing."""
+    """log softmax((hidden @ W.T) / temperature)[target] per row, [N], differentiable (once) in
+    hidden and weight, without materialising the logits. Masked rows give 0 and cost nothing.
+    The fp16 caveat of `fused_linear_divergence` applies to the upstream gradient here too."""
     _check_pair("hidden", hidden, "weight", weight)
     if not isinstance(target_ids, torch.Tensor):
         raise ValueError("target_ids: expected a tensor")
-    if not temperature > 0:
-        raise ValueError(f"temperature: must be > 0, got {temperature}")
+    _check_options(True, temperature=temperature, chunk_size=chunk_size)
     lead = tuple(hidden.shape[:-1])
     n = math.prod(lead)
     _check_rows("target_ids", target_ids, n, lead, hidden.device)
@@ -318,7 +346,7 @@ def fused_linear_logprob(
     targets_c = target_ids.reshape(-1).to(torch.int64)[rows].contiguous()
     kw = dict(temperature=float(temperature), chunk_size=_chunk_rows(chunk_size, weight.shape[0], 1))
     return _FusedLogprob.apply(
-        hidden.reshape(n, -1).contiguous(), weight.contiguous(), rows, num_valid, targets_c,
+        hidden.reshape(n, hidden.shape[-1]).contiguous(), weight.contiguous(), rows, num_valid, targets_c,
         dict(ops=_ops(name), kw=kw),
     )
 
@@ -331,6 +359,7 @@ class FusedLinearDivergence(torch.nn.Module):
         super().__init__()
         self.kw = dict(divergence=divergence, beta=beta, temperature=temperature, clip=clip,
                        reduction=reduction, backend=backend, chunk_size=chunk_size)
+        _check_options(**self.kw)  # at construction, not at the first forward
 
     def forward(self, student_hidden, weight, teacher_hidden, teacher_weight=None, *, mask=None,
                 target_ids=None) -> DivergenceOutput:
@@ -347,6 +376,7 @@ class FusedLinearLogprob(torch.nn.Module):
     def __init__(self, *, temperature=1.0, backend=None, chunk_size=None):
         super().__init__()
         self.kw = dict(temperature=temperature, backend=backend, chunk_size=chunk_size)
+        _check_options(True, **self.kw)
 
     def forward(self, hidden, weight, target_ids, *, mask=None) -> torch.Tensor:
         return fused_linear_logprob(hidden, weight, target_ids, mask=mask, **self.kw)

@@ -41,6 +41,11 @@ BAD_DIVERGENCE_CALLS = [
     ("mask", lambda h, w, t, wt: fastsd.fused_linear_divergence(h, w, t, mask=torch.ones(6))),
     ("backend", lambda h, w, t, wt: fastsd.fused_linear_divergence(h, w, t, backend="cuda")),
     ("chunk_size", lambda h, w, t, wt: fastsd.fused_linear_divergence(h, w, t, chunk_size=0)),
+    ("clip", lambda h, w, t, wt: fastsd.fused_linear_divergence(h, w, t, clip=float("nan"))),
+    ("clip", lambda h, w, t, wt: fastsd.fused_linear_divergence(h, w, t, clip=-1.0)),
+    ("divergence", lambda h, w, t, wt: fastsd.fused_linear_divergence(h, w, t, divergence=None)),
+    # [B, T] against [T, B]: the same number of rows, paired wrongly
+    ("teacher_hidden", lambda h, w, t, wt: fastsd.fused_linear_divergence(h.reshape(2, 3, -1), w, t.reshape(3, 2, -1))),
 ]
 
 
@@ -76,6 +81,56 @@ def test_modules_match_functions():
     assert "jsd" in repr(mod)
     lp_mod = fastsd.FusedLinearLogprob(temperature=0.5)
     assert torch.equal(lp_mod(h_s, w, ids), fastsd.fused_linear_logprob(h_s, w, ids, temperature=0.5))
+
+
+@pytest.mark.parametrize("name,kw", [("divergence", dict(divergence="kl")), ("beta", dict(divergence="jsd", beta=7)),
+                                     ("temperature", dict(temperature=-1)), ("reduction", dict(reduction="avg")),
+                                     ("chunk_size", dict(chunk_size=0)), ("backend", dict(backend="cuda")),
+                                     ("clip", dict(clip=0.0))])
+def test_modules_check_their_options_at_construction(name, kw):
+    with pytest.raises(ValueError, match=name):
+        fastsd.FusedLinearDivergence(**kw)
+    if name in ("temperature", "chunk_size", "backend"):
+        with pytest.raises(ValueError, match=name):
+            fastsd.FusedLinearLogprob(**kw)
+
+
+def test_one_flat_side_may_meet_a_batched_side():
+    h_s, w, h_t, _ = _inputs()
+    ref = fastsd.fused_linear_divergence(h_s, w, h_t).loss
+    assert torch.equal(fastsd.fused_linear_divergence(h_s.reshape(2, 3, -1), w, h_t).loss, ref)
+    assert torch.equal(fastsd.fused_linear_divergence(h_s, w, h_t.reshape(2, 3, -1)).loss, ref)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_batch_gives_zero_loss_and_zero_gradients(backend):
+    _, w, _, _ = _inputs()
+    w.requires_grad_(True)
+    for lead in ((0,), (2, 0)):
+        h = torch.zeros(*lead, 16, requires_grad=True)
+        out = fastsd.fused_linear_divergence(h, w, torch.zeros(*lead, 16), backend=backend)
+        assert out.loss.item() == 0.0 and out.per_token.shape == (0,)
+        out.loss.backward()
+        assert h.grad.shape == h.shape and torch.all(w.grad == 0)
+        lp = fastsd.fused_linear_logprob(h, w, torch.zeros(lead, dtype=torch.long), backend=backend)
+        assert lp.shape == (0,)
+        lp.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_second_derivatives_are_refused_not_silently_wrong(backend, reduction):
+    """The backward's gradients are not differentiable: create_graph=True would drop the fused
+    term from a second derivative without a word (it did), so it raises."""
+    h_s, w, h_t, _ = _inputs()
+    h_s.requires_grad_(True)
+    calls = [lambda: fastsd.fused_linear_divergence(h_s, w, h_t, reduction=reduction, backend=backend).loss.sum(),
+             lambda: fastsd.fused_linear_logprob(h_s, w, torch.zeros(6, dtype=torch.long), backend=backend).sum()]
+    for call in calls:
+        with pytest.raises(RuntimeError, match="not twice differentiable"):
+            torch.autograd.grad(call() + (h_s**2).sum(), h_s, create_graph=True)
+        (g,) = torch.autograd.grad(call(), h_s)  # a plain gradient still works
+        assert g.shape == h_s.shape
 
 
 def test_reduction_none_and_sum_are_consistent_with_mean():
