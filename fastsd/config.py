@@ -11,6 +11,9 @@ ValueError naming the key.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -238,12 +241,20 @@ def _coerce(key: str, value, hint):
         ok = isinstance(parsed, int) if hint is int else isinstance(parsed, (int, float))
         if not ok or isinstance(parsed, bool):
             raise ValueError(f"{key}: expected {hint.__name__}, got {value!r}")
+        if not math.isfinite(parsed):
+            raise ValueError(f"{key}: expected a finite number, got {value!r}")
         return hint(parsed)
     if hint is str:
         if not isinstance(value, (str, int, float)):
             raise ValueError(f"{key}: expected a string, got {value!r}")
         return str(value)
     raise AssertionError(f"unhandled type {hint} for {key}")
+
+
+def _unknown(what: str, name: str, known) -> ValueError:
+    close = difflib.get_close_matches(name.rsplit(".", 1)[-1], list(known), n=1)
+    hint = f" (did you mean {name.rsplit('.', 1)[0] + '.' if '.' in name else ''}{close[0]}?)" if close else ""
+    return ValueError(f"{name}: unknown config {what}{hint}")
 
 
 def _set(cfg, dotted: str, value) -> None:
@@ -253,11 +264,12 @@ def _set(cfg, dotted: str, value) -> None:
         path.append(part)
         child = getattr(node, part, None) if part in _fields(node) else None
         if not dataclasses.is_dataclass(child):
-            raise ValueError(f"{'.'.join(path)}: unknown config section")
+            sections = [k for k in _fields(node) if dataclasses.is_dataclass(getattr(node, k))]
+            raise _unknown("section", ".".join(path), sections)
         node = child
     name = parts[-1]
     if name not in _fields(node):
-        raise ValueError(f"{dotted}: unknown config key")
+        raise _unknown("key", dotted, _fields(node))
     current = getattr(node, name)
     if dataclasses.is_dataclass(current):
         if isinstance(value, dict):
@@ -287,6 +299,14 @@ def _check(cfg: TrainConfig) -> None:
     for key, value in nonneg.items():
         if value < 0:
             raise ValueError(f"{key}: must be >= 0, got {value}")
+    if cfg.data.path == "builtin" and cfg.data.train_size < 1:
+        raise ValueError(f"data.train_size: must be >= 1, got {cfg.data.train_size}")
+    if cfg.data.eval_path == "builtin" and cfg.data.eval_size < 1:
+        raise ValueError(f"data.eval_size: must be >= 1, got {cfg.data.eval_size}")
+    if cfg.optim.weight_decay < 0:
+        raise ValueError(f"optim.weight_decay: must be >= 0, got {cfg.optim.weight_decay}")
+    if not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ValueError(f"optim.betas: each must be in [0, 1), got {list(cfg.optim.betas)}")
     for key, value in {"rollout.temperature": cfg.rollout.temperature, "loss.temperature": cfg.loss.temperature,
                        "eval.temperature": cfg.eval.temperature, "optim.lr": cfg.optim.lr}.items():
         if not value > 0:
@@ -297,6 +317,10 @@ def _check(cfg: TrainConfig) -> None:
         cfg.loss.divergence = "reverse_kl" if cfg.model.path == "builtin" else "forward_kl"
     if cfg.loss.clip is not None and cfg.loss.divergence != "forward_kl":
         raise ValueError(f"loss.clip: only with loss.divergence=forward_kl, got {cfg.loss.divergence}")
+    if cfg.loss.clip is not None and not cfg.loss.clip > 0:
+        raise ValueError(f"loss.clip: must be > 0 (or none), got {cfg.loss.clip}")
+    if not cfg.loss.pg_clip > 0:
+        raise ValueError(f"loss.pg_clip: must be > 0, got {cfg.loss.pg_clip}")
     if not 0 < cfg.loss.beta < 1:
         raise ValueError(f"loss.beta: must be in (0, 1), got {cfg.loss.beta}")
     if not 0 <= cfg.teacher.ema_rate < 1:
@@ -312,11 +336,29 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError(f"critic.base_url: expected http://HOST:PORT/v1 or https://..., got {c.base_url!r}")
     if cfg.condition == "grpo" and cfg.group_size < 2:
         raise ValueError(f"rollout.group_size: grpo needs at least 2 rollouts per question, got {cfg.group_size}")
+    # options the chosen condition would silently ignore
+    if cfg.condition == "grpo" and cfg.teacher.kind != "initial":
+        raise ValueError(f"teacher.kind: condition=grpo has no teacher, got {cfg.teacher.kind!r}")
+    if cfg.condition == "grpo" and cfg.loss.kind != "divergence":
+        raise ValueError(f"loss.kind: condition=grpo trains on rewards, not a teacher, got {cfg.loss.kind!r}")
+    if cfg.condition != "critique" and cfg.critic.kind != "builtin":
+        raise ValueError(f"critic.kind: only condition=critique uses a critic, got {cfg.critic.kind!r}")
+    for name, allowed in (("student", {"question"}), ("reference", {"question", "reference"}),
+                          ("critique", {"question", "critique"})):
+        template = getattr(cfg.templates, name)
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        except ValueError as e:
+            raise ValueError(f"templates.{name}: not a format string ({e}): {template!r}") from None
+        if fields - allowed:
+            raise ValueError(f"templates.{name}: unknown field(s) {sorted(fields - allowed)}; "
+                             f"it may use {sorted(allowed)}")
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> TrainConfig:
     """Defaults, then the YAML file at `path`, then `key=value` overrides; validated."""
     cfg = TrainConfig()
+    lines: dict[str, int] = {}
     if path is not None:
         try:
             with open(path) as f:
@@ -327,15 +369,46 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> T
             raise ValueError(f"--config: {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ValueError(f"--config: {path} must hold a mapping of keys to values")
+        lines = _key_lines(path)
         for key, value in data.items():
-            _set(cfg, str(key), value)
+            try:
+                _set(cfg, str(key), value)
+            except ValueError as e:
+                bad = str(e).split(":", 1)[0]  # every message starts with the dotted key
+                line = lines.get(bad) or lines.get(str(key))
+                raise ValueError(f"{path}{f':{line}' if line else ''}: {e}") from None
+    overridden = set()
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"{item}: overrides are key=value")
         _set(cfg, key.strip(), value)
-    _check(cfg)
+        overridden.add(key.strip())
+    try:
+        _check(cfg)
+    except ValueError as e:
+        bad = str(e).split(":", 1)[0]
+        if path is not None and bad not in overridden and bad in lines:  # the value came from the file
+            raise ValueError(f"{path}:{lines[bad]}: {e}") from None
+        raise
     return cfg
+
+
+def _key_lines(path: str) -> dict[str, int]:
+    """Dotted key -> 1-based line of each key in a YAML mapping file (for error messages)."""
+    with open(path) as f:
+        root = yaml.compose(f)
+    out: dict[str, int] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}{k.value}"
+                out.setdefault(key, k.start_mark.line + 1)
+                walk(v, key + ".")
+
+    walk(root, "")
+    return out
 
 
 def to_dict(cfg) -> dict:

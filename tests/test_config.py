@@ -63,11 +63,56 @@ def test_round_trip_through_yaml(tmp_path):
     ("templates=x", "templates"),
     ("optim.betas=[0.9]", "optim.betas"),
     ("noequals", "noequals"),
+    ("optim.lr=inf", "optim.lr"),
+    ("rollout.temperature=nan", "rollout.temperature"),
+    ("optim.betas=[1.5,0.9]", "optim.betas"),
+    ("optim.weight_decay=-1", "optim.weight_decay"),
+    ("data.eval_size=0", "data.eval_size"),
+    ("data.train_size=0", "data.train_size"),
+    ("loss.pg_clip=-1", "loss.pg_clip"),
+    ("templates.student={questoin}", "templates.student"),
+    ("templates.critique=C:{critique", "templates.critique"),
 ])
 def test_bad_values_name_the_key(override, key):
     extra = ["loss.divergence=jsd"] if key == "loss.clip" else []
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         load_config(overrides=extra + [override])
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["condition=grpo", "teacher=ema"], "teacher.kind"),
+    (["condition=grpo", "loss=sampled_token"], "loss.kind"),
+    (["condition=reference", "critic=http"], "critic.kind"),
+])
+def test_options_the_condition_would_ignore_are_errors(overrides, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        load_config(overrides=overrides)
+
+
+def test_clip_must_be_positive():
+    with pytest.raises(ValueError, match=r"loss\.clip: must be > 0"):
+        load_config(overrides=["loss.divergence=forward_kl", "loss.clip=-1"])
+
+
+def test_misspelled_keys_get_a_suggestion():
+    with pytest.raises(ValueError, match=r"stpes: unknown config key \(did you mean steps\?\)"):
+        load_config(overrides=["stpes=3"])
+    with pytest.raises(ValueError, match=r"optm: unknown config section \(did you mean optim\?\)"):
+        load_config(overrides=["optm.lr=1"])
+    with pytest.raises(ValueError, match=r"did you mean optim\.weight_decay"):
+        load_config(overrides=["optim.wieght_decay=0.1"])
+
+
+def test_errors_from_a_config_file_name_its_line(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("steps: 3\noptim:\n  wieght_decay: 0.1\n")
+    with pytest.raises(ValueError, match=r"run\.yaml:3: optim\.wieght_decay: unknown config key"):
+        load_config(str(f))
+    f.write_text("steps: 3\nrollout:\n  temperature: -1\n")
+    with pytest.raises(ValueError, match=r"run\.yaml:3: rollout\.temperature: must be > 0"):
+        load_config(str(f))
+    with pytest.raises(ValueError, match=r"^rollout\.temperature"):  # overridden: the file is not to blame
+        load_config(str(f), ["rollout.temperature=-2"])
 
 
 def test_bad_yaml_file_names_the_flag(tmp_path):
