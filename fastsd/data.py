@@ -81,7 +81,7 @@ def load_jsonl(path: str | os.PathLike) -> list[Example]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.rstrip("\r\n"))  # else an error at the end reads "column 1"
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
             examples.append(_example(record, where))

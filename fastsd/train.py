@@ -11,19 +11,22 @@ import copy
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import yaml
 
 from . import checkpoint as ckpt
 from .batch import build_batch
 from .conditions import student_prompt, teacher_prompt
-from .config import TrainConfig, to_yaml
+from .config import TrainConfig, to_dict, to_yaml
 from .critic import ArithCritic
 from .data import Example, builtin_split, load_jsonl
 from .dist import Dist
@@ -64,9 +67,18 @@ def _dtype(cfg: TrainConfig) -> torch.dtype:
     return getattr(torch, cfg.model.dtype)
 
 
+def _named(key: str, e: ValueError) -> ValueError:
+    """A loader's error about its `path` argument, told as the config key it came from."""
+    text = str(e)
+    return ValueError(f"{key}:{text[len('path:'):]}" if text.startswith("path:") else f"{key}: {text}")
+
+
 def build_models(cfg: TrainConfig, d: Dist):
     path = DEFAULT_MODEL_DIR if cfg.model.path == "builtin" else cfg.model.path
-    lm, tok = load_model_and_tokenizer(path, dtype=_dtype(cfg))
+    try:
+        lm, tok = load_model_and_tokenizer(path, dtype=_dtype(cfg))
+    except ValueError as e:
+        raise _named("model.path", e) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     lm.to(d.device)
@@ -107,10 +119,18 @@ def build_optim(cfg: TrainConfig, policy: Policy):
 
 def load_data(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
     c = cfg.data
-    train = builtin_split("train", c.train_size, c.seed) if c.path == "builtin" else load_jsonl(c.path)
-    held = builtin_split("test", c.eval_size, c.seed) if c.eval_path == "builtin" else load_jsonl(c.eval_path)
+    try:
+        train = builtin_split("train", c.train_size, c.seed) if c.path == "builtin" else load_jsonl(c.path)
+    except ValueError as e:
+        raise _named("data.path", e) from None
+    try:
+        held = builtin_split("test", c.eval_size, c.seed) if c.eval_path == "builtin" else load_jsonl(c.eval_path)
+    except ValueError as e:
+        raise _named("data.eval_path", e) from None
     if not train:
         raise ValueError(f"data.path: no training questions in {c.path}")
+    if not held:
+        raise ValueError(f"data.eval_path: no held-out questions in {c.eval_path}")
     return train, held
 
 
@@ -369,14 +389,70 @@ def _rollout_rows(rolls: list[Rollout], tok) -> list[dict]:
              **({"critique_error": r.critique_error} if r.critique_error else {})} for r in rolls]
 
 
+LOGS = ("metrics.jsonl", "rollouts.jsonl")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def prepare_run_dir(cfg: TrainConfig, resume: Path | None, step: int) -> list[str]:
+    """Make run_dir agree with the run about to start (rank 0 only); returns what it did, to log.
+
+    Resuming at `step`: rows the logs hold for later steps (and the final evaluation), which the
+    run will write again, are cut. Starting afresh: earlier logs are moved to *.old. A config
+    that differs from the saved one is saved; the old one is kept as config.before_step_N.yaml."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    said = []
+    for name in LOGS:
+        path = run_dir / name
+        if not path.exists():
+            continue
+        if resume is None:
+            os.replace(path, f"{path}.old")
+            said.append(f"no checkpoint to resume: the earlier {name} moved to {name}.old")
+            continue
+        keep, cut = [], 0
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # torn by a kill mid-write
+                    cut += 1
+                    continue
+                if row.get("step", 0) <= step and not row.get("final"):
+                    keep.append(line)
+                else:
+                    cut += 1
+        if cut:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(keep))
+            os.replace(tmp, path)
+            said.append(f"{name}: {cut} rows after step {step} cut (they are run again)")
+    saved = run_dir / "config.yaml"
+    if resume is not None and saved.exists():
+        old, new = _flat(yaml.safe_load(saved.read_text()) or {}), _flat(to_dict(cfg))
+        changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        if changed:
+            kept = run_dir / f"config.before_step_{step}.yaml"
+            os.replace(saved, kept)
+            said.append(f"config changed since the checkpoint ({'; '.join(changed)}); the earlier one is {kept.name}")
+    saved.write_text(to_yaml(cfg))
+    return said
+
+
 def train(cfg: TrainConfig, d: Dist) -> dict:
     """Run the job in `cfg`; returns the final evaluation (and the first, if this run made it)."""
-    import os
-
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    if d.main:
-        with open(f"{cfg.run_dir}/config.yaml", "w") as f:
-            f.write(to_yaml(cfg))
+    resume = ckpt.resolve_resume(cfg.resume, cfg.run_dir)
+    if cfg.resume == "never" and ckpt.latest_checkpoint(cfg.run_dir) is not None:
+        raise ValueError(f"resume: never, but run_dir {cfg.run_dir} holds an earlier run's checkpoints "
+                         f"(latest {ckpt.latest_checkpoint(cfg.run_dir)}); continue it with resume=auto, "
+                         "or choose another run_dir")
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     _rng_seed(cfg, d)
     policy, teacher, tok = build_models(cfg, d)
     opt, sched = build_optim(cfg, policy)
@@ -385,12 +461,15 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
     state = {"step": 0, "first_eval": None}
     # The teacher is checkpointed only when it drifts (ema); initial is model.path itself.
     saved_teacher = teacher.lm if teacher is not None and cfg.teacher.kind == "ema" else None
-    resume = ckpt.resolve_resume(cfg.resume, cfg.run_dir)
     if resume is not None:
         state = ckpt.load_checkpoint(resume, model=policy.lm, optimizer=opt, scheduler=sched, teacher=saved_teacher)
+    said = prepare_run_dir(cfg, resume, state["step"]) if d.main else []
     runlog = RunLog(cfg, d, state["step"])
     if resume is not None:
-        runlog.say(f"[fastsd] resumed from {resume} at step {state['step']}")
+        runlog.say(f"[fastsd] resumed from {resume} at step {state['step']}"
+                   + (" (the run is complete: evaluating it again)" if state["step"] >= cfg.steps else ""))
+    for line in said:
+        runlog.say(f"[fastsd] {line}")
     if state["first_eval"] is None:
         state["first_eval"] = evaluate(cfg, d, policy, tok, held)
         runlog.metrics({"step": 0, "eval": state["first_eval"]})
@@ -431,7 +510,7 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
         if cfg.eval.every and state["step"] % cfg.eval.every == 0 and state["step"] < cfg.steps:
             row["eval"] = last_eval = evaluate(cfg, d, policy, tok, held)
         runlog.metrics(row)
-        runlog.rollouts(state["step"], _rollout_rows(rolls, tok))
+        runlog.rollouts(state["step"], [r for part in d.gather_objects(_rollout_rows(rolls, tok)) for r in part])
         runlog.progress(state["step"], row)
         # Saved before the final evaluation, so the RNG state is the one the next step would see.
         if state["step"] == cfg.steps or (cfg.checkpoint.every and state["step"] % cfg.checkpoint.every == 0):
@@ -440,7 +519,9 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
         last_eval = evaluate(cfg, d, policy, tok, held)
         runlog.metrics({"step": state["step"], "eval": last_eval, "final": True})
     runlog.close()
-    runlog.say(f"[fastsd] before: {_fmt_eval(state['first_eval'])}\n[fastsd] after:  {_fmt_eval(last_eval)}")
+    runlog.say(f"[fastsd] before: {_fmt_eval(state['first_eval'])}\n[fastsd] after:  {_fmt_eval(last_eval)}\n"
+               f"[fastsd] logs, config and checkpoints: {cfg.run_dir} (latest checkpoint: "
+               f"{ckpt.latest_checkpoint(cfg.run_dir)})")
     return {"first": state["first_eval"], "final": last_eval}
 
 

@@ -47,6 +47,7 @@ GOOD = {"question": "q", "answer": "1", "reference_solution": "r"}
     [
         ("{not json", "invalid JSON"),
         ('{"question": "q"', "invalid JSON"),
+        ('{"question": "2+2", "answer": 4,', "at column 33)"),  # the end of the line, not column 1
         ("[1, 2]", "expected a JSON object, got list"),
         ('"text"', "expected a JSON object, got str"),
         (json.dumps({"answer": "1", "reference_solution": "r"}), "missing key 'question'"),

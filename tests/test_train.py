@@ -143,6 +143,53 @@ def test_resume_gives_the_same_next_step(tmp_path):
     assert all(torch.allclose(v, b_sd[k], rtol=0, atol=1e-6) for k, v in a_sd.items())
 
 
+def test_resume_cuts_the_logs_back_to_the_checkpoint(tmp_path, capsys):
+    """A run killed after step 3 but before its checkpoint: the resumed run writes step 3 (and the
+    final evaluation) again, so the logs must not hold them twice."""
+    run = config(tmp_path, "steps=3", "checkpoint.every=2", "checkpoint.keep=3")
+    train(run, Dist())
+    import shutil
+
+    shutil.rmtree(latest_checkpoint(tmp_path))  # step 3's checkpoint never happened
+    assert latest_checkpoint(tmp_path).name.endswith("2")
+    train(run, Dist())
+    assert "rows after step 2 cut" in capsys.readouterr().out
+    metrics = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in metrics if "reward" in r] == [1, 2, 3]
+    assert sum(bool(r.get("final")) for r in metrics) == 1
+    assert [r["step"] for r in read_jsonl(tmp_path / "rollouts.jsonl")] == [1, 1, 2, 2, 3, 3]
+    train(run, Dist())  # complete: evaluated again, still one final row
+    assert "the run is complete" in capsys.readouterr().out
+    assert sum(bool(r.get("final")) for r in read_jsonl(tmp_path / "metrics.jsonl")) == 1
+
+
+def test_run_dir_of_an_earlier_run(tmp_path, capsys):
+    train(config(tmp_path, "steps=1"), Dist())
+    with pytest.raises(ValueError, match="resume: never, but run_dir"):  # would mix two runs
+        train(config(tmp_path, "steps=1", "resume=never"), Dist())
+    train(config(tmp_path, "steps=2", "optim.lr=1e-4"), Dist())  # resumed with a changed config: said, kept
+    out = capsys.readouterr().out
+    assert "config changed since the checkpoint" in out and "optim.lr: 0.0002 -> 0.0001" in out
+    assert load_config(str(tmp_path / "config.before_step_1.yaml")).optim.lr == 2e-4
+    assert load_config(str(tmp_path / "config.yaml")).optim.lr == 1e-4
+    fresh = tmp_path / "fresh"  # logs but no checkpoint (killed before the first): moved aside
+    fresh.mkdir()
+    (fresh / "metrics.jsonl").write_text('{"step": 0}\n')
+    train(config(fresh, "steps=1"), Dist())
+    assert (fresh / "metrics.jsonl.old").read_text() == '{"step": 0}\n'
+    assert read_jsonl(fresh / "metrics.jsonl")[0]["eval"]
+
+
+def test_missing_model_and_empty_held_out_file_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match=f"^model.path: {tmp_path}/nope does not exist"):
+        build_models(config(tmp_path, f"model={tmp_path}/nope"), Dist())
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="^data.eval_path: no held-out questions"):
+        train_mod.load_data(config(tmp_path, f"data.eval_path={tmp_path}/empty.jsonl"))
+    with pytest.raises(ValueError, match=f"^data.path: {tmp_path}/nope.jsonl does not exist"):
+        train_mod.load_data(config(tmp_path, f"data={tmp_path}/nope.jsonl"))
+
+
 def test_a_step_with_nothing_to_learn_leaves_the_weights_alone():
     """grpo with one reward in every group: no loss tokens, so no AdamW step (which would still
     move the weights by momentum and weight decay)."""
@@ -203,6 +250,8 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[fastsd] after:" in proc.stdout
     assert [r["step"] for r in train_rows(tmp_path)] == [1, 2]
+    assert [r["step"] for r in read_jsonl(tmp_path / "rollouts.jsonl")] == [1, 1, 2, 2]  # both ranks' rollouts
+    assert f"logs, config and checkpoints: {tmp_path}" in proc.stdout
     files = sorted(p.name for p in latest_checkpoint(tmp_path).iterdir())
     assert {"rng_rank0.pt", "rng_rank1.pt", "COMPLETE"} <= set(files)
 
