@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. condition=grpo optim.lr=1e-4 model=PATH")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[fastsd] %(levelname)s %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
     except ValueError as e:
@@ -29,7 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
-    logging.basicConfig(level=logging.INFO, format="[fastsd] %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per critic request
     from . import dist
     from .train import NonFiniteLossError, train

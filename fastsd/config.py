@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import string
 import types
@@ -241,7 +242,7 @@ def _coerce(key: str, value, hint):
         ok = isinstance(parsed, int) if hint is int else isinstance(parsed, (int, float))
         if not ok or isinstance(parsed, bool):
             raise ValueError(f"{key}: expected {hint.__name__}, got {value!r}")
-        if not math.isfinite(parsed):
+        if hint is float and not math.isfinite(parsed):
             raise ValueError(f"{key}: expected a finite number, got {value!r}")
         return hint(parsed)
     if hint is str:
@@ -257,7 +258,8 @@ def _unknown(what: str, name: str, known) -> ValueError:
     return ValueError(f"{name}: unknown config {what}{hint}")
 
 
-def _set(cfg, dotted: str, value) -> None:
+def _set(cfg, dotted: str, value) -> list[str]:
+    """Set `dotted` (a key, a section's main key, or a section from a mapping); returns the keys set."""
     parts = dotted.split(".")
     node, path = cfg, []
     for part in parts[:-1]:
@@ -273,13 +275,12 @@ def _set(cfg, dotted: str, value) -> None:
     current = getattr(node, name)
     if dataclasses.is_dataclass(current):
         if isinstance(value, dict):
-            for k, v in value.items():
-                _set(cfg, f"{dotted}.{k}", v)
-            return
+            return [key for k, v in value.items() for key in _set(cfg, f"{dotted}.{k}", v)]
         if getattr(current, "main", None) is None:
             raise ValueError(f"{dotted}: is a section; set one of its keys, e.g. {dotted}.{next(iter(_fields(current)))}")
         return _set(cfg, f"{dotted}.{current.main}", value)
     setattr(node, name, _coerce(dotted, value, _fields(node)[name]))
+    return [dotted]
 
 
 def _fields(node) -> dict:
@@ -336,18 +337,21 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError(f"critic.base_url: expected http://HOST:PORT/v1 or https://..., got {c.base_url!r}")
     if cfg.condition == "grpo" and cfg.group_size < 2:
         raise ValueError(f"rollout.group_size: grpo needs at least 2 rollouts per question, got {cfg.group_size}")
-    # options the chosen condition would silently ignore
+    # Options the condition ignores: said, not refused (tools pass one set of options to every condition).
+    unused = []
     if cfg.condition == "grpo" and cfg.teacher.kind != "initial":
-        raise ValueError(f"teacher.kind: condition=grpo has no teacher, got {cfg.teacher.kind!r}")
+        unused.append(f"teacher.kind={cfg.teacher.kind} (grpo has no teacher)")
     if cfg.condition == "grpo" and cfg.loss.kind != "divergence":
-        raise ValueError(f"loss.kind: condition=grpo trains on rewards, not a teacher, got {cfg.loss.kind!r}")
+        unused.append(f"loss.kind={cfg.loss.kind} (grpo trains on rewards)")
     if cfg.condition != "critique" and cfg.critic.kind != "builtin":
-        raise ValueError(f"critic.kind: only condition=critique uses a critic, got {cfg.critic.kind!r}")
+        unused.append(f"critic.kind={cfg.critic.kind} (only condition=critique uses a critic)")
+    for text in unused:
+        logging.getLogger("fastsd").warning("condition=%s ignores %s", cfg.condition, text)
     for name, allowed in (("student", {"question"}), ("reference", {"question", "reference"}),
                           ("critique", {"question", "critique"})):
         template = getattr(cfg.templates, name)
-        try:
-            fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        try:  # the field's name, before any .attribute or [index]
+            fields = {f.split(".")[0].split("[")[0] for _, f, _, _ in string.Formatter().parse(template) if f is not None}
         except ValueError as e:
             raise ValueError(f"templates.{name}: not a format string ({e}): {template!r}") from None
         if fields - allowed:
@@ -374,22 +378,21 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> T
             try:
                 _set(cfg, str(key), value)
             except ValueError as e:
-                bad = str(e).split(":", 1)[0]  # every message starts with the dotted key
-                line = lines.get(bad) or lines.get(str(key))
+                line = _line_of(lines, str(e).split(":", 1)[0]) or lines.get(str(key))
                 raise ValueError(f"{path}{f':{line}' if line else ''}: {e}") from None
     overridden = set()
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"{item}: overrides are key=value")
-        _set(cfg, key.strip(), value)
-        overridden.add(key.strip())
+        overridden.update(_set(cfg, key.strip(), value))
     try:
         _check(cfg)
     except ValueError as e:
-        bad = str(e).split(":", 1)[0]
-        if path is not None and bad not in overridden and bad in lines:  # the value came from the file
-            raise ValueError(f"{path}:{lines[bad]}: {e}") from None
+        bad = str(e).split(":", 1)[0]  # every message starts with the dotted key
+        line = _line_of(lines, bad)
+        if line and bad not in overridden:  # the value came from the file
+            raise ValueError(f"{path}:{line}: {e}") from None
         raise
     return cfg
 
@@ -409,6 +412,12 @@ def _key_lines(path: str) -> dict[str, int]:
 
     walk(root, "")
     return out
+
+
+def _line_of(lines: dict[str, int], key: str) -> int | None:
+    """The line of `key`, or of the shorthand that set it (`teacher: ema` sets teacher.kind)."""
+    parts = key.split(".")
+    return next((lines[k] for k in (".".join(parts[:i]) for i in range(len(parts), 0, -1)) if k in lines), None)
 
 
 def to_dict(cfg) -> dict:

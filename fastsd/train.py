@@ -399,22 +399,34 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def _aside(path: Path, name: str) -> Path:
+    """run_dir/name, or name.1, name.2, ...: the first that does not exist (nothing is overwritten)."""
+    free = path.parent / name
+    i = 0
+    while free.exists():
+        i += 1
+        free = path.parent / f"{name}.{i}"
+    os.replace(path, free)
+    return free
+
+
 def prepare_run_dir(cfg: TrainConfig, resume: Path | None, step: int) -> list[str]:
     """Make run_dir agree with the run about to start (rank 0 only); returns what it did, to log.
 
     Resuming at `step`: rows the logs hold for later steps (and the final evaluation), which the
-    run will write again, are cut. Starting afresh: earlier logs are moved to *.old. A config
-    that differs from the saved one is saved; the old one is kept as config.before_step_N.yaml."""
+    run will write again, are cut. Starting afresh: earlier logs and config are moved to *.old. A
+    config that differs from the saved one is saved; the old one is kept as
+    config.before_step_N.yaml."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     said = []
+    for name in (*LOGS, "config.yaml"):
+        path = run_dir / name
+        if path.exists() and resume is None:
+            said.append(f"no checkpoint to resume: the earlier {name} moved to {_aside(path, name + '.old').name}")
     for name in LOGS:
         path = run_dir / name
         if not path.exists():
-            continue
-        if resume is None:
-            os.replace(path, f"{path}.old")
-            said.append(f"no checkpoint to resume: the earlier {name} moved to {name}.old")
             continue
         keep, cut = [], 0
         with open(path) as f:
@@ -422,9 +434,8 @@ def prepare_run_dir(cfg: TrainConfig, resume: Path | None, step: int) -> list[st
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:  # torn by a kill mid-write
-                    cut += 1
-                    continue
-                if row.get("step", 0) <= step and not row.get("final"):
+                    row = None
+                if isinstance(row, dict) and row.get("step", 0) <= step and not row.get("final"):
                     keep.append(line)
                 else:
                     cut += 1
@@ -434,12 +445,17 @@ def prepare_run_dir(cfg: TrainConfig, resume: Path | None, step: int) -> list[st
             os.replace(tmp, path)
             said.append(f"{name}: {cut} rows after step {step} cut (they are run again)")
     saved = run_dir / "config.yaml"
-    if resume is not None and saved.exists():
-        old, new = _flat(yaml.safe_load(saved.read_text()) or {}), _flat(to_dict(cfg))
-        changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if saved.exists():  # resuming
+        try:
+            data = yaml.safe_load(saved.read_text())
+        except yaml.YAMLError:
+            data = None
+        old = _flat(data) if isinstance(data, dict) else {"config.yaml": "unreadable"}
+        new = _flat(to_dict(cfg))
+        changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                   if old.get(k) != new.get(k) and k not in ("resume", "run_dir")]  # how, not what
         if changed:
-            kept = run_dir / f"config.before_step_{step}.yaml"
-            os.replace(saved, kept)
+            kept = _aside(saved, f"config.before_step_{step}.yaml")
             said.append(f"config changed since the checkpoint ({'; '.join(changed)}); the earlier one is {kept.name}")
     saved.write_text(to_yaml(cfg))
     return said

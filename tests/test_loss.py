@@ -242,7 +242,7 @@ def test_triton_path_makes_no_host_sync(monkeypatch, device):
     assert torch.isfinite(out.loss).item() and h_s.grad.abs().sum().item() > 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["triton"])  # the torch backend keeps the logit gradient in fp32
 def test_fp16_mean_over_many_rows_keeps_gradient_digits(backend, device):
     """"mean" divides by the valid rows after the exact fp32 sums. Folded into the 16-bit logit
     gradient instead, 1/N pushed fp16 values (~1e-4 / 512 here) into the subnormals: the Triton

@@ -172,12 +172,19 @@ def test_run_dir_of_an_earlier_run(tmp_path, capsys):
     assert "config changed since the checkpoint" in out and "optim.lr: 0.0002 -> 0.0001" in out
     assert load_config(str(tmp_path / "config.before_step_1.yaml")).optim.lr == 2e-4
     assert load_config(str(tmp_path / "config.yaml")).optim.lr == 1e-4
-    fresh = tmp_path / "fresh"  # logs but no checkpoint (killed before the first): moved aside
+    train(config(tmp_path, "steps=2", "optim.lr=1e-4", f"resume={latest_checkpoint(tmp_path)}"), Dist())
+    assert "config changed" not in capsys.readouterr().out  # how to resume is not what runs
+    fresh = tmp_path / "fresh"  # logs but no checkpoint (killed before the first, twice): moved aside
     fresh.mkdir()
-    (fresh / "metrics.jsonl").write_text('{"step": 0}\n')
-    train(config(fresh, "steps=1"), Dist())
-    assert (fresh / "metrics.jsonl.old").read_text() == '{"step": 0}\n'
-    assert read_jsonl(fresh / "metrics.jsonl")[0]["eval"]
+    for attempt in ("a", "b"):
+        (fresh / "metrics.jsonl").write_text(f'{{"step": 0, "attempt": "{attempt}"}}\n')
+        prepare = train_mod.prepare_run_dir(config(fresh, "steps=1"), None, 0)
+        assert any("metrics.jsonl moved to" in line for line in prepare)
+    assert "a" in (fresh / "metrics.jsonl.old").read_text() and "b" in (fresh / "metrics.jsonl.old.1").read_text()
+    (fresh / "metrics.jsonl").write_text('[]\n{"step": 1}\n{"step": 2, "eval": 1}\n{"step": 2, "final": true}\n')
+    (fresh / "config.yaml").write_text("- not a mapping\n")
+    prepare = train_mod.prepare_run_dir(config(fresh, "steps=2"), fresh / "checkpoints/x", 1)
+    assert read_jsonl(fresh / "metrics.jsonl") == [{"step": 1}] and any("config changed" in x for x in prepare)
 
 
 def test_missing_model_and_empty_held_out_file_name_the_key(tmp_path):
