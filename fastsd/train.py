@@ -443,7 +443,7 @@ def prepare_run_dir(cfg: TrainConfig, resume: Path | None, step: int) -> list[st
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(keep))
             os.replace(tmp, path)
-            said.append(f"{name}: {cut} rows after step {step} cut (they are run again)")
+            said.append(f"{name}: cut back to step {step} ({cut} rows, written again as the run goes on)")
     saved = run_dir / "config.yaml"
     if saved.exists():  # resuming
         try:

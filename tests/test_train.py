@@ -153,7 +153,7 @@ def test_resume_cuts_the_logs_back_to_the_checkpoint(tmp_path, capsys):
     shutil.rmtree(latest_checkpoint(tmp_path))  # step 3's checkpoint never happened
     assert latest_checkpoint(tmp_path).name.endswith("2")
     train(run, Dist())
-    assert "rows after step 2 cut" in capsys.readouterr().out
+    assert "metrics.jsonl: cut back to step 2" in capsys.readouterr().out
     metrics = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in metrics if "reward" in r] == [1, 2, 3]
     assert sum(bool(r.get("final")) for r in metrics) == 1
