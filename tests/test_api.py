@@ -103,29 +103,29 @@ def test_one_flat_side_may_meet_a_batched_side():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_empty_batch_gives_zero_loss_and_zero_gradients(backend):
-    _, w, _, _ = _inputs()
-    w.requires_grad_(True)
+def test_empty_batch_gives_zero_loss_and_zero_gradients(backend, device):
+    w = _inputs()[1].to(device).requires_grad_(True)
     for lead in ((0,), (2, 0)):
-        h = torch.zeros(*lead, 16, requires_grad=True)
-        out = fastsd.fused_linear_divergence(h, w, torch.zeros(*lead, 16), backend=backend)
+        h = torch.zeros(*lead, 16, device=device, requires_grad=True)
+        out = fastsd.fused_linear_divergence(h, w, torch.zeros(*lead, 16, device=device), backend=backend)
         assert out.loss.item() == 0.0 and out.per_token.shape == (0,)
         out.loss.backward()
         assert h.grad.shape == h.shape and torch.all(w.grad == 0)
-        lp = fastsd.fused_linear_logprob(h, w, torch.zeros(lead, dtype=torch.long), backend=backend)
+        lp = fastsd.fused_linear_logprob(h, w, torch.zeros(lead, dtype=torch.long, device=device), backend=backend)
         assert lp.shape == (0,)
         lp.sum().backward()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_second_derivatives_are_refused_not_silently_wrong(backend, reduction):
+def test_second_derivatives_are_refused_not_silently_wrong(backend, reduction, device):
     """The backward's gradients are not differentiable: create_graph=True would drop the fused
     term from a second derivative without a word (it did), so it raises."""
-    h_s, w, h_t, _ = _inputs()
+    h_s, w, h_t, _ = (t.to(device) for t in _inputs())
     h_s.requires_grad_(True)
+    ids = torch.zeros(6, dtype=torch.long, device=device)
     calls = [lambda: fastsd.fused_linear_divergence(h_s, w, h_t, reduction=reduction, backend=backend).loss.sum(),
-             lambda: fastsd.fused_linear_logprob(h_s, w, torch.zeros(6, dtype=torch.long), backend=backend).sum()]
+             lambda: fastsd.fused_linear_logprob(h_s, w, ids, backend=backend).sum()]
     for call in calls:
         with pytest.raises(RuntimeError, match="not twice differentiable"):
             torch.autograd.grad(call() + (h_s**2).sum(), h_s, create_graph=True)
