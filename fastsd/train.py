@@ -420,10 +420,14 @@ def prepare_run_dir(cfg: TrainConfig, resume: Path | None, step: int) -> list[st
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     said = []
-    for name in (*LOGS, "config.yaml"):
-        path = run_dir / name
-        if path.exists() and resume is None:
-            said.append(f"no checkpoint to resume: the earlier {name} moved to {_aside(path, name + '.old').name}")
+    saved = run_dir / "config.yaml"
+    if resume is None:
+        for path in (*(run_dir / name for name in LOGS), saved):
+            if path.exists():
+                said.append(f"no checkpoint to resume: the earlier {path.name} moved to "
+                            f"{_aside(path, path.name + '.old').name}")
+        saved.write_text(to_yaml(cfg))
+        return said
     for name in LOGS:
         path = run_dir / name
         if not path.exists():
@@ -444,8 +448,7 @@ def prepare_run_dir(cfg: TrainConfig, resume: Path | None, step: int) -> list[st
             tmp.write_text("".join(keep))
             os.replace(tmp, path)
             said.append(f"{name}: cut back to step {step} ({cut} rows, written again as the run goes on)")
-    saved = run_dir / "config.yaml"
-    if saved.exists():  # resuming
+    if saved.exists():
         try:
             data = yaml.safe_load(saved.read_text())
         except yaml.YAMLError:
@@ -464,10 +467,10 @@ def prepare_run_dir(cfg: TrainConfig, resume: Path | None, step: int) -> list[st
 def train(cfg: TrainConfig, d: Dist) -> dict:
     """Run the job in `cfg`; returns the final evaluation (and the first, if this run made it)."""
     resume = ckpt.resolve_resume(cfg.resume, cfg.run_dir)
-    if cfg.resume == "never" and ckpt.latest_checkpoint(cfg.run_dir) is not None:
+    earlier = ckpt.latest_checkpoint(cfg.run_dir) if cfg.resume == "never" else None
+    if earlier is not None:
         raise ValueError(f"resume: never, but run_dir {cfg.run_dir} holds an earlier run's checkpoints "
-                         f"(latest {ckpt.latest_checkpoint(cfg.run_dir)}); continue it with resume=auto, "
-                         "or choose another run_dir")
+                         f"(latest {earlier}); continue it with resume=auto, or choose another run_dir")
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     _rng_seed(cfg, d)
     policy, teacher, tok = build_models(cfg, d)

@@ -208,12 +208,10 @@ def _cfg(kind: str, dtype: torch.dtype) -> dict:
     if INTERPRET:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
     if dtype == torch.float32:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, num_warps=8, num_stages=3, **FP_FUSION)
-    return {
-        "logits": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, **FP_FUSION),
-        "dx": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, **FP_FUSION),
-        "dw": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, **FP_FUSION),
-    }[kind]
+        tiles = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16)
+    else:
+        tiles = dict(BLOCK_M=128, BLOCK_N=256 if kind == "logits" else 128, BLOCK_K=64)
+    return dict(tiles, num_warps=8, num_stages=3, **FP_FUSION)
 
 
 def _upcast(t: torch.Tensor) -> bool:
