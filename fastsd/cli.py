@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per critic request
     from . import dist
-    from .train import NonFiniteLossError, train
+    from .step import NonFiniteLossError
+    from .train import train
 
     d = dist.setup()
     failed = True

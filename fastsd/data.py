@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from .tasks import arith
 
-__all__ = ["Example", "KEYS", "load_jsonl", "builtin_split"]
+__all__ = ["Example", "KEYS", "load_jsonl", "builtin_split", "step_questions"]
 
 KEYS = ("question", "answer", "reference_solution")
 
@@ -92,3 +93,17 @@ def builtin_split(split: str, n: int, seed: int = 0) -> list[Example]:
     """`n` questions of the built-in arithmetic task's `split` ("train" or "test"), deterministic in
     (split, n, seed); the two splits never share a question."""
     return [Example(p.question, p.answer, p.reference_solution) for p in arith.make_split(split, n, seed)]
+
+
+def step_questions(train: list[Example], cfg, step: int) -> list[Example]:
+    """The questions of optimizer step `step`: a fresh seeded permutation per epoch."""
+    n, per = len(train), cfg.questions_per_step
+    orders: dict[int, list[int]] = {}
+    out = []
+    for pos in range(step * per, (step + 1) * per):
+        epoch, i = divmod(pos, n)
+        if epoch not in orders:
+            orders[epoch] = list(range(n))
+            random.Random(cfg.seed * 100_003 + epoch).shuffle(orders[epoch])
+        out.append(train[orders[epoch][i]])
+    return out

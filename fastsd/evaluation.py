@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-__all__ = ["majority_vote", "score_samples"]
+import torch
+
+__all__ = ["majority_vote", "score_samples", "evaluate", "fmt_eval"]
 
 
 def majority_vote(answers: list[str | None]) -> str | None:
@@ -50,3 +52,23 @@ def score_samples(answers: list[list[str | None]], truths: list[str]) -> dict:
         majority += majority_vote(row) == truth
     n = len(answers)
     return {"avg@k": correct / (n * k), "pass@k": passed / n, "maj@k": majority / n, "k": k, "questions": n}
+
+
+def evaluate(cfg, d, policy, tok, held) -> dict:
+    """avg@k, pass@k, maj@k on the held-out questions. Every evaluation draws the same random
+    numbers (its own seeded stream, so the training stream is untouched): evaluations of
+    different checkpoints are a paired comparison, not two independent draws."""
+    from .step import rollout
+
+    mine = held[d.rank::d.world]
+    with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed + 7919 * (d.rank + 1))
+        rolls = rollout(cfg, d, policy, tok, mine, cfg.eval.k, cfg.eval.temperature)
+    answers = [[r.parsed.answer for r in rolls[i * cfg.eval.k:(i + 1) * cfg.eval.k]] for i in range(len(mine))]
+    pairs = [p for part in d.gather_objects(list(zip(answers, [ex.answer for ex in mine]))) for p in part]
+    return score_samples([a for a, _ in pairs], [t for _, t in pairs])
+
+
+def fmt_eval(m: dict) -> str:
+    """One line: avg@k, pass@k, maj@k of an evaluation."""
+    return " ".join(f"{k}={m[k]:.3f}" for k in ("avg@k", "pass@k", "maj@k") if k in m) + f" (k={m.get('k')}, {m.get('questions')} questions)"

@@ -19,7 +19,8 @@ from fastsd.critic import ArithCritic
 from fastsd.data import builtin_split
 from fastsd.format import parse_response, reward
 from fastsd.tasks import arith
-from fastsd.train import Rollout, build_models, build_optim, encode, feedback, update
+from fastsd.build import build_models, build_optim
+from fastsd.step import Rollout, encode, feedback, update
 
 
 def fixed_rollouts(cfg, tok, n=8):

@@ -24,8 +24,12 @@ from fastsd.dist import Dist
 from fastsd.format import parse_response, reward
 from fastsd.model import DEFAULT_MODEL_DIR, build_tokenizer, tiny_config
 from fastsd.policy import Policy
-from fastsd import train as train_mod
-from fastsd.train import NonFiniteLossError, Rollout, build_models, build_optim, encode, feedback, train, update
+from fastsd import build
+from fastsd import run_dir as run_dir_mod
+from fastsd import step as step_mod
+from fastsd.build import build_models, build_optim
+from fastsd.step import NonFiniteLossError, Rollout, encode, feedback, update
+from fastsd.train import train
 from fsdp_train_worker import fixed_rollouts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,12 +182,12 @@ def test_run_dir_of_an_earlier_run(tmp_path, capsys):
     fresh.mkdir()
     for attempt in ("a", "b"):
         (fresh / "metrics.jsonl").write_text(f'{{"step": 0, "attempt": "{attempt}"}}\n')
-        prepare = train_mod.prepare_run_dir(config(fresh, "steps=1"), None, 0)
+        prepare = run_dir_mod.prepare_run_dir(config(fresh, "steps=1"), None, 0)
         assert any("metrics.jsonl moved to" in line for line in prepare)
     assert "a" in (fresh / "metrics.jsonl.old").read_text() and "b" in (fresh / "metrics.jsonl.old.1").read_text()
     (fresh / "metrics.jsonl").write_text('[]\n{"step": 1}\n{"step": 2, "eval": 1}\n{"step": 2, "final": true}\n')
     (fresh / "config.yaml").write_text("- not a mapping\n")
-    prepare = train_mod.prepare_run_dir(config(fresh, "steps=2"), fresh / "checkpoints/x", 1)
+    prepare = run_dir_mod.prepare_run_dir(config(fresh, "steps=2"), fresh / "checkpoints/x", 1)
     assert read_jsonl(fresh / "metrics.jsonl") == [{"step": 1}] and any("config changed" in x for x in prepare)
 
 
@@ -192,9 +196,9 @@ def test_missing_model_and_empty_held_out_file_name_the_key(tmp_path):
         build_models(config(tmp_path, f"model={tmp_path}/nope"), Dist())
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match="^data.eval_path: no held-out questions"):
-        train_mod.load_data(config(tmp_path, f"data.eval_path={tmp_path}/empty.jsonl"))
+        build.load_data(config(tmp_path, f"data.eval_path={tmp_path}/empty.jsonl"))
     with pytest.raises(ValueError, match=f"^data.path: {tmp_path}/nope.jsonl does not exist"):
-        train_mod.load_data(config(tmp_path, f"data={tmp_path}/nope.jsonl"))
+        build.load_data(config(tmp_path, f"data={tmp_path}/nope.jsonl"))
 
 
 def test_a_step_with_nothing_to_learn_leaves_the_weights_alone():
@@ -271,14 +275,14 @@ def test_nan_loss_stops_the_step_with_parameters_unchanged(monkeypatch):
     opt, sched = build_optim(cfg, policy)
     rolls = fixed_rollouts(cfg, tok)
     feedback(cfg, tok, rolls, ArithCritic())
-    real, calls = train_mod._micro_loss, []
+    real, calls = step_mod._micro_loss, []
 
     def poisoned(*args, **kwargs):  # the second micro-batch's loss is NaN
         calls.append(1)
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) == 2 else loss
 
-    monkeypatch.setattr(train_mod, "_micro_loss", poisoned)
+    monkeypatch.setattr(step_mod, "_micro_loss", poisoned)
     before = params(policy)
     with pytest.raises(NonFiniteLossError, match="step 0: non-finite loss in micro-batch 1.*parameters unchanged"):
         update(cfg, Dist(), policy, teacher, opt, sched, tok, rolls, 0)
@@ -289,7 +293,7 @@ def test_nan_loss_stops_the_step_with_parameters_unchanged(monkeypatch):
 
 def test_nan_loss_in_a_run_exits_with_an_error_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
     train(config(tmp_path, "steps=1"), Dist())
-    monkeypatch.setattr(train_mod, "_micro_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    monkeypatch.setattr(step_mod, "_micro_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(SystemExit) as exc:
         cli.main([*SMALL, f"run_dir={tmp_path}"])
     assert exc.value.code == 1

@@ -40,7 +40,8 @@ from fastsd.data import Example
 from fastsd.dist import Dist
 from fastsd.format import parse_response, reward
 from fastsd.tasks import arith
-from fastsd.train import Rollout, build_critic, build_models, encode, feedback, load_data, rollout
+from fastsd.build import build_critic, build_models, load_data
+from fastsd.step import Rollout, encode, feedback, rollout
 
 CONDITIONS = ("critique", "reference")
 

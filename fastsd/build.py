@@ -1,0 +1,101 @@
+"""What a run is made of, built from its config: models, optimizer, data, critic."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from .config import TrainConfig
+from .critic import ArithCritic
+from .data import Example, builtin_split, load_jsonl
+from .dist import Dist
+from .model import DEFAULT_MODEL_DIR, load_model_and_tokenizer
+from .policy import Policy, apply_liger, shard
+
+__all__ = ["build_models", "build_optim", "load_data", "build_critic"]
+
+
+def _dtype(cfg: TrainConfig) -> torch.dtype:
+    if cfg.model.dtype == "auto":
+        return torch.float32  # bf16 on CUDA comes from FSDP mixed precision / autocast
+    return getattr(torch, cfg.model.dtype)
+
+
+def _named(key: str, e: ValueError) -> ValueError:
+    """A loader's error about its `path` argument, told as the config key it came from."""
+    text = str(e)
+    return ValueError(f"{key}:{text[len('path:'):]}" if text.startswith("path:") else f"{key}: {text}")
+
+
+def build_models(cfg: TrainConfig, d: Dist):
+    path = DEFAULT_MODEL_DIR if cfg.model.path == "builtin" else cfg.model.path
+    try:
+        lm, tok = load_model_and_tokenizer(path, dtype=_dtype(cfg))
+    except ValueError as e:
+        raise _named("model.path", e) from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    lm.to(d.device)
+    if d.device.type == "cuda" and cfg.model.liger:
+        apply_liger(lm)
+    if cfg.model.activation_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.config.use_cache = True
+    teacher_lm = None
+    if cfg.condition != "grpo" and cfg.teacher.kind in ("initial", "ema"):
+        teacher_lm = copy.deepcopy(lm).eval().requires_grad_(False)
+    # dtype=auto on CUDA: bf16 compute over fp32 parameters, by FSDP2's mixed precision under
+    # torchrun and by autocast in a single process.
+    mixed = d.device.type == "cuda" and cfg.model.dtype == "auto"
+    autocast = torch.bfloat16 if mixed and not d.enabled else None
+    policy = Policy(lm, autocast)
+    teacher = None if teacher_lm is None else Policy(teacher_lm, autocast)
+    if d.enabled:
+        shard(policy, mixed_precision=mixed)
+        if teacher is not None:
+            shard(teacher, mixed_precision=mixed)
+    return policy, teacher, tok
+
+
+def build_optim(cfg: TrainConfig, policy: Policy):
+    o = cfg.optim
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=o.lr,
+                            betas=o.betas, weight_decay=o.weight_decay)
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / (o.warmup_steps + 1)
+        frac = (step - o.warmup_steps) / max(1, cfg.steps - o.warmup_steps)
+        return {"constant": 1.0, "linear": 1.0 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac))}[o.schedule]
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def load_data(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
+    c = cfg.data
+    try:
+        train = builtin_split("train", c.train_size, c.seed) if c.path == "builtin" else load_jsonl(c.path)
+    except ValueError as e:
+        raise _named("data.path", e) from None
+    try:
+        held = builtin_split("test", c.eval_size, c.seed) if c.eval_path == "builtin" else load_jsonl(c.eval_path)
+    except ValueError as e:
+        raise _named("data.eval_path", e) from None
+    if not train:
+        raise ValueError(f"data.path: no training questions in {c.path}")
+    if not held:
+        raise ValueError(f"data.eval_path: no held-out questions in {c.eval_path}")
+    return train, held
+
+
+def build_critic(cfg: TrainConfig, d: Dist):
+    """The critic of condition=critique (None otherwise); an http critic caches in the run directory."""
+    if cfg.condition != "critique":
+        return None
+    if cfg.critic.kind == "builtin":
+        return ArithCritic()
+    from .http_critic import HttpCritic
+
+    return HttpCritic(cfg.critic, cache_dir=f"{cfg.run_dir}/critic_cache", rank=d.rank)
