@@ -14,15 +14,14 @@ import dataclasses
 import difflib
 import logging
 import math
-import string
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
-from .conditions import CRITIQUE_TEMPLATE, REFERENCE_TEMPLATE, STUDENT_TEMPLATE
+from .conditions import CRITIQUE_TEMPLATE, REFERENCE_TEMPLATE, STUDENT_TEMPLATE, TEMPLATE_FIELDS, check_template
 
 
 @dataclass
@@ -56,11 +55,23 @@ class DataConfig:
 @dataclass
 class TemplateConfig:
     student: str = STUDENT_TEMPLATE
-    """Student prompt; fields: {question}."""
+    """Student prompt; fields: {question}. Only the fields are replaced: other braces, as in
+    \\boxed{}, are kept as written."""
     reference: str = REFERENCE_TEMPLATE
     """Teacher prompt for condition=reference; fields: {question}, {reference}."""
     critique: str = CRITIQUE_TEMPLATE
     """Teacher prompt for condition=critique; fields: {question}, {critique}."""
+    chat: Literal["auto", "on", "off"] = "auto"
+    """Render prompts through the tokenizer's chat template (the filled template is the user turn):
+    auto, when the tokenizer has one (the built-in model has none); on, required; off, never."""
+    student_chat_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the student's apply_chat_template, e.g. {enable_thinking: false}."""
+    teacher_chat_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the teacher's apply_chat_template, e.g. {enable_thinking: true}."""
+    student_system: str = ""
+    """System message before the student's user turn (chat template only; empty: none)."""
+    teacher_system: str = ""
+    """System message before the teacher's user turn (chat template only; empty: none)."""
 
 
 @dataclass
@@ -136,6 +147,13 @@ class CriticConfig:
     max_tokens: int = 8192
     """http: reply length limit, thinking included (reasoning critics such as QwQ may need more;
     a reply cut off here counts as invalid)."""
+    prompt_file: str = ""
+    """http: a text file with the critic's instructions (empty: the built-in faithful-scribe ones for
+    the response format). Without fields it is the system message, before fastsd's user message;
+    with any of {question} {reference} {answer} {attempt} it is the whole user message, filled in."""
+    extra_body: dict[str, Any] = field(default_factory=dict)
+    """http: fields merged into every request body, overriding fastsd's (e.g. {top_p: 0.95, seed: 0,
+    chat_template_kwargs: {enable_thinking: true}}); model, messages and stream are fastsd's."""
 
 
 @dataclass
@@ -220,6 +238,15 @@ def _coerce(key: str, value, hint):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         return _coerce(key, value, args[0])
+    if origin is dict:  # a YAML mapping, or on the command line a flow mapping: {enable_thinking: false}
+        try:
+            items = yaml.safe_load(value) if isinstance(value, str) else value
+        except yaml.YAMLError:
+            items = value
+        items = {} if items is None else items
+        if not isinstance(items, dict) or not all(isinstance(k, str) for k in items):
+            raise ValueError(f"{key}: expected a mapping such as {{name: value}}, got {value!r}")
+        return dict(items)
     if origin is tuple:
         items = yaml.safe_load(value) if isinstance(value, str) else value
         args = typing.get_args(hint)
@@ -347,16 +374,24 @@ def _check(cfg: TrainConfig) -> None:
         unused.append(f"critic.kind={cfg.critic.kind} (only condition=critique uses a critic)")
     for text in unused:
         logging.getLogger("fastsd").warning("condition=%s ignores %s", cfg.condition, text)
-    for name, allowed in (("student", {"question"}), ("reference", {"question", "reference"}),
-                          ("critique", {"question", "critique"})):
-        template = getattr(cfg.templates, name)
-        try:  # the field's name, before any .attribute or [index]
-            fields = {f.split(".")[0].split("[")[0] for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-        except ValueError as e:
-            raise ValueError(f"templates.{name}: not a format string ({e}): {template!r}") from None
-        if fields - allowed:
-            raise ValueError(f"templates.{name}: unknown field(s) {sorted(fields - allowed)}; "
-                             f"it may use {sorted(allowed)}")
+    _check_templates(cfg)
+    _check_critic_prompt(cfg)
+
+
+def _check_templates(cfg: TrainConfig) -> None:
+    for name, fields in TEMPLATE_FIELDS.items():
+        check_template(f"templates.{name}", getattr(cfg.templates, name), fields)
+
+
+def _check_critic_prompt(cfg: TrainConfig) -> None:
+    reserved = sorted(set(cfg.critic.extra_body) & {"model", "messages", "stream"})
+    if reserved:
+        raise ValueError(f"critic.extra_body: {reserved} are set by fastsd (critic.model, the prompt); "
+                         "remove them from extra_body")
+    if cfg.critic.prompt_file:
+        from .http_critic import load_prompt  # it imports this module
+
+        load_prompt(cfg.critic.prompt_file)
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> TrainConfig:

@@ -61,9 +61,12 @@ class RunLog:
 
 
 def rollout_rows(rolls: list, tok) -> list[dict]:
-    return [{"question": r.example.question, "response": tok.decode(r.response, skip_special_tokens=True),
-             "reward": r.reward, "context": r.context, "trained": r.trained,
-             **({"critique_error": r.critique_error} if r.critique_error else {})} for r in rolls]
+    """One row per rollout; `prompt` and `teacher_prompt` are what each side read before the
+    response, decoded from the ids the model saw (chat template and special tokens included)."""
+    return [{"question": r.example.question, "prompt": tok.decode(r.prompt),
+             "response": tok.decode(r.response, skip_special_tokens=True), "reward": r.reward,
+             "context": r.context, "teacher_prompt": None if r.teacher_prompt is None else tok.decode(r.teacher_prompt),
+             "trained": r.trained, **({"critique_error": r.critique_error} if r.critique_error else {})} for r in rolls]
 
 
 LOGS = ("metrics.jsonl", "rollouts.jsonl")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .batch import build_batch
-from .conditions import student_prompt, teacher_prompt
+from .conditions import student_text, teacher_text
 from .config import TrainConfig
 from .data import Example
 from .dist import Dist
@@ -51,7 +51,7 @@ def encode(tok, text: str) -> list[int]:
 
 
 def rollout(cfg: TrainConfig, d: Dist, policy, tok, examples: list[Example], k: int, temperature: float) -> list[Rollout]:
-    prompts = [encode(tok, student_prompt(ex.question, cfg.templates.student)) for ex in examples]
+    prompts = [encode(tok, student_text(cfg.templates, tok, ex.question)) for ex in examples]
     flat = [(g, ex, p) for g, (ex, p) in enumerate(zip(examples, prompts)) for _ in range(k)]
     engine = cfg.rollout.engine
     if engine == "auto":
@@ -81,7 +81,6 @@ def feedback(cfg: TrainConfig, tok, rollouts: list[Rollout], critic) -> None:
             for r, a in zip(members, ((rewards - rewards.mean()) / (std + 1e-6)).tolist()):
                 r.advantage, r.trained = a, bool(std > 0) and len(r.response) > 0
         return
-    templates = {"reference": cfg.templates.reference, "critique": cfg.templates.critique}
     if cfg.condition == "critique":  # all at once: a remote critic answers them concurrently
         crits = critic.critique_batch([(r.example.question, r.example.answer, r.parsed.steps, r.parsed.answer,
                                         r.example.reference_solution) for r in rollouts])
@@ -94,8 +93,8 @@ def feedback(cfg: TrainConfig, tok, rollouts: list[Rollout], critic) -> None:
                 r.critique_error = crits[i].error or "unknown"
                 continue  # no usable context: no loss for this rollout (counted in the logs)
             r.context = crits[i].text
-        text = teacher_prompt(cfg.condition, q, templates=templates, **{cfg.condition: r.context})
-        r.teacher_prompt = encode(tok, text)
+        # The teacher's own prompt; the student's sampled response ids follow it unchanged (batch.py).
+        r.teacher_prompt = encode(tok, teacher_text(cfg.templates, tok, cfg.condition, q, r.context))
         r.trained = len(r.response) > 0
 
 

@@ -17,3 +17,19 @@ from helpers import DEVICE  # noqa: E402
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+@pytest.fixture(scope="session")
+def standin(tmp_path_factory):
+    """A tiny random Qwen3 chat checkpoint with a locally trained BPE tokenizer (tests/standin.py)."""
+    from standin import build_standin
+
+    return build_standin(tmp_path_factory.mktemp("standin"))
+
+
+@pytest.fixture(scope="session")
+def math_data(tmp_path_factory):
+    """(train.jsonl, test.jsonl) of LaTeX-answer questions (tests/standin.py)."""
+    from standin import write_math_data
+
+    return write_math_data(tmp_path_factory.mktemp("math-data"))
