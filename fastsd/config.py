@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 
 from .conditions import CRITIQUE_TEMPLATE, REFERENCE_TEMPLATE, STUDENT_TEMPLATE, TEMPLATE_FIELDS, check_template
+from .critic_prompt import load_prompt
 
 
 @dataclass
@@ -389,8 +390,6 @@ def _check_critic_prompt(cfg: TrainConfig) -> None:
         raise ValueError(f"critic.extra_body: {reserved} are set by fastsd (critic.model, the prompt); "
                          "remove them from extra_body")
     if cfg.critic.prompt_file:
-        from .http_critic import load_prompt  # it imports this module
-
         load_prompt(cfg.critic.prompt_file)
 
 

@@ -2,9 +2,11 @@
 llama.cpp, or `tools/critic_server.py`).
 
 The wire format. The request is one system message (`SCRIBE_INSTRUCTIONS`, the faithful-scribe
-rules of METHOD.md) and one user message (`user_message`) holding the question, the worked
-ground-truth solution, the final answer and the student's numbered steps; decoding is greedy.
-The reply, after any `<think>...</think>` block, is
+rules of METHOD.md; `critic_prompt.FREE_INSTRUCTIONS` for format=free; or `critic.prompt_file`,
+see `fastsd.critic_prompt`) and one user message (`user_message`) holding the question, the
+worked ground-truth solution, the final answer and the student's numbered steps; decoding is
+greedy, and `critic.extra_body` is merged into the body last. The reply, after any
+`<think>...</think>` block, is
 
     <first_error>K</first_error>            (K: the 1-based number of the earliest wrong step,
                                              or "none" when every student step is right)
@@ -12,8 +14,9 @@ The reply, after any `<think>...</think>` block, is
 
 and is accepted only if it is aligned with the student's steps (`parse_reply`): steps 1..K-1
 copied verbatim (surrounding whitespace aside), step K present and different from the student's,
-every step non-empty, and a final answer equal to the ground truth. The teacher then reads the
-trace re-rendered with `format_steps`, the copied prefix in the student's exact text.
+every step non-empty, and a final answer equal to the ground truth under the grader (config key
+`grader`). The teacher then reads the trace re-rendered in the student's format (`format_steps`,
+or `critic_prompt.free_text`), the copied prefix in the student's exact text.
 
 Failure handling, per critique (a failed one is `Critique(ok=False, error=...)`, and the trainer
 gives its rollout no loss):
@@ -44,6 +47,7 @@ import httpx
 
 from .config import CriticConfig
 from .critic import Critic, Critique, check_items
+from .critic_prompt import FREE_INSTRUCTIONS, attempt_text, free_text, load_prompt, prompt_messages
 from .format import format_steps, parse_response
 
 __all__ = ["HttpCritic", "ReplyCache", "SCRIBE_INSTRUCTIONS", "user_message", "parse_reply", "strip_think"]
@@ -68,14 +72,12 @@ where K is the number of the earliest wrong step, or none if every step is right
 - step K: the student's step K corrected, in the student's own notation and style;
 - after that: the solution continued, in the same style, until the final answer.
 If every step is right, copy all of them and, if the attempt stops early, continue it to the end.
-FINAL is the correct final answer. Do not use < or > inside a step."""
+FINAL is the correct final answer."""
 
 
 def user_message(question: str, reference: str, answer: str, steps: list[str], student_answer: str | None) -> str:
     """The user turn: question, ground truth, and the student's numbered steps."""
-    attempt = "\n".join(f"<step_{i}>{s}</step_{i}>" for i, s in enumerate(steps, start=1)) or "(no steps)"
-    if student_answer is not None:
-        attempt += f"\n<answer>{student_answer}</answer>"
+    attempt = attempt_text(steps, student_answer)
     return (f"<question>\n{question}\n</question>\n\n<correct_solution>\n{reference}\n</correct_solution>\n\n"
             f"<correct_answer>{answer}</correct_answer>\n\n<student_attempt>\n{attempt}\n</student_attempt>")
 
@@ -92,11 +94,13 @@ def strip_think(text: str) -> str:
     return text
 
 
-def parse_reply(reply: str, steps: list[str], answer: str) -> Critique:
+def parse_reply(reply: str, steps: list[str], answer: str, grader=None, fmt: str = "steps") -> Critique:
     """The critique in `reply` (see the module docstring), ValueError saying why it is unusable.
 
-    `steps` are the student's steps, `answer` the ground-truth final answer. Verdicts: steps
+    `steps` are the student's steps, `answer` the ground-truth final answer, which the trace's
+    answer must equal under `grader` (config key `grader`; exact match when None). Verdicts: steps
     before the first error are right; the critic judges nothing after it, so those count as wrong.
+    The critique's text is in the student's format `fmt` (config key `format`).
     """
     body = strip_think(reply)
     marks = _FIRST_ERROR.findall(body)
@@ -116,7 +120,7 @@ def parse_reply(reply: str, steps: list[str], answer: str) -> Critique:
     if not parsed.well_formed:
         raise ValueError("the trace is not only <step_1>..</step_1> ... <answer>..</answer> (text outside "
                          "the tags, steps out of order, or something after the answer)")
-    if parsed.answer != answer.strip():
+    if not (grader.equal(parsed.answer, answer) if grader is not None else parsed.answer == answer.strip()):
         raise ValueError(f"the trace ends in {parsed.answer!r}, not the correct answer {answer.strip()!r}")
     if not ours or any(not s.strip() for s in ours):
         raise ValueError("the trace has no steps, or an empty one")
@@ -129,7 +133,9 @@ def parse_reply(reply: str, steps: list[str], answer: str) -> Critique:
     if k is not None and "".join(ours[k].split()) == "".join(steps[k].split()):
         raise ValueError(f"step {k + 1} is marked wrong but copied unchanged (up to spacing)")
     verdicts = [i < keep for i in range(len(steps))]
-    return Critique(format_steps(list(steps[:keep]) + ours[keep:], parsed.answer), verdicts, k)
+    trace = list(steps[:keep]) + ours[keep:]
+    text = free_text(trace, answer.strip()) if fmt == "free" else format_steps(trace, parsed.answer)
+    return Critique(text, verdicts, k)
 
 
 class ReplyCache:
@@ -193,8 +199,13 @@ class HttpCritic(Critic):
 
     RETRY_STATUS = frozenset({408, 429})  # and every 5xx
 
-    def __init__(self, cfg: CriticConfig, cache_dir: str | os.PathLike | None = None, rank: int = 0):
+    def __init__(self, cfg: CriticConfig, cache_dir: str | os.PathLike | None = None, rank: int = 0, grader=None,
+                 fmt: str = "steps"):
         self.cfg = cfg
+        self.grader = grader  # the final-answer check (fastsd.tasks.grading); None: exact match
+        self.fmt = fmt  # the student's response format: the critique is written back in it
+        self.instructions = (load_prompt(cfg.prompt_file) if cfg.prompt_file
+                             else FREE_INSTRUCTIONS if fmt == "free" else SCRIBE_INSTRUCTIONS)
         self.url = cfg.base_url.rstrip("/")
         key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -231,9 +242,12 @@ class HttpCritic(Critic):
     def request(self, question: str, ground_truth: str, steps: list[str], answer: str | None = None,
                 reference: str | None = None) -> dict:
         """The /chat/completions body for one attempt."""
-        text = user_message(question, reference or ground_truth, ground_truth, list(steps), answer)
+        reference = reference or ground_truth
+        text = user_message(question, reference, ground_truth, list(steps), answer)
+        values = {"question": question, "reference": reference, "answer": ground_truth,
+                  "attempt": attempt_text(list(steps), answer)}
         return {"model": self.model, "temperature": 0.0, "max_tokens": self.cfg.max_tokens,
-                "messages": [{"role": "system", "content": SCRIBE_INSTRUCTIONS}, {"role": "user", "content": text}]}
+                "messages": prompt_messages(self.instructions, text, values), **self.cfg.extra_body}
 
     def critique(self, question, ground_truth, steps, answer=None, reference=None) -> Critique:
         return self.critique_batch([(question, ground_truth, steps, answer, reference)])[0]
@@ -249,7 +263,7 @@ class HttpCritic(Critic):
             cached = self.cache.get(key) if self.cache is not None else None
             if cached is not None:
                 try:
-                    out[i] = parse_reply(cached, list(item[2]), str(item[1]))
+                    out[i] = parse_reply(cached, list(item[2]), str(item[1]), self.grader, self.fmt)
                     self.stats["cached"] += 1
                     continue
                 except ValueError:
@@ -302,7 +316,7 @@ class HttpCritic(Critic):
             try:
                 # the step bound covers queueing for a slot too
                 reply = await asyncio.wait_for(self._attempt(client, sem, body), deadline - loop.time())
-                return parse_reply(reply, steps, truth), strip_think(reply)
+                return parse_reply(reply, steps, truth, self.grader, self.fmt), strip_think(reply)
             except ValueError as e:  # an unusable answer: ask once more, saying what was wrong
                 if invalid_retry:
                     invalid_retry = False

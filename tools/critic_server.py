@@ -1,4 +1,4 @@
-"""Serve the built-in programmatic critic over an OpenAI-compatible API, on loopback.
+r"""Serve the built-in programmatic critic over an OpenAI-compatible API, on loopback.
 
     python tools/critic_server.py --port 8100
     fastsd-train critic=http critic.base_url=http://127.0.0.1:8100/v1
@@ -16,6 +16,14 @@ each distinct request, or to every attempt with N = 0):
     malformed   answer 200 with a body that is not JSON
     misaligned  a critique whose steps do not line up with the attempt's (an extra first step)
 `--think` wraps each reply in a <think>...</think> block first, as reasoning models do.
+
+`--mode math` answers for any data (LaTeX answers, free-form or tagged responses) instead of the
+arithmetic task: a scribe that copies the student's steps before step `--first-error K`
+(default 2; 0: every step is right), writes a changed step K, and finishes with the correct
+answer as `\boxed{...}` (so its critiques validate under `grader=math`, not `grader=exact`).
+It judges nothing: it is a stand-in that exercises the whole pipeline, not a critic.
+
+    python tools/critic_server.py --port 8100 --mode math
 """
 
 from __future__ import annotations
@@ -33,10 +41,11 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from fastsd.critic import ArithCritic
+from fastsd.critic import ArithCritic, Critique
 from fastsd.format import format_steps, parse_response
 
 FAULTS = ("none", "hang", "status", "reset", "malformed", "misaligned")
+MODES = ("arith", "math")
 _SECTION = {name: re.compile(rf"<{name}>\n?(.*?)\n?</{name}>", re.S)
             for name in ("question", "correct_answer", "student_attempt")}
 
@@ -54,22 +63,38 @@ def read_request(messages: list) -> tuple[str, str, list[str], str | None]:
     return found["question"].group(1), found["correct_answer"].group(1), parsed.steps, parsed.answer
 
 
+def math_scribe(answer: str, steps: list[str], first_error: int) -> Critique:
+    """`--mode math`'s critique: steps before `first_error` (1-based; 0: none wrong) copied, a
+    changed step there, then the correct answer in \\boxed{}."""
+    k = first_error if 0 < first_error <= len(steps) else None
+    keep = steps if k is None else steps[:k - 1]
+    fixed = [] if k is None else [f"Checking step {k} against the correct solution, it should lead to {answer}."]
+    final = f"Therefore the answer is $\\boxed{{{answer}}}$."
+    trace = format_steps([*keep, *fixed, final], f"\\boxed{{{answer}}}")
+    return Critique(trace, [k is None or i < k - 1 for i in range(len(steps))], None if k is None else k - 1)
+
+
 class CriticServer(ThreadingHTTPServer):
     """The server; `stats` counts requests (`requests`, per status, `max_in_flight`);
-    `last_authorization` is the Authorization header last seen."""
+    `last_authorization` is the Authorization header last seen, `last_body` the last request body
+    that parsed as JSON."""
 
     daemon_threads = True
 
     def __init__(self, port: int = 0, host: str = "127.0.0.1", *, model: str = "fastsd-arith-critic",
                  fault: str = "none", status: int = 500, fail_first: int = 0, latency: float = 0.0,
-                 think: bool = False, api_key: str | None = None):
+                 think: bool = False, api_key: str | None = None, mode: str = "arith", first_error: int = 2):
         if fault not in FAULTS:
             raise ValueError(f"fault: expected one of {FAULTS}, got {fault!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        self.mode, self.first_error = mode, first_error
         super().__init__((host, port), _Handler)
         self.model, self.fault, self.status, self.fail_first = model, fault, status, fail_first
         self.latency, self.think, self.api_key = latency, think, api_key
         self.retry_after = "0"  # the Retry-After header of a 429
         self.last_authorization: str | None = None
+        self.last_body: dict | None = None
         self.critic = ArithCritic()
         self.stats: Counter = Counter()
         self.attempts: Counter = Counter()  # per distinct request body
@@ -97,7 +122,8 @@ class CriticServer(ThreadingHTTPServer):
     def reply_text(self, body: dict) -> str:
         """The assistant message for a well-formed request (ValueError otherwise)."""
         question, answer, steps, student_answer = read_request(body["messages"])
-        crit = self.critic.critique(question, answer, steps, student_answer)
+        crit = (math_scribe(answer, steps, self.first_error) if self.mode == "math"
+                else self.critic.critique(question, answer, steps, student_answer))
         first = "none" if crit.first_error is None else str(crit.first_error + 1)
         trace = crit.text
         if self.fault == "misaligned" and self._faulty(body):
@@ -188,6 +214,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ValueError("expected a JSON object with messages")
         except ValueError as e:
             return self._error(400, f"bad request: {e}")
+        srv.last_body = body
         if srv.latency:
             srv.stopping.wait(srv.latency)
         if srv.fault in ("hang", "status", "reset", "malformed") and srv._faulty(body):
@@ -225,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="fault only the first N attempts of each request (0: all)")
     ap.add_argument("--latency", type=float, default=0.0, help="seconds to wait before each answer")
     ap.add_argument("--think", action="store_true", help="prefix each reply with a <think> block")
+    ap.add_argument("--mode", choices=MODES, default="arith", help="arith: the built-in critic; math: a scribe "
+                    "for any data (see above)")
+    ap.add_argument("--first-error", type=int, default=2, metavar="K",
+                    help="--mode math: the step it marks wrong (0: none; past the last step: none)")
     ap.add_argument("--api-key-env", metavar="VAR", help="require the key in this environment variable")
     args = ap.parse_args(argv)
     key = None
@@ -234,11 +265,13 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--api-key-env: ${args.api_key_env} is not set")
     try:
         srv = CriticServer(args.port, args.host, model=args.model, fault=args.fault, status=args.status,
-                           fail_first=args.fail_first, latency=args.latency, think=args.think, api_key=key)
+                           fail_first=args.fail_first, latency=args.latency, think=args.think, api_key=key,
+                           mode=args.mode, first_error=args.first_error)
     except OSError as e:
         print(f"critic_server: cannot listen on {args.host}:{args.port}: {e.strerror}", file=sys.stderr)
         return 1
-    print(f"critic_server: serving {args.model} at {srv.url} (fault: {args.fault}); Ctrl-C stops", flush=True)
+    print(f"critic_server: serving {args.model} at {srv.url} (mode: {args.mode}, fault: {args.fault}); "
+          "Ctrl-C stops", flush=True)
     try:
         srv.serve_forever()
     except KeyboardInterrupt:
