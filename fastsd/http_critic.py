@@ -92,10 +92,11 @@ def strip_think(text: str) -> str:
     return text
 
 
-def parse_reply(reply: str, steps: list[str], answer: str) -> Critique:
+def parse_reply(reply: str, steps: list[str], answer: str, grader=None) -> Critique:
     """The critique in `reply` (see the module docstring), ValueError saying why it is unusable.
 
-    `steps` are the student's steps, `answer` the ground-truth final answer. Verdicts: steps
+    `steps` are the student's steps, `answer` the ground-truth final answer, which the trace's
+    answer must equal under `grader` (config key `grader`; exact match when None). Verdicts: steps
     before the first error are right; the critic judges nothing after it, so those count as wrong.
     """
     body = strip_think(reply)
@@ -116,7 +117,7 @@ def parse_reply(reply: str, steps: list[str], answer: str) -> Critique:
     if not parsed.well_formed:
         raise ValueError("the trace is not only <step_1>..</step_1> ... <answer>..</answer> (text outside "
                          "the tags, steps out of order, or something after the answer)")
-    if parsed.answer != answer.strip():
+    if not (grader.equal(parsed.answer, answer) if grader is not None else parsed.answer == answer.strip()):
         raise ValueError(f"the trace ends in {parsed.answer!r}, not the correct answer {answer.strip()!r}")
     if not ours or any(not s.strip() for s in ours):
         raise ValueError("the trace has no steps, or an empty one")
@@ -193,8 +194,9 @@ class HttpCritic(Critic):
 
     RETRY_STATUS = frozenset({408, 429})  # and every 5xx
 
-    def __init__(self, cfg: CriticConfig, cache_dir: str | os.PathLike | None = None, rank: int = 0):
+    def __init__(self, cfg: CriticConfig, cache_dir: str | os.PathLike | None = None, rank: int = 0, grader=None):
         self.cfg = cfg
+        self.grader = grader  # the final-answer check (fastsd.tasks.grading); None: exact match
         self.url = cfg.base_url.rstrip("/")
         key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -249,7 +251,7 @@ class HttpCritic(Critic):
             cached = self.cache.get(key) if self.cache is not None else None
             if cached is not None:
                 try:
-                    out[i] = parse_reply(cached, list(item[2]), str(item[1]))
+                    out[i] = parse_reply(cached, list(item[2]), str(item[1]), self.grader)
                     self.stats["cached"] += 1
                     continue
                 except ValueError:
@@ -302,7 +304,7 @@ class HttpCritic(Critic):
             try:
                 # the step bound covers queueing for a slot too
                 reply = await asyncio.wait_for(self._attempt(client, sem, body), deadline - loop.time())
-                return parse_reply(reply, steps, truth), strip_think(reply)
+                return parse_reply(reply, steps, truth, self.grader), strip_think(reply)
             except ValueError as e:  # an unusable answer: ask once more, saying what was wrong
                 if invalid_retry:
                     invalid_retry = False
