@@ -9,7 +9,7 @@ import torch
 
 from .config import TrainConfig
 from .critic import ArithCritic
-from .data import Example, builtin_split, load_jsonl
+from .data import Example, builtin_split, load_examples
 from .dist import Dist
 from .model import DEFAULT_MODEL_DIR, load_model_and_tokenizer
 from .policy import Policy, apply_liger, shard
@@ -75,12 +75,15 @@ def build_optim(cfg: TrainConfig, policy: Policy):
 
 def load_data(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
     c = cfg.data
+    need_ref = cfg.condition == "reference"
     try:
-        train = builtin_split("train", c.train_size, c.seed) if c.path == "builtin" else load_jsonl(c.path)
+        train = (builtin_split("train", c.train_size, c.seed) if c.path == "builtin"
+                 else load_examples(c.path, c.fields, need_ref))
     except ValueError as e:
         raise _named("data.path", e) from None
-    try:
-        held = builtin_split("test", c.eval_size, c.seed) if c.eval_path == "builtin" else load_jsonl(c.eval_path)
+    try:  # held-out questions are only sampled and graded: no reference solution needed
+        held = (builtin_split("test", c.eval_size, c.seed) if c.eval_path == "builtin"
+                else load_examples(c.eval_path, c.fields, need_reference=False))
     except ValueError as e:
         raise _named("data.eval_path", e) from None
     if not train:
@@ -97,5 +100,7 @@ def build_critic(cfg: TrainConfig, d: Dist):
     if cfg.critic.kind == "builtin":
         return ArithCritic()
     from .http_critic import HttpCritic
+    from .tasks.grading import make_grader
 
-    return HttpCritic(cfg.critic, cache_dir=f"{cfg.run_dir}/critic_cache", rank=d.rank)
+    return HttpCritic(cfg.critic, cache_dir=f"{cfg.run_dir}/critic_cache", rank=d.rank, grader=make_grader(cfg.grader),
+                      fmt=cfg.format)

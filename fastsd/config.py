@@ -39,12 +39,26 @@ class ModelConfig:
 
 
 @dataclass
+class FieldsConfig:
+    question: str = "question"
+    """Column (jsonl key or parquet column) holding the question, e.g. OpenMathReasoning's problem."""
+    answer: str = "answer"
+    """Column holding the ground-truth final answer (text or a number), e.g. expected_answer."""
+    reference_solution: str = "reference_solution"
+    """Column holding a worked solution, e.g. generated_solution: required with condition=reference
+    (the teacher's context); otherwise optional per record (the http critic shows it when present);
+    empty: no such column."""
+
+
+@dataclass
 class DataConfig:
     main: ClassVar[str] = "path"
     path: str = "builtin"
-    """Training questions: jsonl with question, answer, reference_solution; "builtin" is the arithmetic task."""
+    """Training questions: a jsonl or .parquet file (columns: data.fields); "builtin" is the arithmetic task."""
     eval_path: str = "builtin"
     """Held-out questions (same format); "builtin" is the arithmetic task's held-out split."""
+    fields: FieldsConfig = field(default_factory=FieldsConfig)
+    """Which columns of data.path and data.eval_path hold each field."""
     train_size: int = 2000
     """Built-in task: number of training questions."""
     eval_size: int = 128
@@ -209,6 +223,13 @@ class TrainConfig:
     """auto: continue from the latest complete checkpoint in run_dir, if any; never; or a checkpoint path."""
     log_every: int = 1
     """Heartbeat/metrics line every N steps."""
+    format: Literal["steps", "free"] = "steps"
+    """Solver response format: steps (<step_k>...</step_k> tags then <answer>...</answer>, the
+    built-in task's) or free (free-form reasoning, answer in the last \\boxed{...}, steps are its
+    paragraphs); see fastsd/format.py."""
+    grader: Literal["exact", "math"] = "exact"
+    """Final-answer check for the reward, avg@k/pass@k/maj@k and the http critic's answer: exact
+    (string match after stripping) or math (math-verify: 0.75 = 3/4 = \\frac{3}{4})."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     templates: TemplateConfig = field(default_factory=TemplateConfig)
@@ -316,7 +337,22 @@ def _fields(node) -> dict:
     return {f.name: hints[f.name] for f in dataclasses.fields(node)}
 
 
+def _check_answers(cfg: TrainConfig) -> None:
+    """format, grader and data.fields."""
+    f = cfg.data.fields
+    for key in ("question", "answer"):
+        if not getattr(f, key).strip():
+            raise ValueError(f"data.fields.{key}: must name a column, got {getattr(f, key)!r}")
+    if f.question == f.answer:
+        raise ValueError(f"data.fields.answer: the same column as data.fields.question ({f.answer!r})")
+    if cfg.condition == "reference" and not f.reference_solution.strip():
+        raise ValueError("data.fields.reference_solution: condition=reference needs a column of reference solutions")
+    if cfg.format != "steps" and cfg.rollout.stop_at_answer:
+        raise ValueError(f"rollout.stop_at_answer: only with format=steps (it stops at </answer>), got format={cfg.format}")
+
+
 def _check(cfg: TrainConfig) -> None:
+    _check_answers(cfg)
     positive = {"steps": cfg.steps, "questions_per_step": cfg.questions_per_step,
                 "rollout.max_new_tokens": cfg.rollout.max_new_tokens, "optim.micro_batch": cfg.optim.micro_batch,
                 "eval.k": cfg.eval.k, "checkpoint.keep": cfg.checkpoint.keep, "log_every": cfg.log_every}

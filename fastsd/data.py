@@ -1,12 +1,20 @@
-"""Questions to train and evaluate on: a jsonl file, or the built-in arithmetic task.
+"""Questions to train and evaluate on: a jsonl or parquet file, or the built-in arithmetic task.
 
-jsonl format: one JSON object per line with the keys
+Each record (a jsonl line holding one JSON object, or a parquet row) has three fields, read from
+the columns `data.fields.*` names (defaults in brackets; e.g. OpenMathReasoning's are `problem`,
+`expected_answer` and `generated_solution`):
 
-    question            str, non-empty
-    answer              str or number, non-empty (a number is converted: 52 and 52.0 -> "52", 0.5 -> "0.5")
-    reference_solution  str, non-empty (the teacher's context for condition=reference)
+    question            [question] str, non-empty
+    answer              [answer] str or number, non-empty (a number is converted: 52 and 52.0 -> "52", 0.5 -> "0.5")
+    reference_solution  [reference_solution] str, non-empty: the teacher's context for
+                        condition=reference, where every record needs one; under the other
+                        conditions it is optional (a missing, null or empty one is None), and the
+                        http critic shows it as the correct solution when present
 
-Extra keys are ignored and blank lines skipped. Anything else raises ValueError("PATH:LINE: ...").
+A path ending in .parquet is read with pyarrow (only the three columns); anything else as jsonl.
+Other keys and columns are ignored, blank jsonl lines skipped. Anything else raises
+ValueError("PATH:LINE: ...") for jsonl and ValueError("PATH: row N: ...") for parquet (N counts
+from 1), naming the `data.fields.*` key of a field that is missing or bad.
 """
 
 from __future__ import annotations
@@ -20,18 +28,18 @@ from pathlib import Path
 
 from .tasks import arith
 
-__all__ = ["Example", "KEYS", "load_jsonl", "builtin_split", "step_questions"]
+__all__ = ["Example", "KEYS", "load_examples", "load_jsonl", "load_parquet", "builtin_split", "step_questions"]
 
 KEYS = ("question", "answer", "reference_solution")
 
 
 @dataclass(frozen=True)
 class Example:
-    """One question with its ground-truth final answer and a reference solution."""
+    """One question with its ground-truth final answer and a reference solution (None: none given)."""
 
     question: str
     answer: str
-    reference_solution: str
+    reference_solution: str | None = None
 
 
 def _answer_text(value) -> str | None:
@@ -47,30 +55,52 @@ def _answer_text(value) -> str | None:
     return None
 
 
-def _example(record, where: str) -> Example:
-    """Validate one parsed jsonl line; `where` is "PATH:LINE"."""
+def _columns(fields) -> dict[str, str]:
+    """Field -> column name, from a `data.fields` config (None: the defaults)."""
+    return {key: (getattr(fields, key) if fields is not None else key) for key in KEYS}
+
+
+def _example(record, where: str, columns: dict[str, str], need_reference: bool) -> Example:
+    """Validate one record; `where` is "PATH:LINE" or "PATH: row N"."""
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    fields = {}
+    out = {}
     for key in KEYS:
-        if key not in record:
-            raise ValueError(f"{where}: missing key {key!r}")
-        value = record[key]
+        col, named = columns[key], f"data.fields.{key}"
+        optional = key == "reference_solution" and not need_reference
+        if optional and (not col or record.get(col) is None or record.get(col) == ""):
+            out[key] = None
+            continue
+        if col not in record:
+            raise ValueError(f"{where}: missing key {col!r} ({named})")
+        value = record[col]
         text = _answer_text(value) if key == "answer" else value if isinstance(value, str) else None
         if text is None:
             kind = "a string or a number" if key == "answer" else "a string"
-            raise ValueError(f"{where}: {key!r} must be {kind}, got {type(value).__name__} {value!r}")
+            raise ValueError(f"{where}: {col!r} must be {kind}, got {type(value).__name__} {value!r} ({named})")
         if not text.strip():
-            raise ValueError(f"{where}: {key!r} is empty")
-        fields[key] = text
-    return Example(**fields)
+            raise ValueError(f"{where}: {col!r} is empty ({named})")
+        out[key] = text
+    return Example(**out)
 
 
-def load_jsonl(path: str | os.PathLike) -> list[Example]:
-    """Read questions from a jsonl file (format in the module docstring)."""
+def _check_path(path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"path: {path} {'is not a file' if path.exists() else 'does not exist'}")
+    return path
+
+
+def load_examples(path: str | os.PathLike, fields=None, need_reference: bool = True) -> list[Example]:
+    """Read questions from a .parquet file or a jsonl file (module docstring); `fields` is the
+    `data.fields` config (None: the default column names)."""
+    load = load_parquet if str(path).endswith(".parquet") else load_jsonl
+    return load(path, fields, need_reference)
+
+
+def load_jsonl(path: str | os.PathLike, fields=None, need_reference: bool = True) -> list[Example]:
+    """Read questions from a jsonl file (format in the module docstring)."""
+    path, columns = _check_path(path), _columns(fields)
     examples = []
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
@@ -85,7 +115,31 @@ def load_jsonl(path: str | os.PathLike) -> list[Example]:
                 record = json.loads(line.rstrip("\r\n"))  # else an error at the end reads "column 1"
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            examples.append(_example(record, where))
+            examples.append(_example(record, where, columns, need_reference))
+    return examples
+
+
+def load_parquet(path: str | os.PathLike, fields=None, need_reference: bool = True) -> list[Example]:
+    """Read questions from a parquet file (format in the module docstring), only the columns used."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path, columns = _check_path(path), _columns(fields)
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+    names = set(pf.schema_arrow.names)
+    for key in KEYS:
+        col = columns[key]
+        if col not in names and (key != "reference_solution" or need_reference):
+            raise ValueError(f"{path}: no column {col!r} ({f'data.fields.{key}'}); it has {sorted(names)}")
+    wanted = [c for c in dict.fromkeys(columns.values()) if c in names]
+    examples, row = [], 0
+    for batch in pf.iter_batches(columns=wanted, batch_size=4096):
+        for record in batch.to_pylist():
+            row += 1
+            examples.append(_example(record, f"{path}: row {row}", columns, need_reference))
     return examples
 
 

@@ -1,37 +1,54 @@
 """Metrics over k sampled answers per question: avg@k, pass@k, maj@k.
 
 An answer is the parsed final answer of one sample (`format.parse_response(...).answer`), None
-when the sample has none. A sample is correct when its answer equals the ground truth after
-stripping surrounding whitespace, as in `format.reward`.
+when the sample has none. A sample is correct when the grader (`fastsd.tasks.grading`, config key
+`grader`) says its answer equals the ground truth, as in `format.reward`; with no grader, when it
+equals it after stripping surrounding whitespace.
 
 - avg@k: mean accuracy over all samples of all questions;
 - pass@k: share of questions with at least one correct sample;
 - maj@k: share of questions whose majority-vote answer is correct. The vote counts the non-None
-  answers (stripped); a question with no answer at all counts as wrong. A tie goes to the tied
-  answer that occurs first in the question's sample list, so the result is deterministic.
+  answers by equivalence class under the grader (`0.75`, `3/4` and `\\frac{3}{4}` are one vote
+  each for the same class under grader=math): each answer, in sample order, joins the first class
+  whose first answer it equals, else starts a new class. A class is right when its first answer
+  is. A question with no answer at all counts as wrong. A tie goes to the class that occurs first
+  in the question's sample list, so the result is deterministic.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-
 import torch
+
+from .tasks.grading import ExactGrader, make_grader
 
 __all__ = ["majority_vote", "score_samples", "evaluate", "fmt_eval"]
 
 
-def majority_vote(answers: list[str | None]) -> str | None:
-    """The most frequent non-None answer (stripped); ties go to the earliest first occurrence."""
-    counts = Counter(a.strip() for a in answers if a is not None)  # insertion order = first occurrence
-    if not counts:
+def majority_vote(answers: list[str | None], grader=None) -> str | None:
+    """The first answer (stripped) of the largest equivalence class of non-None answers under
+    `grader` (exact match when None); ties go to the class that occurs first."""
+    grader = grader or ExactGrader()
+    firsts: list[str] = []  # each class's first answer, in order of first occurrence
+    counts: list[int] = []
+    for a in answers:
+        if a is None:
+            continue
+        a = a.strip()
+        i = next((j for j, rep in enumerate(firsts) if a == rep or grader.equal(a, rep)), None)
+        if i is None:
+            firsts.append(a)
+            counts.append(1)
+        else:
+            counts[i] += 1
+    if not firsts:
         return None
-    top = max(counts.values())
-    return next(a for a, c in counts.items() if c == top)
+    return firsts[counts.index(max(counts))]
 
 
-def score_samples(answers: list[list[str | None]], truths: list[str]) -> dict:
+def score_samples(answers: list[list[str | None]], truths: list[str], grader=None) -> dict:
     """avg@k, pass@k and maj@k (floats in [0, 1]) of `answers[i]` (k answers to question i)
-    against `truths[i]`, plus `k` and `questions`. Every question needs the same k >= 1."""
+    against `truths[i]` under `grader` (exact match when None), plus `k` and `questions`. Every
+    question needs the same k >= 1."""
     if len(answers) != len(truths):
         raise ValueError(f"truths: expected one per question ({len(answers)}), got {len(truths)}")
     if not answers:
@@ -43,13 +60,15 @@ def score_samples(answers: list[list[str | None]], truths: list[str]) -> dict:
     for sample in (a for row in answers for a in row):
         if sample is not None and not isinstance(sample, str):
             raise ValueError(f"answers: expected str or None per sample, got {sample!r}")
+    grader = grader or ExactGrader()
     correct = passed = majority = 0
     for row, truth in zip(answers, truths):
         truth = str(truth).strip()
-        hits = sum(a is not None and a.strip() == truth for a in row)
+        hits = sum(grader.equal(a, truth) for a in row)
         correct += hits
         passed += hits > 0
-        majority += majority_vote(row) == truth
+        vote = majority_vote(row, grader)
+        majority += vote is not None and grader.equal(vote, truth)
     n = len(answers)
     return {"avg@k": correct / (n * k), "pass@k": passed / n, "maj@k": majority / n, "k": k, "questions": n}
 
@@ -66,7 +85,7 @@ def evaluate(cfg, d, policy, tok, held) -> dict:
         rolls = rollout(cfg, d, policy, tok, mine, cfg.eval.k, cfg.eval.temperature)
     answers = [[r.parsed.answer for r in rolls[i * cfg.eval.k:(i + 1) * cfg.eval.k]] for i in range(len(mine))]
     pairs = [p for part in d.gather_objects(list(zip(answers, [ex.answer for ex in mine]))) for p in part]
-    return score_samples([a for a, _ in pairs], [t for _, t in pairs])
+    return score_samples([a for a, _ in pairs], [t for _, t in pairs], make_grader(cfg.grader))
 
 
 def fmt_eval(m: dict) -> str:

@@ -1,16 +1,25 @@
-"""The step-tagged solver format: rendering, tolerant parsing and the final-answer reward.
+"""Solver response formats (config key `format`), tolerant parsing and the final-answer reward.
 
-A response is a compact run of numbered step tags followed by one answer tag, with no separators:
+`format=steps` (the built-in task's) is a compact run of numbered step tags followed by one answer
+tag, with no separators:
 
     <step_1>12+7=19</step_1><step_2>19*3=57</step_2><step_3>57-5=52</step_3><answer>52</answer>
 
-Grammar of a *well-formed* response (whitespace is allowed between tags and at both ends, but the
-rendered form `format_steps` produces has none):
+`format=free` is free-form reasoning whose final answer is the last `\\boxed{...}` (nested braces
+allowed, `\\{` and `\\}` do not count), e.g. a chat model's "... so the answer is
+$\\boxed{\\frac{3}{4}}$." Its steps, which a critic aligns its critique to, are the paragraphs (text
+between blank lines), each stripped of surrounding whitespace; a response with no blank line but
+several lines has its lines as steps. A response that ends inside an unclosed `\\boxed{` was cut off
+in its answer: `answer=None`, `truncated=True`. It is `well_formed` when it has steps and an answer
+and was not cut off.
+
+Grammar of a *well-formed* `steps` response (whitespace is allowed between tags and at both ends,
+but the rendered form `format_steps` produces has none):
 
     response := step{1..n} answer        with n >= 1 and the tags numbered 1, 2, ..., n in order
     step     := "<step_" k ">" content "</step_" k ">"
     answer   := "<answer>" content "</answer>"
-    content  := any text without "<" or ">"
+    content  := any text without a step or answer tag ("<" and ">" are fine: "since x > 0")
 
 Parsing never raises. It reads the text left to right and stops at the first complete
 `</answer>` (a rollout is meant to stop there; anything after it only makes the response
@@ -25,6 +34,9 @@ ill-formed and is ignored). Its rules on malformed text:
 
 Step contents are kept verbatim (not stripped) so that a critic can copy them exactly; the
 answer is stripped of surrounding whitespace.
+
+The reward is 1.0 when the answer is right under a grader (`fastsd.tasks.grading`, config key
+`grader`; exact match when none is given), else 0.0.
 """
 
 from __future__ import annotations
@@ -32,13 +44,19 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-__all__ = ["Parsed", "parse_response", "format_steps", "reward", "ANSWER_OPEN", "ANSWER_CLOSE"]
+__all__ = ["FORMATS", "Parsed", "parse_response", "format_steps", "reward", "ANSWER_OPEN", "ANSWER_CLOSE"]
+
+FORMATS = ("steps", "free")
 
 ANSWER_OPEN = "<answer>"
 ANSWER_CLOSE = "</answer>"
 # One tag: group 1 is "/" for a closing tag, group 2 the step number (None for the answer tag).
 _TAG = re.compile(r"<(/?)(?:step_(\d+)|answer)>")
 _TAG_LIKE = re.compile(r"</?(?:step_\d+|answer)>")
+# The start of a tag cut off at the end of the text: "<", "</st", "<step_1", "<answ", ...
+_PARTIAL_TAG = re.compile(r"</?(?:s(?:t(?:e(?:p(?:_\d*)?)?)?)?|a(?:n(?:s(?:w(?:e(?:r)?)?)?)?)?)?\Z")
+_BOXED = re.compile(r"\\boxed\s*\{")
+_BLANK_LINE = re.compile(r"\n[ \t\r]*\n")
 
 
 @dataclass
@@ -77,10 +95,10 @@ def format_steps(steps: list[str], answer: str | int | None = None) -> str:
 
 
 def _cut_partial_tag(text: str) -> tuple[str, bool]:
-    """Cut a dangling '<...' with no closing '>' off the end of `text`; say whether one was cut."""
-    start = text.rfind("<")
-    if start >= 0 and ">" not in text[start:]:
-        return text[:start], True
+    """Cut a dangling start of a tag ('</st') off the end of `text`; say whether one was cut."""
+    m = _PARTIAL_TAG.search(text)
+    if m is not None:
+        return text[: m.start()], True
     return text, False
 
 
@@ -120,17 +138,22 @@ class _Reader:
             self.out.answer = content.strip()
             self.open_kind = None
             return True
-        if kind != "step" or num != self.open_num or "<" in content or ">" in content:
+        if kind != "step" or num != self.open_num:
             self.out.well_formed = False
         self.out.steps.append(content)
         self.open_kind = None
         return False
 
 
-def parse_response(text: str) -> Parsed:
-    """Parse a (possibly malformed or truncated) response; never raises. See the module docstring."""
+def parse_response(text: str, fmt: str = "steps") -> Parsed:
+    """Parse a (possibly malformed or truncated) response in format `fmt` ("steps" or "free");
+    never raises on any text. See the module docstring."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format: expected one of {FORMATS}, got {fmt!r}")
     if not isinstance(text, str):
         return Parsed()
+    if fmt == "free":
+        return _parse_free(text)
     reader = _Reader()
     pos = 0
     for m in _TAG.finditer(text):
@@ -175,8 +198,45 @@ def _finish(out: Parsed) -> Parsed:
     return out
 
 
-def reward(parsed_or_text: Parsed | str, ground_truth_answer: str | int) -> float:
-    """1.0 iff the response's final answer equals `ground_truth_answer` after stripping, else 0.0."""
+def _closing_brace(text: str, start: int) -> int | None:
+    """The index of the `}` closing the group opened just before `start`; None if it never closes."""
+    depth, i = 1, start
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2  # an escaped character: \{, \} and \\ are not group braces
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return None
+
+
+def _parse_free(text: str) -> Parsed:
+    """format=free: steps are paragraphs (or lines), the answer the last complete \\boxed{...}."""
+    answer, truncated = None, False
+    for m in _BOXED.finditer(text):
+        end = _closing_brace(text, m.end())
+        if end is None:  # runs to the end of the text: cut off inside the answer
+            answer, truncated = None, True
+            break
+        answer = text[m.end() : end].strip()
+    parts = [p.strip() for p in _BLANK_LINE.split(text)]
+    steps = [p for p in parts if p]
+    if len(steps) == 1 and "\n" in steps[0]:
+        steps = [line.strip() for line in steps[0].split("\n") if line.strip()]
+    return Parsed(steps, answer, well_formed=bool(steps) and answer is not None and not truncated,
+                  truncated=truncated)
+
+
+def reward(parsed_or_text: Parsed | str, ground_truth_answer: str | int, grader=None) -> float:
+    """1.0 iff the response's final answer is right, else 0.0: equal to `ground_truth_answer` under
+    `grader` (a `fastsd.tasks.grading.Grader`), or after stripping when `grader` is None. A str is
+    parsed in the steps format."""
     if isinstance(parsed_or_text, str):
         parsed = parse_response(parsed_or_text)
     elif isinstance(parsed_or_text, Parsed):
@@ -187,4 +247,6 @@ def reward(parsed_or_text: Parsed | str, ground_truth_answer: str | int) -> floa
         raise ValueError(f"ground_truth_answer: expected str or int, got {ground_truth_answer!r}")
     if parsed.answer is None:
         return 0.0
+    if grader is not None:
+        return 1.0 if grader.equal(parsed.answer, str(ground_truth_answer)) else 0.0
     return 1.0 if parsed.answer.strip() == str(ground_truth_answer).strip() else 0.0

@@ -21,6 +21,7 @@ from .dist import Dist
 from .format import ANSWER_CLOSE, Parsed, parse_response, reward
 from .loss import fused_linear_logprob
 from .rollout import sample
+from .tasks.grading import make_grader
 
 __all__ = ["NonFiniteLossError", "Rollout", "encode", "rollout", "feedback", "update"]
 
@@ -60,10 +61,10 @@ def rollout(cfg: TrainConfig, d: Dist, policy, tok, examples: list[Example], k: 
     responses = sample(policy, [p for _, _, p in flat], eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                        temperature=temperature, top_p=cfg.rollout.top_p,
                        max_new_tokens=cfg.rollout.max_new_tokens, d=d, engine=engine, stop=stop)
-    out = []
+    out, grader = [], make_grader(cfg.grader)
     for (g, ex, p), resp in zip(flat, responses):
-        parsed = parse_response(tok.decode(resp, skip_special_tokens=True))
-        out.append(Rollout(ex, p, resp, parsed, reward(parsed, ex.answer), g))
+        parsed = parse_response(tok.decode(resp, skip_special_tokens=True), cfg.format)
+        out.append(Rollout(ex, p, resp, parsed, reward(parsed, ex.answer, grader), g))
     return out
 
 

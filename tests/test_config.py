@@ -105,6 +105,36 @@ def test_clip_must_be_positive():
         load_config(overrides=["loss.divergence=forward_kl", "loss.clip=-1"])
 
 
+def test_format_grader_and_data_fields(tmp_path):
+    cfg = load_config()
+    assert (cfg.format, cfg.grader, cfg.data.fields.question, cfg.data.fields.answer,
+            cfg.data.fields.reference_solution) == ("steps", "exact", "question", "answer", "reference_solution")
+    f = tmp_path / "run.yaml"
+    f.write_text("format: free\ngrader: math\ndata:\n  path: omr.parquet\n  fields:\n    question: problem\n"
+                 "    answer: expected_answer\n    reference_solution: generated_solution\n")
+    cfg = load_config(str(f))
+    assert (cfg.format, cfg.grader, cfg.data.path) == ("free", "math", "omr.parquet")
+    assert (cfg.data.fields.question, cfg.data.fields.answer, cfg.data.fields.reference_solution) == (
+        "problem", "expected_answer", "generated_solution")
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(to_yaml(cfg))
+    assert load_config(str(saved)) == cfg
+    for overrides, message in [
+        (["format=tags"], "^format: expected one of"),
+        (["grader=sympy"], "^grader: expected one of"),
+        (["data.fields.question= "], "^data.fields.question: must name a column"),
+        (["data.fields.answer=question"], "^data.fields.answer: the same column as data.fields.question"),
+        (["condition=reference", "data.fields.reference_solution="], "^data.fields.reference_solution: condition=reference"),
+        (["format=free", "rollout.stop_at_answer=true"], "^rollout.stop_at_answer: only with format=steps"),
+        (["data.fields.problem=x"], "^data.fields.problem: unknown config key"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            load_config(overrides=overrides)
+    f.write_text("data:\n  fields:\n    answer: question\n")
+    with pytest.raises(ValueError, match=r"run\.yaml:3: data\.fields\.answer"):
+        load_config(str(f))
+
+
 def test_misspelled_keys_get_a_suggestion():
     with pytest.raises(ValueError, match=r"stpes: unknown config key \(did you mean steps\?\)"):
         load_config(overrides=["stpes=3"])

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fastsd.data import Example, builtin_split, load_jsonl
+from fastsd.data import Example, builtin_split, load_examples, load_jsonl, load_parquet
 from fastsd.format import reward
 from fastsd.tasks import arith
 
@@ -50,11 +50,11 @@ GOOD = {"question": "q", "answer": "1", "reference_solution": "r"}
         ('{"question": "2+2", "answer": 4,', "at column 33)"),  # the end of the line, not column 1
         ("[1, 2]", "expected a JSON object, got list"),
         ('"text"', "expected a JSON object, got str"),
-        (json.dumps({"answer": "1", "reference_solution": "r"}), "missing key 'question'"),
+        (json.dumps({"answer": "1", "reference_solution": "r"}), "missing key 'question' (data.fields.question)"),
         (json.dumps({"question": "q", "reference_solution": "r"}), "missing key 'answer'"),
         (json.dumps({"question": "q", "answer": "1"}), "missing key 'reference_solution'"),
         (json.dumps({**GOOD, "question": ""}), "'question' is empty"),
-        (json.dumps({**GOOD, "answer": "  "}), "'answer' is empty"),
+        (json.dumps({**GOOD, "answer": "  "}), "'answer' is empty (data.fields.answer)"),
         (json.dumps({**GOOD, "reference_solution": ""}), "'reference_solution' is empty"),
         (json.dumps({**GOOD, "question": 3}), "'question' must be a string, got int"),
         (json.dumps({**GOOD, "answer": None}), "'answer' must be a string or a number, got NoneType"),
@@ -105,3 +105,101 @@ def test_builtin_split_errors():
         builtin_split("dev", 3, 0)
     with pytest.raises(ValueError, match="n"):
         builtin_split("train", -1, 0)
+
+
+# ---------------------------------------------------------------- data.fields, parquet
+
+OMR = {"problem": "Simplify $\\frac{6}{8}$.", "expected_answer": "\\frac{3}{4}",
+       "generated_solution": "Divide by 2: \\boxed{\\frac{3}{4}}", "problem_source": "x"}
+
+
+class Fields:  # what data.fields holds
+    def __init__(self, question="problem", answer="expected_answer", reference_solution="generated_solution"):
+        self.question, self.answer, self.reference_solution = question, answer, reference_solution
+
+
+def write_parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_fields_map_any_column_names(tmp_path):
+    path = write(tmp_path, [json.dumps(OMR), json.dumps({**OMR, "expected_answer": 7})])
+    want = [Example(OMR["problem"], OMR["expected_answer"], OMR["generated_solution"]),
+            Example(OMR["problem"], "7", OMR["generated_solution"])]
+    assert load_jsonl(path, Fields()) == want
+    assert load_examples(path, Fields()) == want
+    with pytest.raises(ValueError, match=f"^{path}:1: missing key 'question' \\(data.fields.question\\)"):
+        load_jsonl(path)  # the default names
+
+
+def test_reference_solution_is_optional_unless_needed(tmp_path):
+    rows = [{"problem": "q1", "expected_answer": "1"}, {**OMR, "generated_solution": None},
+            {**OMR, "generated_solution": ""}, OMR]
+    path = write(tmp_path, [json.dumps(r) for r in rows])
+    got = load_jsonl(path, Fields(), need_reference=False)
+    assert [e.reference_solution for e in got] == [None, None, None, OMR["generated_solution"]]
+    assert [e.reference_solution for e in load_jsonl(path, Fields(reference_solution=""), need_reference=False)] == [None] * 4
+    with pytest.raises(ValueError, match=f"^{path}:1: missing key 'generated_solution' \\(data.fields.reference_solution\\)"):
+        load_jsonl(path, Fields(), need_reference=True)
+    bad = write(tmp_path, [json.dumps({**OMR, "generated_solution": 3})], "bad.jsonl")
+    with pytest.raises(ValueError, match="'generated_solution' must be a string, got int 3"):
+        load_jsonl(bad, Fields(), need_reference=False)  # optional, but not any type
+
+
+def test_load_parquet(tmp_path):
+    path = write_parquet(tmp_path / "q.parquet", [OMR, {**OMR, "problem": "q2", "expected_answer": "-2"}])
+    want = [Example(OMR["problem"], OMR["expected_answer"], OMR["generated_solution"]),
+            Example("q2", "-2", OMR["generated_solution"])]
+    assert load_parquet(path, Fields()) == want
+    assert load_examples(str(path), Fields()) == want
+    nums = write_parquet(tmp_path / "n.parquet", [{"question": "a", "answer": 52}, {"question": "b", "answer": 0.5}])
+    assert load_examples(nums, need_reference=False) == [Example("a", "52"), Example("b", "0.5")]
+
+
+@pytest.mark.parametrize(
+    "rows, fields, message",
+    [
+        ([OMR, {**OMR, "problem": ""}], Fields(), "row 2: 'problem' is empty (data.fields.question)"),
+        ([OMR, OMR, {**OMR, "expected_answer": None}], Fields(),
+         "row 3: 'expected_answer' must be a string or a number, got NoneType None (data.fields.answer)"),
+        ([OMR], Fields(question="question"), "no column 'question' (data.fields.question); it has"),
+        ([{"problem": "q", "expected_answer": "1"}], Fields(), "no column 'generated_solution' (data.fields.reference_solution)"),
+    ],
+)
+def test_parquet_errors_name_file_row_and_key(tmp_path, rows, fields, message):
+    path = write_parquet(tmp_path / "q.parquet", rows)
+    with pytest.raises(ValueError) as e:
+        load_parquet(path, fields, need_reference=True)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
+
+
+def test_not_parquet(tmp_path):
+    path = tmp_path / "q.parquet"
+    path.write_text("not parquet")
+    with pytest.raises(ValueError, match=f"^{path}: not a readable parquet file"):
+        load_examples(path)
+
+
+def test_load_data_from_the_config(tmp_path):
+    """What a user writes: data.path, data.eval_path and data.fields.*; the condition decides
+    whether reference solutions are required."""
+    from fastsd.build import load_data
+    from fastsd.config import load_config
+
+    train = write_parquet(tmp_path / "train.parquet", [OMR, {**OMR, "generated_solution": None}])
+    held = write(tmp_path, [json.dumps({"problem": "q", "expected_answer": "3"})], "held.jsonl")
+    keys = [f"data.path={train}", f"data.eval_path={held}", "data.fields.question=problem",
+            "data.fields.answer=expected_answer", "data.fields.reference_solution=generated_solution"]
+    got_train, got_held = load_data(load_config(None, keys + ["condition=critique"]))
+    assert [e.reference_solution for e in got_train] == [OMR["generated_solution"], None]
+    assert got_held == [Example("q", "3")]
+    with pytest.raises(ValueError, match=f"^data.path: {train}: row 2: 'generated_solution' must be a string"):
+        load_data(load_config(None, keys + ["condition=reference"]))
+    with pytest.raises(ValueError, match=f"^data.path: {train}: no column 'question' \\(data.fields.question\\)"):
+        load_data(load_config(None, keys[:2] + ["condition=grpo"]))  # the default names
+    with pytest.raises(ValueError, match=f"^data.eval_path: {held}:1: missing key 'answer' \\(data.fields.answer\\)"):
+        load_data(load_config(None, [keys[1], "data.fields.question=problem", "condition=grpo"]))

@@ -73,3 +73,67 @@ def test_values_in_unit_interval_and_ordered():
 def test_errors_name_the_argument(answers, truths, name):
     with pytest.raises(ValueError, match=f"^{name}:"):
         score_samples(answers, truths)
+
+
+# ---------------------------------------------------------------- under the math grader
+
+
+@pytest.fixture(scope="module")
+def math_grader():
+    from fastsd.tasks.grading import make_grader
+
+    return make_grader("math")
+
+
+def test_maj_votes_over_equivalence_classes(math_grader):
+    row = ["0.75", "3/4", "\\frac{3}{4}"]
+    assert score_samples([row], ["\\frac{3}{4}"]) == {"avg@k": 1 / 3, "pass@k": 1.0, "maj@k": 0.0, "k": 3,
+                                                       "questions": 1}  # exact: three different strings
+    assert score_samples([row], ["\\frac{3}{4}"], math_grader) == {"avg@k": 1.0, "pass@k": 1.0, "maj@k": 1.0, "k": 3,
+                                                                    "questions": 1}
+    # two spellings of a wrong answer outvote one right answer only once they are one class
+    row = ["0.5", "1/2", "\\frac{3}{4}"]
+    assert score_samples([row], ["0.75"])["maj@k"] == 0.0  # exact: a three-way tie, "0.5" first
+    assert score_samples([row], ["0.75"], math_grader)["maj@k"] == 0.0
+    assert majority_vote(row, math_grader) == "0.5"
+    row = ["\\frac{3}{4}", "0.5", "1/2", "0.75", "3/4"]  # classes: {3/4: 3}, {1/2: 2}
+    assert majority_vote(row, math_grader) == "\\frac{3}{4}"
+    assert majority_vote(["7", "x", "0.5", "1/2", "7.0"], math_grader) == "7"  # a tie: first class wins
+
+
+def test_maj_is_deterministic_and_ignores_none(math_grader):
+    row = [None, "2/4", None, "\\frac{1}{2}", "0.2", "1/5"]
+    assert {majority_vote(row, math_grader) for _ in range(5)} == {"2/4"}
+    assert score_samples([row, [None] * 6], ["0.5", "1"], math_grader) == {
+        "avg@k": 2 / 12, "pass@k": 0.5, "maj@k": 0.5, "k": 6, "questions": 2}
+
+
+def test_evaluate_parses_and_grades_as_configured(monkeypatch):
+    """evaluate() -> rollout() parses with cfg.format and grades with cfg.grader."""
+    import fastsd.step
+    from fastsd.config import load_config
+    from fastsd.data import Example
+    from fastsd.dist import Dist
+    from fastsd.evaluation import evaluate
+
+    texts = ["So $\\boxed{0.75}$.", "First.\n\nThen \\boxed{\\dfrac{3}{4}}", "\\boxed{4/3}",  # question 1
+             "\\boxed{-2}", "It is\n\\boxed{-2.0}", "\\boxed{2"]  # question 2 (the last one cut off)
+
+    class Tok:
+        eos_token_id = pad_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [1]}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return texts[ids[0]]
+
+    monkeypatch.setattr(fastsd.step, "sample", lambda policy, prompts, **kw: [[i] for i in range(len(prompts))])
+    held = [Example("q1", "\\frac{3}{4}"), Example("q2", "-2")]
+    cfg = load_config(None, ["format=free", "grader=math", "eval.k=3"])
+    assert evaluate(cfg, Dist(), None, Tok(), held) == {
+        "avg@k": 4 / 6, "pass@k": 1.0, "maj@k": 1.0, "k": 3, "questions": 2}
+    cfg = load_config(None, ["format=free", "eval.k=3"])  # exact: only "-2" matches
+    assert evaluate(cfg, Dist(), None, Tok(), held)["avg@k"] == 1 / 6
+    cfg = load_config(None, ["grader=math", "eval.k=3"])  # steps: no tags, no answers
+    assert evaluate(cfg, Dist(), None, Tok(), held)["pass@k"] == 0.0
