@@ -252,6 +252,8 @@ def _coerce(key: str, value, hint):
     """Convert `value` (a YAML value or an override string) to the field type `hint`."""
     origin = typing.get_origin(hint)
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(typing.get_args(hint)):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as true/false
         if value not in typing.get_args(hint):
             raise ValueError(f"{key}: expected one of {typing.get_args(hint)}, got {value!r}")
         return value

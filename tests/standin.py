@@ -4,6 +4,8 @@ r"""A stand-in for a real chat model, built at test time: nothing is downloaded.
     path = build_standin(tmp_dir)        # a checkpoint directory: fastsd-train model=PATH loads it
     train, test = write_math_data(tmp_dir)   # jsonl files of LaTeX-answer questions
 
+    python tests/standin.py MODEL_DIR DATA_DIR   # the same by hand (data under OpenMathReasoning's column names)
+
 The model is a tiny random `Qwen3ForCausalLM` shaped like Qwen3-1.7B in what matters to fastsd
 (tied embeddings, explicit head_dim, grouped KV heads). Its tokenizer is a byte-level BPE trained
 here with `tokenizers` on a few kilobytes of text, with Qwen2's pre-tokenizer and normaliser, so
@@ -145,3 +147,13 @@ def write_math_data(directory: str | Path, fields: dict[str, str] | None = None)
         p.write_text("".join(json.dumps({names[k]: v for k, v in r.items()}) + "\n" for r in part))
         out.append(p)
     return out[0], out[1]
+
+
+if __name__ == "__main__":  # python tests/standin.py MODEL_DIR DATA_DIR: build both by hand
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: python tests/standin.py MODEL_DIR DATA_DIR")
+    print(build_standin(sys.argv[1]))
+    print(*write_math_data(sys.argv[2], {"question": "problem", "answer": "expected_answer",
+                                         "reference_solution": "generated_solution"}))

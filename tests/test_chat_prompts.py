@@ -58,6 +58,8 @@ def test_chat_kwargs_from_the_command_line_and_a_file(tmp_path):
     cfg = cfg_for(f"templates.student_chat_kwargs={THINK_OFF}", "templates.teacher_chat_kwargs={a: 1, b: [x]}")
     assert cfg.templates.student_chat_kwargs == {"enable_thinking": False}
     assert cfg.templates.teacher_chat_kwargs == {"a": 1, "b": ["x"]}
+    (tmp_path / "c.yaml").write_text("templates:\n  chat: off\n")  # YAML 1.1 reads off as false
+    assert load_config(str(tmp_path / "c.yaml")).templates.chat == "off"
     (tmp_path / "c.yaml").write_text("templates:\n  teacher_chat_kwargs:\n    enable_thinking: true\n")
     cfg = load_config(str(tmp_path / "c.yaml"))
     assert cfg.templates.teacher_chat_kwargs == {"enable_thinking": True} and cfg.templates.student_chat_kwargs == {}
