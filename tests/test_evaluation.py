@@ -137,3 +137,33 @@ def test_evaluate_parses_and_grades_as_configured(monkeypatch):
     assert evaluate(cfg, Dist(), None, Tok(), held)["avg@k"] == 1 / 6
     cfg = load_config(None, ["grader=math", "eval.k=3"])  # steps: no tags, no answers
     assert evaluate(cfg, Dist(), None, Tok(), held)["pass@k"] == 0.0
+
+
+def test_exact_maj_is_the_string_vote():
+    """Under exact match maj@k is the plain string vote: the built-in task's figures do not move."""
+    import random
+
+    rng = random.Random(2)
+    for _ in range(300):
+        k = rng.randint(1, 7)
+        row = [rng.choice(["1", " 1", "2", "3", None]) for _ in range(k)]
+        truth = rng.choice("123")
+        assert score_samples([row], [truth])["maj@k"] == float(majority_vote(row) == truth), (row, truth)
+
+
+def test_grading_calls_stay_near_k_per_question():
+    from fastsd.tasks.grading import ExactGrader
+
+    class Counting(ExactGrader):
+        calls = 0
+
+        def equal(self, answer, truth):
+            Counting.calls += 1
+            return super().equal(answer, truth)
+
+    g = Counting()
+    score_samples([[str(i) for i in range(12)]], ["99"], g)  # all wrong: nothing to vote on
+    assert Counting.calls == 12
+    Counting.calls = 0
+    score_samples([["5"] * 7 + [str(i) for i in range(5)]], ["5"], g)  # 7 right: 5 wrong cannot outvote
+    assert Counting.calls == 12

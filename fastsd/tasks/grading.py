@@ -21,9 +21,11 @@ from __future__ import annotations
 import atexit
 import importlib.util
 import json
+import logging
 import select
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -33,6 +35,7 @@ __all__ = ["Grader", "ExactGrader", "MathGrader", "make_grader", "GRADERS"]
 
 GRADERS = ("exact", "math")
 _WORKER = Path(__file__).with_name("_math_worker.py")
+log = logging.getLogger("fastsd")
 
 
 class Grader:
@@ -59,12 +62,13 @@ class MathGrader(Grader):
     kind = "math"
     CACHE_SIZE = 200_000
 
-    def __init__(self, timeout: float = 5.0, start_timeout: float = 120.0):
+    def __init__(self, timeout: float = 10.0, start_timeout: float = 120.0):
         self.timeout = timeout
         self.start_timeout = start_timeout  # python start-up plus importing sympy, on a busy machine
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple[str, str], bool] = OrderedDict()
         self._proc: subprocess.Popen | None = None
+        self._stderr = None  # the worker's stderr, a temporary file (read when it fails to start)
         self.stats = {"calls": 0, "cached": 0, "timeouts": 0, "starts": 0}
         atexit.register(self.close)
 
@@ -100,17 +104,34 @@ class MathGrader(Grader):
             reply = None
         if reply is None:  # late, crashed or unreadable: the next call gets a fresh worker
             self.stats["timeouts"] += 1
+            log.warning("grader=math: no verdict within %.0f s on %.80r against %.80r; counted as wrong",
+                        self.timeout, answer, truth)
             self._kill()
             return False
         return reply.get("ok") is True
 
+    def check(self) -> None:
+        """Start the worker and grade one known pair; ValueError naming `grader` if that fails
+        (math-verify missing or broken), so a run does not find every answer wrong."""
+        with self._lock:
+            try:
+                if self._proc is None:
+                    self._start()
+            except (OSError, ValueError) as e:
+                raise ValueError(f"grader: math-verify does not work here: {e}") from None
+            if not self._ask("1/2", "0.5"):
+                raise ValueError("grader: math-verify does not grade 1/2 = 0.5 here; is math-verify installed?")
+
     def _start(self) -> None:
         self.stats["starts"] += 1
+        self._stderr = tempfile.TemporaryFile()
         self._proc = subprocess.Popen([sys.executable, str(_WORKER)], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                                      stdout=subprocess.PIPE, stderr=self._stderr)
         if self._readline(self.start_timeout) != {"ready": True}:
+            self._stderr.seek(0)
+            said = self._stderr.read().decode(errors="replace").strip().splitlines()
             self._kill()
-            raise OSError("the math-verify worker did not start")
+            raise OSError(f"the worker ({_WORKER.name}) did not start" + (f": {said[-1]}" if said else ""))
 
     def _readline(self, timeout: float) -> dict | None:
         """The worker's next reply, or None when it has none within `timeout` seconds."""
@@ -132,11 +153,12 @@ class MathGrader(Grader):
         if proc is not None:
             proc.kill()
             proc.wait()
-            for f in (proc.stdin, proc.stdout):
+            for f in (proc.stdin, proc.stdout, self._stderr):
                 try:
                     f.close()
                 except OSError:
                     pass
+            self._stderr = None
 
     def close(self) -> None:
         """Stop the worker (it also exits by itself when this process ends)."""
@@ -150,12 +172,16 @@ _SHARED_LOCK = threading.Lock()
 
 def make_grader(kind: str) -> Grader:
     """The grader named by config key `grader` ("exact" or "math"); one shared instance per kind
-    per process, so its worker and cache serve every caller. ValueError naming the key otherwise."""
+    per process, so its worker and cache serve every caller. The math grader is checked on a known
+    pair when first made. ValueError naming the key otherwise."""
     if kind not in GRADERS:
         raise ValueError(f"grader: expected one of {GRADERS}, got {kind!r}")
     if kind == "math" and importlib.util.find_spec("math_verify") is None:
         raise ValueError("grader: math needs the math-verify package (pip install math-verify)")
     with _SHARED_LOCK:
         if kind not in _SHARED:
-            _SHARED[kind] = ExactGrader() if kind == "exact" else MathGrader()
+            grader = ExactGrader() if kind == "exact" else MathGrader()
+            if kind == "math":
+                grader.check()
+            _SHARED[kind] = grader
         return _SHARED[kind]
