@@ -47,40 +47,11 @@ import httpx
 
 from .config import CriticConfig
 from .critic import Critic, Critique, check_items
-from .critic_prompt import FREE_INSTRUCTIONS, attempt_text, free_text, load_prompt, prompt_messages
+from .critic_prompt import (FREE_INSTRUCTIONS, SCRIBE_INSTRUCTIONS, attempt_text, free_text, load_prompt,
+                            prompt_messages, user_message)
 from .format import format_steps, parse_response
 
 __all__ = ["HttpCritic", "ReplyCache", "SCRIBE_INSTRUCTIONS", "user_message", "parse_reply", "strip_think"]
-
-SCRIBE_INSTRUCTIONS = """\
-You check a student's step-by-step solution against a known correct solution, and write it out \
-again as a faithful scribe would: keeping everything the student got right, fixing only what is wrong.
-
-The student's attempt is given as numbered tags <step_1>...</step_1>, <step_2>...</step_2>, ... \
-possibly followed by <answer>...</answer>. Find the earliest step that is wrong (a wrong \
-calculation, a wrong claim, or a result carried over from an earlier mistake), then reply with \
-exactly this and nothing else:
-
-<first_error>K</first_error>
-<step_1>...</step_1>
-<step_2>...</step_2>
-...
-<answer>FINAL</answer>
-
-where K is the number of the earliest wrong step, or none if every step is right. The steps you write:
-- steps 1 to K-1: copied character for character from the student, even where you would word them differently;
-- step K: the student's step K corrected, in the student's own notation and style;
-- after that: the solution continued, in the same style, until the final answer.
-If every step is right, copy all of them and, if the attempt stops early, continue it to the end.
-FINAL is the correct final answer."""
-
-
-def user_message(question: str, reference: str, answer: str, steps: list[str], student_answer: str | None) -> str:
-    """The user turn: question, ground truth, and the student's numbered steps."""
-    attempt = attempt_text(steps, student_answer)
-    return (f"<question>\n{question}\n</question>\n\n<correct_solution>\n{reference}\n</correct_solution>\n\n"
-            f"<correct_answer>{answer}</correct_answer>\n\n<student_attempt>\n{attempt}\n</student_attempt>")
-
 
 _FIRST_ERROR = re.compile(r"<first_error>\s*(\w+)\s*</first_error>")
 

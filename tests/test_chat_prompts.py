@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from fastsd import cli
 from fastsd.batch import build_batch
-from fastsd.conditions import example_prompts, fill, student_text, teacher_text
+from fastsd.conditions import fill, student_text, teacher_text
 from fastsd.config import load_config
 from fastsd.data import Example
 from fastsd.model import DEFAULT_MODEL_DIR
