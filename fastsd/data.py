@@ -8,7 +8,7 @@ the columns `data.fields.*` names (defaults in brackets; e.g. OpenMathReasoning'
     answer              [answer] str or number, non-empty (a number is converted: 52 and 52.0 -> "52", 0.5 -> "0.5")
     reference_solution  [reference_solution] str, non-empty: the teacher's context for
                         condition=reference, where every record needs one; under the other
-                        conditions it is optional (a missing, null or empty one is None), and the
+                        conditions it is optional (a missing, null or blank one is None), and the
                         http critic shows it as the correct solution when present
 
 A path ending in .parquet is read with pyarrow (only the three columns); anything else as jsonl.
@@ -68,7 +68,8 @@ def _example(record, where: str, columns: dict[str, str], need_reference: bool) 
     for key in KEYS:
         col, named = columns[key], f"data.fields.{key}"
         optional = key == "reference_solution" and not need_reference
-        if optional and (not col or record.get(col) is None or record.get(col) == ""):
+        value = record.get(col) if col else None
+        if optional and (value is None or (isinstance(value, str) and not value.strip())):
             out[key] = None
             continue
         if col not in record:
@@ -94,7 +95,7 @@ def _check_path(path) -> Path:
 def load_examples(path: str | os.PathLike, fields=None, need_reference: bool = True) -> list[Example]:
     """Read questions from a .parquet file or a jsonl file (module docstring); `fields` is the
     `data.fields` config (None: the default column names)."""
-    load = load_parquet if str(path).endswith(".parquet") else load_jsonl
+    load = load_parquet if str(path).lower().endswith(".parquet") else load_jsonl
     return load(path, fields, need_reference)
 
 

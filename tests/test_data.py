@@ -138,7 +138,7 @@ def test_fields_map_any_column_names(tmp_path):
 
 def test_reference_solution_is_optional_unless_needed(tmp_path):
     rows = [{"problem": "q1", "expected_answer": "1"}, {**OMR, "generated_solution": None},
-            {**OMR, "generated_solution": ""}, OMR]
+            {**OMR, "generated_solution": " "}, OMR]
     path = write(tmp_path, [json.dumps(r) for r in rows])
     got = load_jsonl(path, Fields(), need_reference=False)
     assert [e.reference_solution for e in got] == [None, None, None, OMR["generated_solution"]]

@@ -11,9 +11,10 @@ final-answer check (config key `grader`).
 bounds its own time with SIGALRM, which works only in a process's main thread; so the math grader
 runs it in a worker process of its own (`_math_worker.py`, started on first use, one per grader,
 where math-verify runs in the main thread with its 1-second timeouts), and waits at most
-`timeout` seconds (default 5) for each reply. A late reply kills the worker (the next call starts
-a fresh one) and the answer counts as wrong, as does one math-verify cannot parse. Results are
-cached by (answer, truth): the same answers recur across samples, evaluations and critiques.
+`timeout` seconds (default 10) for each reply. A late reply kills the worker (the next call starts
+a fresh one) and the answer counts as wrong, as does one math-verify cannot parse. An answer equal
+to the truth as a string is right without asking. Results are cached by (answer, truth): the same
+answers recur across samples, evaluations and critiques. POSIX only (select on pipes).
 """
 
 from __future__ import annotations
