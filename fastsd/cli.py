@@ -2,24 +2,30 @@
 
     fastsd-train                                   # built-in task and tiny model, on a CPU
     fastsd-train --config run.yaml optim.lr=1e-4   # YAML file plus dotted overrides
-    fastsd-train condition=reference --dry-run     # print the resolved config and exit
+    fastsd-train condition=grpo --dry-run          # every key with its meaning, resolved; exit
+    fastsd-train steps=2 eval=off run_dir=runs/smoke   # a smoke run: no evaluation
     torchrun --nproc_per_node 2 -m fastsd.cli ...  # the same job on 2 processes (FSDP2)
+
+Data, templates and the critic are checked before the model loads. Ctrl-C stops the run (exit
+code 130) and says where the last checkpoint is; the same command resumes from it.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-from .config import load_config, to_yaml
+from .config import load_config
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastsd-train", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file with config keys (nested or dotted)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved config, each key with its meaning, and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. condition=grpo optim.lr=1e-4 model=PATH")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[fastsd] %(levelname)s %(message)s")
@@ -28,9 +34,21 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.exit(2, f"fastsd-train: error: {e}\n")
     if args.dry_run:
-        print(to_yaml(cfg), end="")
+        print(dry_run(cfg), end="")
         return 0
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per critic request
+    try:
+        _run(cfg, parser)
+    except KeyboardInterrupt:  # Ctrl-C: the step in progress is abandoned; what was written is whole
+        from .run_dir import interrupted
+
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal
+            print(interrupted(cfg), file=sys.stderr, flush=True)
+        return 130
+    return 0
+
+
+def _run(cfg, parser: argparse.ArgumentParser) -> None:
     from . import dist
     from .step import NonFiniteLossError
     from .train import train
@@ -40,13 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(cfg, d)
         failed = False
-    except ValueError as e:  # user errors found while loading models or data
+    except ValueError as e:  # user errors found before or while loading models or data
         parser.exit(2, f"fastsd-train: error: {e}\n")
     except NonFiniteLossError as e:  # nothing of this step was applied; the last checkpoint is intact
         parser.exit(1, f"fastsd-train: error: {e}\n")
     finally:
         dist.teardown(d, failed=failed)
-    return 0
+
+
+def dry_run(cfg) -> str:
+    """What --dry-run prints: the annotated config (`fastsd.dry_run`)."""
+    import torch
+
+    from .dry_run import annotated_yaml
+
+    return annotated_yaml(cfg, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 if __name__ == "__main__":

@@ -158,6 +158,9 @@ class OptimConfig:
 
 @dataclass
 class EvalConfig:
+    main: ClassVar[str] = "enabled"
+    enabled: bool = True
+    """Evaluate on the held-out questions at all (eval=off: no evaluation, for a smoke run)."""
     every: int = 0
     """Evaluate every N optimizer steps (0: only at start and end)."""
     k: int = 12
@@ -205,6 +208,12 @@ class TrainConfig:
     def group_size(self) -> int:
         return self.rollout.group_size or (8 if self.condition == "grpo" else 1)
 
+    def sampler(self, device_type: str) -> str:
+        """rollout.engine resolved for a device type ("cuda", "cpu"): auto is fastsd on CUDA, else generate."""
+        if self.rollout.engine != "auto":
+            return self.rollout.engine
+        return "fastsd" if device_type == "cuda" else "generate"
+
 
 # ---------------------------------------------------------------- parsing
 
@@ -228,7 +237,8 @@ def _coerce(key: str, value, hint):
         return tuple(_coerce(key, v, a) for v, a in zip(items, args))
     if hint is bool:
         if isinstance(value, str):
-            value = {"true": True, "false": False, "1": True, "0": False}.get(value.lower(), value)
+            value = {"true": True, "false": False, "1": True, "0": False,  # and YAML 1.1's words
+                     "on": True, "off": False, "yes": True, "no": False}.get(value.lower(), value)
         if not isinstance(value, bool):
             raise ValueError(f"{key}: expected true or false, got {value!r}")
         return value

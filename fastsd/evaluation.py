@@ -54,16 +54,17 @@ def score_samples(answers: list[list[str | None]], truths: list[str]) -> dict:
     return {"avg@k": correct / (n * k), "pass@k": passed / n, "maj@k": majority / n, "k": k, "questions": n}
 
 
-def evaluate(cfg, d, policy, tok, held) -> dict:
+def evaluate(cfg, d, policy, tok, held, progress=None) -> dict:
     """avg@k, pass@k, maj@k on the held-out questions. Every evaluation draws the same random
     numbers (its own seeded stream, so the training stream is untouched): evaluations of
-    different checkpoints are a paired comparison, not two independent draws."""
+    different checkpoints are a paired comparison, not two independent draws. `progress` is
+    called as progress(batches_done, batches) as the samples are drawn (`rollout.sample`)."""
     from .step import rollout
 
     mine = held[d.rank::d.world]
     with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):
         torch.manual_seed(cfg.seed + 7919 * (d.rank + 1))
-        rolls = rollout(cfg, d, policy, tok, mine, cfg.eval.k, cfg.eval.temperature)
+        rolls = rollout(cfg, d, policy, tok, mine, cfg.eval.k, cfg.eval.temperature, progress=progress)
     answers = [[r.parsed.answer for r in rolls[i * cfg.eval.k:(i + 1) * cfg.eval.k]] for i in range(len(mine))]
     pairs = [p for part in d.gather_objects(list(zip(answers, [ex.answer for ex in mine]))) for p in part]
     return score_samples([a for a, _ in pairs], [t for _, t in pairs])
