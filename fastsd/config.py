@@ -4,8 +4,8 @@
 
 A bare section name set to a string sets that section's main field: `model=PATH` is
 `model.path=PATH`, `data=PATH` is `data.path`, `teacher=ema` is `teacher.kind`, `critic=http`
-is `critic.kind`, `loss=sampled_token` is `loss.kind`. Unknown keys and bad values raise
-ValueError naming the key.
+is `critic.kind`, `loss=sampled_token` is `loss.kind`, `eval=off` is `eval.enabled` (booleans
+read true/false, on/off, yes/no, 1/0). Unknown keys and bad values raise ValueError naming the key.
 """
 
 from __future__ import annotations

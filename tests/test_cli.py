@@ -70,6 +70,9 @@ def test_every_config_key_has_a_docstring_for_dry_run():
 # ---------------------------------------------------------------- evaluation: off, progress, time
 
 def test_eval_off_runs_no_evaluation(tmp_path, monkeypatch, capsys):
+    assert load_config(overrides=["eval=off"]).eval.enabled is False and load_config(overrides=["eval=on"]).eval.enabled
+    with pytest.raises(ValueError, match="^eval.enabled: expected true or false"):
+        load_config(overrides=["eval=sometimes"])
     monkeypatch.setattr(train_mod, "evaluate", lambda *a, **k: pytest.fail("evaluated with eval=off"))
     assert cli.main([*SMALL, "steps=1", "eval=off", f"run_dir={tmp_path}"]) == 0
     assert [r["step"] for r in rows(tmp_path)] == [1] and "eval" not in rows(tmp_path)[0]
@@ -173,3 +176,17 @@ def test_tool_help_explains_every_fault_and_the_whole_description(capsys):
         gpu_bench.parse_args(["--help"])
     out = capsys.readouterr().out
     assert "against the cuBLAS\nfloor, eager PyTorch and liger-kernel.\n" in out
+
+
+def test_advantage_plots_share_their_y_limits_across_conditions():
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import advantage_report
+    finally:
+        sys.path[:1] = []
+    row = lambda adv: {"adv": adv, "segments": ["before", "first_wrong", "after"]}  # noqa: E731
+    summary = lambda m: {"mean_before": 0.0, "mean_first_wrong": m, "mean_after": None, "mean_correct": 0.1}  # noqa: E731
+    lim = advantage_report.y_limits({"critique": [row([0.5, -12.0, 1.0])], "reference": [row([0.2, -1.0, 2.0])]},
+                                    {"critique": summary(-0.4), "reference": summary(-0.2)})
+    assert lim["tokens"][0] < -12.0 and lim["tokens"][1] > 2.0  # both conditions' rollouts fit in one scale
+    assert lim["segments"][0] < -0.4 and lim["segments"][1] > 0.1
