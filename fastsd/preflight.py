@@ -15,7 +15,7 @@
   here (`build.build_critic`); its reply cache makes no directory before it stores a reply.
 
 Each failure is a ValueError naming the config key (and the file and line where there is one).
-A failure leaves the run directory as it was: nothing here creates or writes a file.
+A failure leaves no new file or directory behind: nothing here creates one.
 """
 
 from __future__ import annotations

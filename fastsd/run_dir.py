@@ -59,8 +59,10 @@ class RunLog:
             print(f"[fastsd] step {step}/{self.cfg.steps} " + " ".join(f"{k}={v:.4g}" for k, v in short.items()), flush=True)
 
     def say(self, text: str) -> None:
-        if self.on:
-            (self.bar.write if self.bar is not None else print)(text, flush=True)
+        if self.on and self.bar is not None:
+            self.bar.write(text)
+        elif self.on:
+            print(text, flush=True)
 
     def eval_progress(self, step: int, questions: int):
         """The `progress` callback of one evaluation (rank 0; None elsewhere): a bar under the
@@ -129,7 +131,7 @@ def uninterrupted():
     caught = []
 
     def hold(signum, frame):
-        if not caught:
+        if not caught and os.environ.get("RANK", "0") == "0":
             print("[fastsd] Ctrl-C: stopping once this step's logs and checkpoint are written", file=sys.stderr, flush=True)
         caught.append(signum)
 

@@ -20,7 +20,8 @@ from fastsd import train as train_mod
 from fastsd.checkpoint import latest_checkpoint
 from fastsd.config import TrainConfig, load_config, to_dict
 from fastsd.dry_run import annotated_yaml, field_docs
-from fastsd.run_dir import uninterrupted
+from fastsd.dist import Dist
+from fastsd.run_dir import RunLog, uninterrupted
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["questions_per_step=2", "eval.k=2", "data.eval_size=2", "data.train_size=16",
@@ -89,6 +90,19 @@ def test_evaluation_says_what_it_does_and_how_long_it_took(tmp_path, capsys):
         assert f"[fastsd] eval at step {step}: avg@k=" in out
     evals = [r for r in rows(tmp_path) if "eval" in r]
     assert [r["step"] for r in evals] == [0, 1] and all(r["time_eval"] > 0 for r in evals)
+
+
+def test_on_a_terminal_evaluation_draws_a_bar_below_the_step_bar(monkeypatch, capsys):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    log = RunLog(load_config(overrides=["steps=3"]), Dist(), 0)
+    report = log.eval_progress(0, 128)
+    for done in range(4):
+        report(done, 3)
+    log.say("[fastsd] eval at step 0: done")
+    log.close()
+    out, err = capsys.readouterr()
+    assert "[fastsd] eval at step 0: done" in out  # through the bar, not across it
+    assert "\reval at step 0:   0%|" in err and "/3 [" in err  # the bar, under the step bar
 
 
 # ---------------------------------------------------------------- Ctrl-C
