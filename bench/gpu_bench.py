@@ -1,6 +1,7 @@
 """Forward+backward benchmark of fastsd's fused divergence on one CUDA GPU, against the cuBLAS
-floor, eager PyTorch and liger-kernel. Run from the repository root:
+floor, eager PyTorch and liger-kernel.
 
+Run from the repository root:
     python bench/gpu_bench.py                        # all shapes, 0% and 25% masked rows
     python bench/gpu_bench.py --quick                # first two shapes, 25% masked only
     python bench/gpu_bench.py --shapes 8192x4096x151936 --cases fastsd_fkl floor liger_fused_fkl
@@ -344,9 +345,11 @@ def metadata(args, cfg):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", help="TxDxV, e.g. 8192x4096x151936 (default: all)")
-    p.add_argument("--cases", nargs="+", choices=list(CASES), help="default: all")
+    p.add_argument("--cases", nargs="+", choices=list(CASES), metavar="CASE",
+                   help=f"default: all; one or more of {', '.join(CASES)}")
     p.add_argument("--masked", nargs="+", type=float, help="fractions of masked rows (default 0 0.25)")
     p.add_argument("--quick", action="store_true", help="first two shapes, 25%% masked only")
     p.add_argument("--err-rows", type=int, default=512, help="rows of the dX/dW check (0: skip)")

@@ -2,58 +2,30 @@
 
     fastsd-train                                   # built-in task and tiny model, on a CPU
     fastsd-train --config run.yaml optim.lr=1e-4   # YAML file plus dotted overrides
-    fastsd-train condition=reference --dry-run     # print the resolved config and exit
+    fastsd-train condition=grpo --dry-run          # every key with its meaning, resolved; exit
+    fastsd-train steps=2 eval=off run_dir=runs/smoke   # a smoke run: no evaluation
     torchrun --nproc_per_node 2 -m fastsd.cli ...  # the same job on 2 processes (FSDP2)
+
+Data, templates and the critic are checked before the model loads. Ctrl-C stops the run (exit
+code 130) and says where the last checkpoint is; the same command resumes from it.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-from .config import load_config, to_yaml
-
-
-def show_prompts(cfg) -> str:
-    """What the student and the teacher read before the response, for the first training question
-    (--dry-run). Loads the tokenizer and the data, not the model; ValueError naming the key."""
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
-    from .build import load_data
-    from .conditions import example_prompts
-    from .model import DEFAULT_MODEL_DIR
-
-    path = Path(DEFAULT_MODEL_DIR if cfg.model.path == "builtin" else cfg.model.path)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"model.path: {path} {'does not exist' if not path.exists() else 'is not a checkpoint (no config.json)'}")
-    try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"model.path: cannot load the tokenizer of {path} ({e})") from None
-    example = load_data(cfg)[0][0]
-    prompts = example_prompts(cfg, tok, example)
-
-    def lines(text: str) -> list[str]:  # every newline shown as \n, so the prompt's end is exact
-        return [f"#   {line}" for line in text.replace("\n", "\\n\n").rstrip("\n").split("\n")]
-
-    out = ["", "# The student's prompt for the first training question (the response follows it):",
-           *lines(prompts["student"])]
-    if prompts["teacher"] is None:
-        out.append(f"# condition={cfg.condition}: no teacher")
-    else:
-        out += ["# The teacher's prompt (the student's response tokens follow it unchanged):",
-                *lines(prompts["teacher"])]
-    return "\n".join(out) + "\n"
+from .config import load_config
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastsd-train", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file with config keys (nested or dotted)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved config, each key with its meaning, and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. condition=grpo optim.lr=1e-4 model=PATH")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[fastsd] %(levelname)s %(message)s")
@@ -62,13 +34,24 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.exit(2, f"fastsd-train: error: {e}\n")
     if args.dry_run:
-        print(to_yaml(cfg), end="")
         try:
-            print(show_prompts(cfg), end="")
+            print(dry_run(cfg), end="")
         except ValueError as e:
             parser.exit(2, f"fastsd-train: error: {e}\n")
         return 0
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per critic request
+    try:
+        _run(cfg, parser)
+    except KeyboardInterrupt:  # Ctrl-C: the step in progress is abandoned; what was written is whole
+        from .run_dir import interrupted
+
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal
+            print(interrupted(cfg), file=sys.stderr, flush=True)
+        return 130
+    return 0
+
+
+def _run(cfg, parser: argparse.ArgumentParser) -> None:
     from . import dist
     from .step import NonFiniteLossError
     from .train import train
@@ -78,13 +61,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(cfg, d)
         failed = False
-    except ValueError as e:  # user errors found while loading models or data
+    except ValueError as e:  # user errors found before or while loading models or data
         parser.exit(2, f"fastsd-train: error: {e}\n")
     except NonFiniteLossError as e:  # nothing of this step was applied; the last checkpoint is intact
         parser.exit(1, f"fastsd-train: error: {e}\n")
     finally:
         dist.teardown(d, failed=failed)
-    return 0
+
+
+def dry_run(cfg) -> str:
+    """What --dry-run prints: the annotated config and one rendered student and teacher prompt
+    (`fastsd.dry_run`); ValueError naming the key if the prompts cannot be rendered."""
+    import torch
+
+    from .dry_run import annotated_yaml, show_prompts
+
+    return annotated_yaml(cfg, "cuda" if torch.cuda.is_available() else "cpu") + show_prompts(cfg)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
 
 A bare section name set to a string sets that section's main field: `model=PATH` is
 `model.path=PATH`, `data=PATH` is `data.path`, `teacher=ema` is `teacher.kind`, `critic=http`
-is `critic.kind`, `loss=sampled_token` is `loss.kind`. Unknown keys and bad values raise
-ValueError naming the key.
+is `critic.kind`, `loss=sampled_token` is `loss.kind`, `eval=off` is `eval.enabled` (booleans
+read true/false, on/off, yes/no, 1/0). Unknown keys and bad values raise ValueError naming the key.
 """
 
 from __future__ import annotations
@@ -191,6 +191,9 @@ class OptimConfig:
 
 @dataclass
 class EvalConfig:
+    main: ClassVar[str] = "enabled"
+    enabled: bool = True
+    """Evaluate on the held-out questions at all (eval=off: no evaluation, for a smoke run)."""
     every: int = 0
     """Evaluate every N optimizer steps (0: only at start and end)."""
     k: int = 12
@@ -245,6 +248,12 @@ class TrainConfig:
     def group_size(self) -> int:
         return self.rollout.group_size or (8 if self.condition == "grpo" else 1)
 
+    def sampler(self, device_type: str) -> str:
+        """rollout.engine resolved for a device type ("cuda", "cpu"): auto is fastsd on CUDA, else generate."""
+        if self.rollout.engine != "auto":
+            return self.rollout.engine
+        return "fastsd" if device_type == "cuda" else "generate"
+
 
 # ---------------------------------------------------------------- parsing
 
@@ -279,7 +288,8 @@ def _coerce(key: str, value, hint):
         return tuple(_coerce(key, v, a) for v, a in zip(items, args))
     if hint is bool:
         if isinstance(value, str):
-            value = {"true": True, "false": False, "1": True, "0": False}.get(value.lower(), value)
+            value = {"true": True, "false": False, "1": True, "0": False,  # and YAML 1.1's words
+                     "on": True, "off": False, "yes": True, "no": False}.get(value.lower(), value)
         if not isinstance(value, bool):
             raise ValueError(f"{key}: expected true or false, got {value!r}")
         return value

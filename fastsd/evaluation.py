@@ -97,17 +97,18 @@ def _totals(scores: list[tuple[int, bool, bool]], k: int) -> dict:
             "maj@k": sum(s[2] for s in scores) / n, "k": k, "questions": n}
 
 
-def evaluate(cfg, d, policy, tok, held) -> dict:
+def evaluate(cfg, d, policy, tok, held, progress=None) -> dict:
     """avg@k, pass@k, maj@k on the held-out questions. Every evaluation draws the same random
     numbers (its own seeded stream, so the training stream is untouched): evaluations of
     different checkpoints are a paired comparison, not two independent draws. Each rank grades
-    its own questions; the per-question scores are gathered."""
+    its own questions; the per-question scores are gathered. `progress` is called as
+    progress(batches_done, batches) as the samples are drawn (`rollout.sample`)."""
     from .step import rollout
 
     mine = held[d.rank::d.world]
     with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):
         torch.manual_seed(cfg.seed + 7919 * (d.rank + 1))
-        rolls = rollout(cfg, d, policy, tok, mine, cfg.eval.k, cfg.eval.temperature)
+        rolls = rollout(cfg, d, policy, tok, mine, cfg.eval.k, cfg.eval.temperature, progress=progress)
     answers = [[r.parsed.answer for r in rolls[i * cfg.eval.k:(i + 1) * cfg.eval.k]] for i in range(len(mine))]
     grader = make_grader(cfg.grader)
     scores = [_score_question(row, ex.answer, grader) for row, ex in zip(answers, mine)]

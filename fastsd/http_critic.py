@@ -118,8 +118,7 @@ class ReplyCache:
     """
 
     def __init__(self, directory: str | os.PathLike, rank: int = 0):
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(directory)  # made by the first put: building a critic writes nothing
         self.replies: dict[str, str] = {}
         for path in sorted(self.dir.glob("*.jsonl")):
             with open(path, "rb") as f:
@@ -145,6 +144,7 @@ class ReplyCache:
 
     def put(self, key: str, reply: str) -> None:
         self.replies[key] = reply
+        self.dir.mkdir(parents=True, exist_ok=True)
         with open(self._path, "a", encoding="ascii") as f:
             f.write(json.dumps({"key": key, "reply": reply}) + "\n")
 

@@ -32,9 +32,10 @@ def _engine(policy) -> RolloutEngine:
 @torch.no_grad()
 def sample(policy, prompts: list[list[int]], *, eos_id: int, pad_id: int, temperature: float,
            top_p: float, max_new_tokens: int, d: Dist, batch_size: int = 256, engine: str = "generate",
-           stop: list[int] | None = None) -> list[list[int]]:
+           stop: list[int] | None = None, progress=None) -> list[list[int]]:
     """Sample one response per prompt from `policy.lm` (a Policy, possibly an FSDP root) with
-    `engine` ("fastsd" or "generate"); `stop`: token ids that also end a response."""
+    `engine` ("fastsd" or "generate"); `stop`: token ids that also end a response. `progress`,
+    if given, is called as progress(batches_done, batches) before the first batch and after each."""
     lm = policy.lm
     device = next(lm.parameters()).device
     was_training = lm.training
@@ -45,6 +46,8 @@ def sample(policy, prompts: list[list[int]], *, eos_id: int, pad_id: int, temper
     try:
         # Ranks may hold different numbers of prompts; every rank runs the same number of calls.
         n_calls = d.all_max((len(prompts) + batch_size - 1) // batch_size)
+        if progress is not None:
+            progress(0, n_calls)
         for c in range(n_calls):
             chunk = prompts[c * batch_size:(c + 1) * batch_size] or prompts[:1] or [[pad_id]]
             if engine == "fastsd":
@@ -65,6 +68,8 @@ def sample(policy, prompts: list[list[int]], *, eos_id: int, pad_id: int, temper
                         for row in gen[:, ids.shape[1]:].cpu()]
             if c * batch_size < len(prompts):
                 out += rows
+            if progress is not None:
+                progress(c + 1, n_calls)
     finally:
         if d.enabled:
             policy.reshard()

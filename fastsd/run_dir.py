@@ -1,19 +1,26 @@
 """The run directory: config.yaml, metrics.jsonl, rollouts.jsonl made to agree with the run
-about to start (fresh or resumed), and the run's log lines and progress bar."""
+about to start (fresh or resumed), the run's log lines and progress bars, and what a Ctrl-C
+leaves behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
+import time
+from collections import Counter
 from pathlib import Path
 
 import yaml
 
+from . import checkpoint as ckpt
 from .config import TrainConfig, to_dict, to_yaml
 from .dist import Dist
 
-__all__ = ["LOGS", "RunLog", "prepare_run_dir", "rollout_rows"]
+__all__ = ["LOGS", "RunLog", "prepare_run_dir", "rollout_rows", "step_row", "uninterrupted", "interrupted"]
 
 
 class RunLog:
@@ -52,12 +59,102 @@ class RunLog:
             print(f"[fastsd] step {step}/{self.cfg.steps} " + " ".join(f"{k}={v:.4g}" for k, v in short.items()), flush=True)
 
     def say(self, text: str) -> None:
-        if self.on:
-            (self.bar.write if self.bar is not None else print)(text)
+        if self.on and self.bar is not None:
+            self.bar.write(text)
+        elif self.on:
+            print(text, flush=True)
+
+    def eval_progress(self, step: int, questions: int):
+        """The `progress` callback of one evaluation (rank 0; None elsewhere): a bar under the
+        step bar on a terminal, else a line when it starts and one per batch of samples."""
+        if not self.on:
+            return None
+        k, t0, bar = self.cfg.eval.k, time.perf_counter(), None
+
+        def report(done: int, total: int) -> None:
+            nonlocal bar
+            if self.bar is not None:
+                if bar is None:
+                    from tqdm import tqdm
+
+                    bar = tqdm(total=total, desc=f"eval at step {step}", unit="batch", leave=False)
+                bar.update(done - bar.n)
+                if done == total:
+                    bar.close()
+            elif done == 0:
+                self.say(f"[fastsd] eval at step {step}: {questions} questions x {k} samples, {total} batches")
+            else:
+                self.say(f"[fastsd] eval at step {step}: batch {done}/{total} done ({time.perf_counter() - t0:.0f} s)")
+
+        return report
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def step_row(cfg: TrainConfig, d: Dist, step: int, rolls: list, upd: dict, lr: float,
+             times: list[float]) -> tuple[dict, str | None]:
+    """The metrics row of optimizer step `step` (summed over ranks), and the line to log about its
+    failed critiques (None when none failed). `times`: perf_counter readings at the start and
+    after rollout, feedback and update."""
+    t0, t1, t2, t3 = times
+    failed = Counter(r.critique_error for r in rolls if r.critique_error)
+    n_roll, reward_sum, usable, zero_var, no_answer, resp_tokens, n_failed = d.all_sum(
+        len(rolls), sum(r.reward for r in rolls), sum(r.trained for r in rolls),
+        sum(not r.trained for r in rolls) if cfg.condition == "grpo" else 0,
+        sum(r.parsed.answer is None for r in rolls), sum(len(r.response) for r in rolls), sum(failed.values()))
+    n = max(n_roll, 1)
+    row = {"step": step, "loss": upd["divergence"], "reward": reward_sum / n, "usable": usable / n,
+           "no_answer": no_answer / n, "gap": upd["gap"], "grad_norm": upd["grad_norm"], "lr": lr,
+           "tok_s": resp_tokens / (t3 - t0), "time_rollout": t1 - t0, "time_feedback": t2 - t1, "time_update": t3 - t2}
+    if cfg.condition == "grpo":
+        row["zero_variance_rollouts"] = zero_var
+    said = None
+    if cfg.condition == "critique":
+        row["critique_failed"] = n_failed
+        if n_failed:
+            why = ", ".join(f"{k} {reason}" for reason, k in failed.most_common(3))
+            said = (f"[fastsd] step {step}: {n_failed:.0f} of {n_roll:.0f} critiques failed, "
+                    f"those rollouts get no loss (rank {d.rank}: {why or 'none'})")
+    return row, said
+
+
+@contextlib.contextmanager
+def uninterrupted():
+    """Hold a Ctrl-C (SIGINT) back until the block is done, so that what it writes (a step's log
+    rows, a checkpoint) is written whole; then raise the KeyboardInterrupt. Outside the main
+    thread, where Python handles no signals, a plain block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+
+    def hold(signum, frame):
+        if not caught and os.environ.get("RANK", "0") == "0":
+            print("[fastsd] Ctrl-C: stopping once this step's logs and checkpoint are written", file=sys.stderr, flush=True)
+        caught.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def interrupted(cfg: TrainConfig) -> str:
+    """What to tell a user whose Ctrl-C stopped the run: where the last checkpoint is, and how to go on."""
+    last = ckpt.latest_checkpoint(cfg.run_dir)
+    head = "[fastsd] stopped by Ctrl-C: the step in progress was abandoned (nothing of it was written)."
+    if last is None:
+        return (f"{head}\n[fastsd] no checkpoint in {cfg.run_dir} yet (checkpoint.every={cfg.checkpoint.every}"
+                f"{': only the last step saves one' if not cfg.checkpoint.every else ''}); "
+                "running the same command again starts the run afresh.")
+    again = ("running the same command again resumes from it" if cfg.resume == "auto" else
+             f"run the command again with resume=auto (not resume={cfg.resume}) to resume from it")
+    return f"{head}\n[fastsd] last checkpoint: {last}; {again}."
 
 
 def rollout_rows(rolls: list, tok) -> list[dict]:

@@ -51,16 +51,16 @@ def encode(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def rollout(cfg: TrainConfig, d: Dist, policy, tok, examples: list[Example], k: int, temperature: float) -> list[Rollout]:
+def rollout(cfg: TrainConfig, d: Dist, policy, tok, examples: list[Example], k: int, temperature: float,
+            progress=None) -> list[Rollout]:
+    """k samples per example at `temperature`, parsed and rewarded; `progress`: see `rollout.sample`."""
     prompts = [encode(tok, student_text(cfg.templates, tok, ex.question)) for ex in examples]
     flat = [(g, ex, p) for g, (ex, p) in enumerate(zip(examples, prompts)) for _ in range(k)]
-    engine = cfg.rollout.engine
-    if engine == "auto":
-        engine = "fastsd" if d.device.type == "cuda" else "generate"
+    engine = cfg.sampler(d.device.type)
     stop = encode(tok, ANSWER_CLOSE) if cfg.rollout.stop_at_answer else None
     responses = sample(policy, [p for _, _, p in flat], eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                        temperature=temperature, top_p=cfg.rollout.top_p,
-                       max_new_tokens=cfg.rollout.max_new_tokens, d=d, engine=engine, stop=stop)
+                       max_new_tokens=cfg.rollout.max_new_tokens, d=d, engine=engine, stop=stop, progress=progress)
     out, grader = [], make_grader(cfg.grader)
     for (g, ex, p), resp in zip(flat, responses):
         parsed = parse_response(tok.decode(resp, skip_special_tokens=True), cfg.format)

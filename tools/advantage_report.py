@@ -13,7 +13,8 @@ is at step 0), and writes per condition:
 
     OUT/CONDITION.html   every rollout, each token coloured by A_t (red < 0 < green), steps boxed,
                          the first wrong step outlined in red, the teacher's context above it
-    OUT/CONDITION.png    mean A_t per segment, and A_t along a few wrong rollouts
+    OUT/CONDITION.png    mean A_t per segment, and A_t along three wrong rollouts; every condition of
+                         one run on the same y-scales, so that the plots compare side by side
     OUT/summary.json, OUT/summary.md   the figures of `fastsd.advantage.aggregate` per condition
 
 The first wrong step comes from the built-in critic, exact on the built-in task (rollouts of
@@ -136,29 +137,57 @@ def render_html(condition: str, rows: list[dict], summary: dict) -> str:
     return "\n".join(parts)
 
 
-def render_png(condition: str, rows: list[dict], summary: dict, path: Path) -> None:
+def shown_wrong(rows: list[dict]) -> list[dict]:
+    """The rollouts drawn token by token: the first three with a wrong step (the same rollouts in
+    every condition, which all read the same rollouts in the same order)."""
+    return [r for r in rows if "first_wrong" in r["segments"]][:3]
+
+
+def y_limits(rows: dict[str, list[dict]], summaries: dict[str, dict]) -> dict[str, tuple[float, float]]:
+    """y-limits shared by every condition's plot, so that they compare side by side: "segments"
+    for the mean A_t by segment, "tokens" for A_t along the rollouts drawn."""
+    seg = [summaries[c][f"mean_{s}"] or 0.0 for c in summaries for s in SEGMENTS if s != "other"]
+    tok = [a for c in rows for r in shown_wrong(rows[c]) for a in r["adv"]]
+
+    def padded(vals: list[float]) -> tuple[float, float]:
+        lo, hi = min([0.0, *vals]), max([0.0, *vals])
+        pad = 0.15 * (hi - lo) or 0.1
+        return lo - pad, hi + pad
+
+    return {"segments": padded(seg), "tokens": padded(tok)}
+
+
+def render_png(condition: str, rows: list[dict], summary: dict, path: Path, limits: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    wrong = [r for r in rows if "first_wrong" in r["segments"]][:3]
-    fig, axes = plt.subplots(1 + len(wrong), 1, figsize=(8, 2.2 * (1 + len(wrong))), dpi=110, squeeze=False)
+    wrong = shown_wrong(rows)
+    width = max(10.0, 0.15 * max((len(r["adv"]) for r in wrong), default=0))  # ~0.15 inch per token label
+    fig, axes = plt.subplots(1 + len(wrong), 1, figsize=(width, 1.0 + 2.6 * (1 + len(wrong))), dpi=100, squeeze=False)
     segs = [s for s in SEGMENTS if s != "other"]
     vals = [summary[f"mean_{s}"] or 0.0 for s in segs]
     ax = axes[0][0]
-    ax.bar(segs, vals, color=["#4575b4", "#d73027", "#fdae61", "#1a9850"])
+    bars = ax.bar(segs, vals, color=["#4575b4", "#d73027", "#fdae61", "#1a9850"])
+    ax.bar_label(bars, labels=[f"{v:+.3f}" for v in vals], fontsize=11, padding=2)
     ax.axhline(0, color="k", lw=0.5)
-    ax.set_ylabel("mean A_t")
-    ax.set_title(f"condition {condition}: mean A_t by segment ({sum(summary[f'tokens_{s}'] for s in SEGMENTS)} tokens)")
+    ax.set_ylim(*limits["segments"])
+    ax.set_ylabel("mean A_t", fontsize=11)
+    ax.tick_params(labelsize=11)
+    ax.set_title(f"condition {condition}: mean A_t by segment ({sum(summary[f'tokens_{s}'] for s in SEGMENTS)} tokens; "
+                 "same y-scale in every condition's plot)", fontsize=12)
     for ax, r in zip((a[0] for a in axes[1:]), wrong):
         xs = range(len(r["adv"]))
         ax.bar(xs, r["adv"], color=["#d73027" if s == "first_wrong" else "#777" for s in r["segments"]])
         ax.axhline(0, color="k", lw=0.5)
+        ax.set_ylim(*limits["tokens"])
+        ax.set_xlim(-0.7, len(r["adv"]) - 0.3)
         ax.set_xticks(list(xs))
-        ax.set_xticklabels([t if t.strip() else "·" for t in r["tokens"]], fontsize=6, family="monospace")
-        ax.set_title(f"{r['question']} (first wrong step {r['first_error'] + 1}, red)", fontsize=9)
-        ax.set_ylabel("A_t")
+        ax.set_xticklabels([t if t.strip() else "·" for t in r["tokens"]], fontsize=10, family="monospace")
+        ax.tick_params(axis="y", labelsize=10)
+        ax.set_title(f"{r['question']}: A_t per response token (first wrong step {r['first_error'] + 1}, red)", fontsize=11)
+        ax.set_ylabel("A_t", fontsize=11)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -181,8 +210,10 @@ def main(argv=None) -> int:
         _, held = load_data(cfg)
         rolls = rollout(cfg, d, policy, tok, held, 1, cfg.rollout.temperature)
     errors = [first_error(r) for r in rolls]
-    print(f"[advantage] {len(rolls)} rollouts, {sum(r.reward for r in rolls):.0f} correct", flush=True)
-    summaries = {}
+    right = sum(r.reward == 1 for r in rolls)
+    print(f"[advantage] {len(rolls)} rollouts, {right} with the right final answer (reward 1; some of them "
+          "have a wrong step on the way, see the counts below)", flush=True)
+    summaries, all_rows = {}, {}
     for condition in args.condition:
         ccfg = load_config(overrides=[*base, f"condition={condition}"])
         rs = copy.deepcopy(rolls)
@@ -203,12 +234,16 @@ def main(argv=None) -> int:
                          "adv": [round(x, 4) for x in a.tolist()], "segments": lab, "steps": step_of})
         summary = aggregate(adv, labels)
         summary["rollouts_without_context"] = len(rs) - len(keep)
-        summaries[condition] = summary
+        summary["rollouts_wrong_step_right_answer"] = sum(
+            r["reward"] == 1 and any(s in ("before", "first_wrong") for s in r["segments"]) for r in rows)
+        summaries[condition], all_rows[condition] = summary, rows
         shown = sorted(rows, key=lambda r: (r["first_error"] in (None, "unknown"), str(r["question"])))[: args.show]
         (out / f"{condition}.html").write_text(render_html(condition, shown, summary), encoding="utf-8")
-        render_png(condition, rows, summary, out / f"{condition}.png")
         with open(out / f"{condition}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
+    limits = y_limits(all_rows, summaries)
+    for condition, rows in all_rows.items():
+        render_png(condition, rows, summaries[condition], out / f"{condition}.png", limits)
     (out / "summary.json").write_text(json.dumps(summaries, indent=1))
     md = summary_table(summaries)
     (out / "summary.md").write_text(md)
@@ -230,9 +265,12 @@ def summary_table(summaries: dict) -> str:
         cells = ["-" if summaries[c][key] is None else f"{summaries[c][key]:+.3f}" if key.startswith("mean")
                  else f"{summaries[c][key]:.3f}" for c in conds]
         lines.append(f"| {name} | {' | '.join(cells)} |")
-    counts = summaries[conds[0]]
-    lines.append(f"\nRollouts: {counts['rollouts_correct']} fully correct, {counts['rollouts_wrong_step']} with a wrong step, "
-                 f"{counts['rollouts_other']} other.\n")
+    n = summaries[conds[0]]
+    lucky = n.get("rollouts_wrong_step_right_answer", 0)
+    lines.append(f"\nRollouts: {n['rollouts_correct']} fully correct (the right answer, every step right), "
+                 f"{n['rollouts_wrong_step']} with a wrong step ({lucky} of them still end in the right answer, so "
+                 f"{n['rollouts_correct'] + lucky} earn reward 1), {n['rollouts_other']} other (no wrong step but no "
+                 "right answer: cut off or the answer miscopied, or a question the built-in critic cannot read).\n")
     return "\n".join(lines)
 
 

@@ -242,11 +242,12 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--port", type=int, default=8100)
     ap.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
     ap.add_argument("--model", default="fastsd-arith-critic", help="the model name /v1/models lists")
-    ap.add_argument("--fault", choices=FAULTS, default="none", help="inject a fault (see above)")
+    ap.add_argument("--fault", choices=FAULTS, default="none", help="inject a fault (listed below)")
     ap.add_argument("--status", type=int, default=500, help="HTTP status for --fault status")
     ap.add_argument("--fail-first", type=int, default=0, metavar="N",
                     help="fault only the first N attempts of each request (0: all)")
