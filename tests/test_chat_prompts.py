@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from fastsd import cli
 from fastsd.batch import build_batch
 from fastsd.conditions import fill, student_text, teacher_text
-from fastsd.config import load_config
+from fastsd.config import load_config, to_yaml
 from fastsd.data import Example
 from fastsd.model import DEFAULT_MODEL_DIR
 from fastsd.step import Rollout, encode, feedback
@@ -63,7 +63,7 @@ def test_chat_kwargs_from_the_command_line_and_a_file(tmp_path):
     (tmp_path / "c.yaml").write_text("templates:\n  teacher_chat_kwargs:\n    enable_thinking: true\n")
     cfg = load_config(str(tmp_path / "c.yaml"))
     assert cfg.templates.teacher_chat_kwargs == {"enable_thinking": True} and cfg.templates.student_chat_kwargs == {}
-    (tmp_path / "saved.yaml").write_text(cli.to_yaml(cfg))
+    (tmp_path / "saved.yaml").write_text(to_yaml(cfg))
     assert load_config(str(tmp_path / "saved.yaml")) == cfg  # the run directory's config.yaml reads back
 
 

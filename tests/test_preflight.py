@@ -90,10 +90,12 @@ def test_an_unreachable_critic_server_is_found_before_the_model_loads(tmp_path, 
 
 
 def test_a_template_that_cannot_be_rendered_is_found_before_the_model_loads(tmp_path, capsys, no_model):
-    err = fails(capsys, tmp_path / "run", "templates.student=Q:{question:d}")
-    assert "templates.student: cannot render it for the first training question" in err
-    err = fails(capsys, tmp_path / "run", "condition=reference", "templates.reference={question}{reference.x}")
-    assert "templates.reference: cannot render it" in err
+    # Rendering needs the tokenizer (chat template or not), which preflight loads without the model.
+    err = fails(capsys, run_dir_with_an_earlier_file(tmp_path), "templates.chat=on")
+    assert "templates.chat: on, but the tokenizer of model.path has no chat template" in err
+    # A template the config check cannot judge alone fails at load time, naming the key, too.
+    err = fails(capsys, tmp_path / "fresh", "templates.student=Q:{questoin}")
+    assert "templates.student" in err and not (tmp_path / "fresh").exists()
 
 
 def test_missing_model_and_resume_never_are_found_before_anything_is_written(tmp_path, capsys, no_model):
