@@ -108,8 +108,10 @@ def no_progress_bars():
 # ---------------------------------------------------------------- LoRA (peft)
 
 def is_lora(model) -> bool:
-    """Whether `model` is a peft-wrapped model (an FSDP2-sharded one included)."""
-    return hasattr(model, "peft_config") and hasattr(model, "base_model")
+    """Whether `model` is a peft model (an FSDP2-sharded one included: fully_shard subclasses it)."""
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
 
 
 def _matches(name: str, target: str) -> bool:

@@ -4,6 +4,9 @@
 at the response positions, and applies the fused loss there. Under FSDP2 each decoder layer is
 sharded and the Policy is the root, so inside `forward` the lm_head weight (tied or not) is the
 plain unsharded tensor the fused loss needs.
+
+With LoRA, `lm` is a peft model: `get_decoder()` and `get_output_embeddings()` reach through it to
+the base model's decoder body (whose projections are peft's LoRA layers) and its unadapted head.
 """
 
 from __future__ import annotations
