@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 
 import torch
@@ -11,10 +12,12 @@ from .config import TrainConfig
 from .critic import ArithCritic
 from .data import Example, builtin_split, load_examples
 from .dist import Dist
-from .model import DEFAULT_MODEL_DIR, load_model_and_tokenizer
-from .policy import Policy, apply_liger, shard
+from .model import DEFAULT_MODEL_DIR, add_adapter_copy, apply_lora, load_model_and_tokenizer, trainable_summary
+from .policy import AdapterTeacher, Policy, apply_liger, shard
 
 __all__ = ["build_models", "build_optim", "load_data", "build_critic"]
+
+log = logging.getLogger("fastsd")
 
 
 def _dtype(cfg: TrainConfig) -> torch.dtype:
@@ -30,6 +33,13 @@ def _named(key: str, e: ValueError) -> ValueError:
 
 
 def build_models(cfg: TrainConfig, d: Dist):
+    """The policy, its teacher (None: the policy itself, without gradient) and the tokenizer.
+
+    Full fine-tuning: teacher=initial and ema are a second, frozen copy of the model. LoRA
+    (model.lora.r > 0 or model.lora.path): the teacher is the policy's own module under another
+    adapter (`AdapterTeacher`): initial = the adapter off (a fresh adapter starts as the base, so
+    that is step 0; one loaded from model.lora.path is kept as a frozen copy instead), current =
+    the live adapter, ema = an averaged copy of the adapter. No second model either way."""
     path = DEFAULT_MODEL_DIR if cfg.model.path == "builtin" else cfg.model.path
     try:
         lm, tok = load_model_and_tokenizer(path, dtype=_dtype(cfg))
@@ -39,22 +49,37 @@ def build_models(cfg: TrainConfig, d: Dist):
         tok.pad_token = tok.eos_token
     lm.to(d.device)
     if d.device.type == "cuda" and cfg.model.liger:
-        apply_liger(lm)
+        apply_liger(lm)  # before LoRA: liger patches the base modules' forwards
+    lo = cfg.model.lora
+    lora = bool(lo.r or lo.path)
+    if lora:
+        lm = apply_lora(lm, lo)  # the adapter is made on the base weights' device
     if cfg.model.activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.config.use_cache = True
+    wants_teacher = cfg.condition != "grpo"
     teacher_lm = None
-    if cfg.condition != "grpo" and cfg.teacher.kind in ("initial", "ema"):
+    if wants_teacher and not lora and cfg.teacher.kind in ("initial", "ema"):
         teacher_lm = copy.deepcopy(lm).eval().requires_grad_(False)
+    adapter = None
+    if wants_teacher and lora:
+        adapter = {"initial": "initial" if lo.path else None, "current": "default", "ema": "ema"}[cfg.teacher.kind]
+        if adapter in ("initial", "ema"):
+            add_adapter_copy(lm, adapter)
     # dtype=auto on CUDA: bf16 compute over fp32 parameters, by FSDP2's mixed precision under
     # torchrun and by autocast in a single process.
     mixed = d.device.type == "cuda" and cfg.model.dtype == "auto"
     autocast = torch.bfloat16 if mixed and not d.enabled else None
     policy = Policy(lm, autocast)
     teacher = None if teacher_lm is None else Policy(teacher_lm, autocast)
+    if lora and wants_teacher:
+        teacher = AdapterTeacher(policy, adapter)
+    if d.main:
+        what = f"LoRA r={lm.peft_config['default'].r}" if lora else "full fine-tuning"
+        log.info("model: %s, %s", what, trainable_summary(lm))
     if d.enabled:
         shard(policy, mixed_precision=mixed)
-        if teacher is not None:
+        if teacher_lm is not None:
             shard(teacher, mixed_precision=mixed)
     return policy, teacher, tok
 

@@ -3,6 +3,8 @@
 Layout of `run_dir/checkpoints/step_{step:08d}/`:
 
     hf/                  HF export: config, safetensors weights, tokenizer (AutoModelForCausalLM-loadable)
+    adapter/             LoRA runs only: the adapters in PEFT format; hf/ is then the merged export
+                         (see fastsd/adapter_checkpoint.py)
     trainer_state.pt     full (unsharded) optimizer state keyed by parameter name, scheduler state,
                          the caller's `state` dict, world size
     rng_rank{r}.pt       python `random`, numpy, torch CPU (and CUDA) RNG states of rank r
@@ -47,7 +49,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .model import no_progress_bars
+from .adapter_checkpoint import ADAPTER, gather_adapters, load_adapters, write_adapters
+from .model import is_lora, no_progress_bars
 
 __all__ = ["COMPLETE", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "resolve_resume"]
 
@@ -244,10 +247,14 @@ def _make_tmp(final: Path) -> str:
 
 
 def _write_shared(tmp: Path, model, tokenizer, model_sd: dict, trainer: dict, teacher, teacher_sd) -> None:
-    """Rank 0's files: the HF export, trainer_state.pt, teacher.safetensors."""
-    with no_progress_bars():
-        model.save_pretrained(tmp / "hf", state_dict=_tie(model_sd, model))
-    tokenizer.save_pretrained(tmp / "hf")
+    """Rank 0's files: the HF export (LoRA: the adapters and the merged export), trainer_state.pt,
+    teacher.safetensors."""
+    if is_lora(model):
+        write_adapters(tmp, model, tokenizer, model_sd)
+    else:
+        with no_progress_bars():
+            model.save_pretrained(tmp / "hf", state_dict=_tie(model_sd, model))
+        tokenizer.save_pretrained(tmp / "hf")
     torch.save(trainer, tmp / "trainer_state.pt")
     _check_loadable(tmp / "trainer_state.pt")
     if teacher_sd is not None:
@@ -268,9 +275,11 @@ def _seal(tmp: Path, final: Path, step: int, world: int) -> None:
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model, tokenizer, optimizer: torch.optim.Optimizer,
                     scheduler, state: dict, teacher: nn.Module | None = None, keep: int) -> Path:
-    """Write checkpoint `step` of `model` (a transformers PreTrainedModel, FSDP2-sharded or not) and
-    return its final path; then keep only the last `keep` complete checkpoints. See the module
-    docstring for the layout and the atomic-write scheme. Every rank must call it."""
+    """Write checkpoint `step` of `model` (a transformers PreTrainedModel or a peft model of one,
+    FSDP2-sharded or not) and return its final path; then keep only the last `keep` complete
+    checkpoints. A `teacher` that is `model` itself (LoRA: its teacher adapter lives in the model)
+    adds nothing. See the module docstring for the layout and the atomic-write scheme. Every rank
+    must call it."""
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"step: expected a non-negative int, got {step!r}")
     if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
@@ -278,7 +287,9 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model, tokenizer, 
     rank, world = _rank(), dist.get_world_size() if _distributed() else 1
     rng = _rng_state()
     stepped = bool(optimizer.state)
-    model_sd = get_model_state_dict(model, options=_GATHER)  # collective
+    teacher = None if teacher is model else teacher
+    # collective; LoRA: only the adapters (the base is model.path, frozen)
+    model_sd = gather_adapters(model) if is_lora(model) else get_model_state_dict(model, options=_GATHER)
     optim_sd = _optimizer_state(model, optimizer)  # collective
     teacher_sd = None if teacher is None else get_model_state_dict(teacher, options=_GATHER)
     root = Path(run_dir) / CHECKPOINTS
@@ -341,12 +352,20 @@ def load_checkpoint(path: str | os.PathLike, *, model, optimizer: torch.optim.Op
     if not _is_complete(path):
         what = "does not exist" if not path.exists() else f"is not a complete checkpoint (no {COMPLETE})"
         raise ValueError(f"path: {path} {what}")
+    teacher = None if teacher is model else teacher
+    if is_lora(model) != (path / ADAPTER).is_dir():
+        how = ("with LoRA (it holds adapter/)", "without") if not is_lora(model) else ("without LoRA (no adapter/)", "with")
+        raise ValueError(f"path: {path} was saved {how[0]}; this run is configured {how[1]} LoRA: "
+                         "set model.lora as in the run that saved it")
     if teacher is not None and not (path / "teacher.safetensors").is_file():
         raise ValueError(f"path: {path} holds no teacher.safetensors (saved without a teacher)")
     rank0 = _rank() == 0
     # mmap: ranks > 0 need only the small entries, not the optimizer tensors
     trainer = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True, mmap=True)
-    _load_full(model, lambda: _read_hf_weights(path / "hf"), path / "hf")
+    if is_lora(model):
+        load_adapters(path, model, _on_rank0)
+    else:
+        _load_full(model, lambda: _read_hf_weights(path / "hf"), path / "hf")
     if teacher is not None:
         _load_full(teacher, lambda: load_file(path / "teacher.safetensors"), path / "teacher.safetensors")
     if optimizer is not None:

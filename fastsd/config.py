@@ -25,6 +25,27 @@ from .conditions import CRITIQUE_TEMPLATE, REFERENCE_TEMPLATE, STUDENT_TEMPLATE,
 from .critic_prompt import load_prompt
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraConfig:
+    main: ClassVar[str] = "r"
+    r: int = 0
+    """LoRA rank (peft); 0 trains every weight (full fine-tuning). The paper: 64."""
+    alpha: float | None = None
+    """LoRA scale numerator (the update is alpha / r * B A); none: 2 * r (the paper's 128 at r=64)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input while training (teachers run without it)."""
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Module names to adapt (a module matches by its last name parts, as in peft): by default the
+    attention and MLP projections. The lm_head and embeddings cannot be adapted (the fused loss
+    reads the base head weight)."""
+    path: str = ""
+    """An existing PEFT adapter folder to start from (its r, alpha, dropout and target modules are
+    used); empty: a fresh adapter (B = 0, so step 0 is the base model)."""
+
+
 @dataclass
 class ModelConfig:
     main: ClassVar[str] = "path"
@@ -36,6 +57,8 @@ class ModelConfig:
     """On CUDA, apply liger-kernel's RMSNorm/RoPE/SwiGLU kernels where the architecture allows."""
     activation_checkpointing: bool = False
     """Recompute decoder-layer activations in backward (less memory, ~30% more compute)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Train a LoRA adapter instead of every weight (see LoraConfig)."""
 
 
 @dataclass
@@ -280,6 +303,14 @@ def _coerce(key: str, value, hint):
         if not isinstance(items, dict) or not all(isinstance(k, str) for k in items):
             raise ValueError(f"{key}: expected a mapping such as {{name: value}}, got {value!r}")
         return dict(items)
+    if origin is list:  # a YAML list, or an override "[a, b]" or "a,b"
+        items = yaml.safe_load(value) if isinstance(value, str) else value
+        if isinstance(items, str):
+            items = [v.strip() for v in items.split(",") if v.strip()]
+        if not isinstance(items, (list, tuple)):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        (arg,) = typing.get_args(hint)
+        return [_coerce(key, v, arg) for v in items]
     if origin is tuple:
         items = yaml.safe_load(value) if isinstance(value, str) else value
         args = typing.get_args(hint)
@@ -402,6 +433,7 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError(f"loss.beta: must be in (0, 1), got {cfg.loss.beta}")
     if not 0 <= cfg.teacher.ema_rate < 1:
         raise ValueError(f"teacher.ema_rate: must be in [0, 1), got {cfg.teacher.ema_rate}")
+    _check_lora(cfg)
     c = cfg.critic
     for name in ("timeout", "step_timeout", "concurrency", "max_tokens"):
         if not getattr(c, name) > 0:
@@ -439,6 +471,22 @@ def _check_critic_prompt(cfg: TrainConfig) -> None:
                          "remove them from extra_body")
     if cfg.critic.prompt_file:
         load_prompt(cfg.critic.prompt_file)
+
+
+def _check_lora(cfg: TrainConfig) -> None:
+    lo = cfg.model.lora
+    if lo.r < 0:
+        raise ValueError(f"model.lora.r: must be >= 0 (0: full fine-tuning), got {lo.r}")
+    if lo.alpha is not None and not lo.alpha > 0:
+        raise ValueError(f"model.lora.alpha: must be > 0 (or none: 2 * r), got {lo.alpha}")
+    if not 0 <= lo.dropout < 1:
+        raise ValueError(f"model.lora.dropout: must be in [0, 1), got {lo.dropout}")
+    if not lo.target_modules or not all(t.strip() for t in lo.target_modules):
+        raise ValueError(f"model.lora.target_modules: expected module names, got {lo.target_modules}")
+    heads = sorted({"lm_head", "embed_tokens"} & {t.rsplit(".", 1)[-1] for t in lo.target_modules})
+    if heads and (lo.r or lo.path):
+        raise ValueError(f"model.lora.target_modules: {heads} cannot be adapted: the fused loss reads the "
+                         "base head weight, and the head is tied to the embeddings in most small models")
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> TrainConfig:

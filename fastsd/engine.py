@@ -120,7 +120,9 @@ class RolloutEngine:
         self.autocast_weights = autocast_weights
         self._weights: dict[str, torch.Tensor] = {}  # the autocast-dtype copies, refreshed per call
         # transformers renamed past_key_values to cache (5.2x); use whichever this version takes
-        self._cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        # (a peft model's forward passes **kwargs on: ask the model underneath)
+        base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+        self._cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
         self._step = torch.compile(self._decode, mode="reduce-overhead", dynamic=False) if self.compile else self._decode
         self._caches: dict[tuple, StaticCache] = {}
 

@@ -4,6 +4,9 @@
 at the response positions, and applies the fused loss there. Under FSDP2 each decoder layer is
 sharded and the Policy is the root, so inside `forward` the lm_head weight (tied or not) is the
 plain unsharded tensor the fused loss needs.
+
+With LoRA, `lm` is a peft model: `get_decoder()` and `get_output_embeddings()` reach through it to
+the base model's decoder body (whose projections are peft's LoRA layers) and its unadapted head.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 from torch import nn
 
 from .loss import fused_linear_divergence, fused_linear_logprob
+from .model import adapter_active, paired_adapters
 
 log = logging.getLogger("fastsd")
 
@@ -59,6 +63,50 @@ class Policy(nn.Module):
             return fused_linear_divergence(h, w, teacher_hidden.to(h.dtype), teacher_weight,
                                            target_ids=targets, reduction="sum", **loss_kw)
         raise ValueError(f"mode: unknown {mode!r}")
+
+
+class AdapterTeacher:
+    """A LoRA teacher that is the student's own module run with another adapter: None (every
+    adapter off: the base model, the initial teacher of a fresh adapter), "default" (the live
+    adapter: the current teacher) or a frozen copy ("ema", "initial"). No weights of its own
+    beyond that adapter; it runs in eval mode (no adapter dropout), without gradient.
+
+    It has the teacher interface `_micro_loss` and `update` use: calling it, `head_weight` (None:
+    it shares the student's head, which LoRA leaves unadapted) and unshard/reshard (nothing to
+    do: the student's FSDP root runs it)."""
+
+    head_weight = None
+
+    def __init__(self, policy: Policy, adapter: str | None):
+        self.policy, self.adapter = policy, adapter
+
+    @property
+    def lm(self) -> nn.Module:
+        return self.policy.lm
+
+    def __call__(self, *args, **kwargs):
+        lm = self.policy.lm
+        was_training = lm.training
+        lm.eval()
+        try:
+            with adapter_active(lm, self.adapter):
+                return self.policy(*args, **kwargs)
+        finally:
+            lm.train(was_training)
+
+    def unshard(self) -> None:
+        pass
+
+    def reshard(self) -> None:
+        pass
+
+
+def ema_pairs(teacher, policy: Policy) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(teacher parameter, student parameter) pairs an EMA teacher averages: the "ema" adapter
+    against "default" under LoRA, else every parameter of the teacher's copy of the model."""
+    if isinstance(teacher, AdapterTeacher):
+        return paired_adapters(policy.lm, "ema", "default")
+    return list(zip(teacher.parameters(), policy.parameters()))
 
 
 def shard(policy: Policy, *, mixed_precision: bool) -> Policy:

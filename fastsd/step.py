@@ -20,6 +20,7 @@ from .data import Example
 from .dist import Dist
 from .format import ANSWER_CLOSE, Parsed, parse_response, reward
 from .loss import fused_linear_logprob
+from .policy import ema_pairs
 from .rollout import sample
 from .tasks.grading import make_grader
 
@@ -192,9 +193,9 @@ def update(cfg, d: Dist, policy, teacher, opt, sched, tok, rollouts, step: int) 
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    if teacher is not None and cfg.teacher.kind == "ema":
+    if teacher is not None and cfg.teacher.kind == "ema":  # LoRA: the ema adapter only
         with torch.no_grad():
-            for p_t, p_s in zip(teacher.parameters(), policy.parameters()):
+            for p_t, p_s in ema_pairs(teacher, policy):
                 p_t.lerp_(p_s.detach(), 1.0 - cfg.teacher.ema_rate)
     gap, div = d.all_sum(stats["gap"], stats["divergence"])
     denom = max(total_tokens, 1.0)
