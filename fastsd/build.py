@@ -13,6 +13,7 @@ from .data import Example, builtin_split, load_examples
 from .dist import Dist
 from .model import DEFAULT_MODEL_DIR, load_model_and_tokenizer
 from .policy import Policy, apply_liger, shard
+from .tasks import arith
 
 __all__ = ["build_models", "build_optim", "load_data", "build_critic"]
 
@@ -90,7 +91,21 @@ def load_data(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
         raise ValueError(f"data.path: no training questions in {c.path}")
     if not held:
         raise ValueError(f"data.eval_path: no held-out questions in {c.eval_path}")
+    if cfg.condition == "critique" and cfg.critic.kind == "builtin":
+        _check_builtin_critic(cfg, train)
     return train, held
+
+
+def _check_builtin_critic(cfg: TrainConfig, train: list[Example]) -> None:
+    """critic=builtin knows only the arithmetic task: other data is an error at start, not at the
+    first critique (after the first evaluation)."""
+    for ex in train:
+        try:
+            arith.parse_question(ex.question)
+        except ValueError:
+            raise ValueError(f"critic.kind: builtin critiques only the built-in arithmetic task (questions such as "
+                             f"'12+7*3-5'), and data.path {cfg.data.path} has {ex.question[:80]!r}; use critic=http "
+                             "with a critic server (README, 'The critic')") from None
 
 
 def build_critic(cfg: TrainConfig, d: Dist):

@@ -1,6 +1,7 @@
 """Tests for fastsd.data: jsonl loading (and its errors) and the built-in split."""
 
 import json
+import re
 
 import pytest
 
@@ -194,7 +195,7 @@ def test_load_data_from_the_config(tmp_path):
     held = write(tmp_path, [json.dumps({"problem": "q", "expected_answer": "3"})], "held.jsonl")
     keys = [f"data.path={train}", f"data.eval_path={held}", "data.fields.question=problem",
             "data.fields.answer=expected_answer", "data.fields.reference_solution=generated_solution"]
-    got_train, got_held = load_data(load_config(None, keys + ["condition=critique"]))
+    got_train, got_held = load_data(load_config(None, keys + ["condition=critique", "critic=http"]))
     assert [e.reference_solution for e in got_train] == [OMR["generated_solution"], None]
     assert got_held == [Example("q", "3")]
     with pytest.raises(ValueError, match=f"^data.path: {train}: row 2: 'generated_solution' must be a string"):
@@ -203,3 +204,27 @@ def test_load_data_from_the_config(tmp_path):
         load_data(load_config(None, keys[:2] + ["condition=grpo"]))  # the default names
     with pytest.raises(ValueError, match=f"^data.eval_path: {held}:1: missing key 'answer' \\(data.fields.answer\\)"):
         load_data(load_config(None, [keys[1], "data.fields.question=problem", "condition=grpo"]))
+
+
+def test_the_builtin_critic_on_other_data_is_an_error_at_start(tmp_path, capsys):
+    """critic=builtin (the default) knows only the arithmetic task: on other data the run stops
+    when the data loads (--dry-run included), naming critic.kind and the way out, not at the first
+    critique after the first evaluation."""
+    from fastsd import cli
+    from fastsd.build import load_data
+    from fastsd.config import load_config
+
+    math = write(tmp_path, [json.dumps({"question": "1+2", "answer": "3"}),
+                            json.dumps({"question": r"Simplify $\frac{6}{8}$.", "answer": r"\frac{3}{4}"})])
+    keys = [f"data.path={math}", "condition=critique"]
+    message = (r"^critic.kind: builtin critiques only the built-in arithmetic task .* has "
+               + re.escape(repr(r"Simplify $\frac{6}{8}$.")) + "; use critic=http")
+    with pytest.raises(ValueError, match=message):
+        load_data(load_config(None, keys))
+    with pytest.raises(SystemExit):
+        cli.main(["--dry-run", *keys])
+    assert "fastsd-train: error: critic.kind: builtin critiques only" in capsys.readouterr().err
+    assert load_data(load_config(None, keys + ["critic=http"]))[0][1].answer == r"\frac{3}{4}"
+    assert load_data(load_config(None, keys[1:]))[0]  # the built-in task itself
+    arith_only = write(tmp_path, [json.dumps({"question": "12+7*3-5", "answer": "52"})], "arith.jsonl")
+    assert load_data(load_config(None, [f"data.path={arith_only}", "condition=critique"]))[0][0].answer == "52"
