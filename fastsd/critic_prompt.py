@@ -21,7 +21,8 @@ same numbered tags, validated as under format=steps (paragraphs before the first
 verbatim, the first wrong one changed, the answer right under the grader). The teacher then reads
 the critique in the student's own form (`free_text`): the student's paragraphs before the first
 error, then the critic's from there on, separated by blank lines, ending with the answer in
-`\boxed{}` (added when the critic's last paragraph has none).
+`\boxed{}` (added when the last paragraph has none; a critique whose last paragraph boxes a wrong
+answer, or leaves a `\boxed{` open, is refused like one whose answer is wrong).
 """
 
 from __future__ import annotations
@@ -126,8 +127,10 @@ def prompt_messages(instructions: str, user: str, values: dict[str, str]) -> lis
 
 
 def free_text(steps: list[str], answer: str) -> str:
-    """A format=free critique: paragraphs separated by blank lines, ending in \\boxed{answer}."""
+    """A format=free critique: paragraphs separated by blank lines, ending in \\boxed{answer}
+    (added when the last paragraph has no \\boxed{}: an earlier one, such as a boxed guess in
+    the student's copied prefix, is not the critique's answer)."""
     text = "\n\n".join(s.strip() for s in steps)
-    if parse_response(text, "free").answer is None:
+    if not steps or parse_response(steps[-1], "free").answer is None:
         text += f"\n\nThe answer is $\\boxed{{{answer}}}$."
     return text

@@ -132,10 +132,12 @@ def show_prompts(cfg) -> str:
     (--dry-run). Loads the tokenizer and the data, not the model; ValueError naming the key."""
     from .build import load_data
     from .conditions import example_prompts
-    from .preflight import tokenizer
+    from .preflight import critic_fits, tokenizer
 
     tok = tokenizer(cfg)
-    example = load_data(cfg)[0][0]
+    train = load_data(cfg)[0]
+    critic_fits(cfg, train)
+    example = train[0]
     prompts = example_prompts(cfg, tok, example)
 
     def lines(text: str) -> list[str]:  # every newline shown as \n, so the prompt's end is exact

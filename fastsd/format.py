@@ -198,29 +198,29 @@ def _finish(out: Parsed) -> Parsed:
     return out
 
 
-def _closing_brace(text: str, start: int) -> int | None:
-    """The index of the `}` closing the group opened just before `start`; None if it never closes."""
-    depth, i = 1, start
+def _brace_pairs(text: str) -> dict[int, int]:
+    """The index of the `}` closing each `{` that closes, in one pass (linear even for thousands
+    of nested groups); `\\{`, `\\}` and `\\\\` are not group braces, an unmatched `}` is ignored."""
+    pairs, stack, i = {}, [], 0
     while i < len(text):
         c = text[i]
         if c == "\\":
-            i += 2  # an escaped character: \{, \} and \\ are not group braces
+            i += 2  # an escaped character
             continue
         if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return i
+            stack.append(i)
+        elif c == "}" and stack:
+            pairs[stack.pop()] = i
         i += 1
-    return None
+    return pairs
 
 
 def _parse_free(text: str) -> Parsed:
     """format=free: steps are paragraphs (or lines), the answer the last complete \\boxed{...}."""
-    answer, truncated = None, False
+    answer, truncated, pairs = None, False, None
     for m in _BOXED.finditer(text):
-        end = _closing_brace(text, m.end())
+        pairs = _brace_pairs(text) if pairs is None else pairs
+        end = pairs.get(m.end() - 1)
         if end is None:  # runs to the end of the text: cut off inside the answer
             answer, truncated = None, True
             break

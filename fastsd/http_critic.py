@@ -91,7 +91,8 @@ def parse_reply(reply: str, steps: list[str], answer: str, grader=None, fmt: str
     if not parsed.well_formed:
         raise ValueError("the trace is not only <step_1>..</step_1> ... <answer>..</answer> (text outside "
                          "the tags, steps out of order, or something after the answer)")
-    if not (grader.equal(parsed.answer, answer) if grader is not None else parsed.answer == answer.strip()):
+    right = (lambda a: grader.equal(a, answer)) if grader is not None else (lambda a: a == answer.strip())
+    if not right(parsed.answer):
         raise ValueError(f"the trace ends in {parsed.answer!r}, not the correct answer {answer.strip()!r}")
     if not ours or any(not s.strip() for s in ours):
         raise ValueError("the trace has no steps, or an empty one")
@@ -105,7 +106,13 @@ def parse_reply(reply: str, steps: list[str], answer: str, grader=None, fmt: str
         raise ValueError(f"step {k + 1} is marked wrong but copied unchanged (up to spacing)")
     verdicts = [i < keep for i in range(len(steps))]
     trace = list(steps[:keep]) + ours[keep:]
-    text = free_text(trace, answer.strip()) if fmt == "free" else format_steps(trace, parsed.answer)
+    if fmt != "free":
+        return Critique(format_steps(trace, parsed.answer), verdicts, k)
+    text = free_text(trace, answer.strip())
+    boxed = parse_response(text, "free").answer  # what the teacher reads as the critique's answer
+    if boxed is None or not right(boxed):
+        raise ValueError(f"the last step's \\boxed{{}} holds {boxed!r}, not the correct answer {answer.strip()!r}"
+                         if boxed is not None else "the last step has a \\boxed{ that is never closed")
     return Critique(text, verdicts, k)
 
 

@@ -32,7 +32,7 @@ from .data import Example
 from .dist import Dist
 from .model import DEFAULT_MODEL_DIR
 
-__all__ = ["Ready", "preflight", "tokenizer"]
+__all__ = ["Ready", "critic_fits", "preflight", "tokenizer"]
 
 
 @dataclass
@@ -51,7 +51,7 @@ def preflight(cfg: TrainConfig, d: Dist) -> Ready:
     _model_config(cfg)
     train, held = load_data(cfg)
     _templates(cfg, train[0])
-    _critic_fits(cfg, train)
+    critic_fits(cfg, train)
     critic = build_critic(cfg, d)  # critic=http: asks /v1/models now
     return Ready(train, held, resume, critic)
 
@@ -98,7 +98,7 @@ def _templates(cfg: TrainConfig, ex: Example) -> None:
     example_prompts(cfg, tokenizer(cfg), ex)
 
 
-def _critic_fits(cfg: TrainConfig, train: list[Example]) -> None:
+def critic_fits(cfg: TrainConfig, train: list[Example]) -> None:
     """critic=builtin knows the built-in arithmetic task only: every training question must be one
     of its questions, with the answer its solver gets."""
     if cfg.condition != "critique" or cfg.critic.kind != "builtin" or cfg.data.path == "builtin":

@@ -66,6 +66,23 @@ def test_free_format_critique_keeps_the_students_paragraphs():
         parse_reply(reply("2", ["We halve.", "So 6/8 = 3/4."], "0.75"), STEPS, "0.75", fmt="free")
 
 
+def test_free_format_critique_ends_in_the_right_boxed_answer():
+    """The teacher reads the critique's last \\boxed{} as its answer: a right <answer> tag does not
+    excuse a last paragraph that boxes a wrong one, and a boxed guess in the student's copied
+    prefix is not the critique's answer (the right one is added after the last paragraph)."""
+    steps = ["We have $x + 1 = 3$.", r"So $x = 3$, and the answer is $\boxed{3}$."]
+    grader = make_grader("math")
+    wrong_box = reply("2", [steps[0], r"So $x = 2$, and the answer is $\boxed{5}$."], "2")
+    with pytest.raises(ValueError, match=r"the last step's \\boxed\{\} holds '5', not the correct answer '2'"):
+        parse_reply(wrong_box, steps, "2", grader, fmt="free")
+    with pytest.raises(ValueError, match=r"never closed"):
+        parse_reply(reply("2", [steps[0], r"So $x = 2$: $\boxed{2$"], "2"), steps, "2", grader, fmt="free")
+    guess = [r"Guess $\boxed{7}$ first, then check.", "So $x = 3$."]
+    crit = parse_reply(reply("2", [guess[0], "So $x = 2$."], "2"), guess, "2", grader, fmt="free")
+    assert crit.text == "Guess $\\boxed{7}$ first, then check.\n\nSo $x = 2$.\n\nThe answer is $\\boxed{2}$."
+    assert parse_response(crit.text, "free").answer == "2"
+
+
 # ---------------------------------------------------------------- prompt_file, extra_body
 
 def test_prompt_file_and_extra_body_reach_the_server(server, tmp_path):

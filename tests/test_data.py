@@ -194,7 +194,7 @@ def test_load_data_from_the_config(tmp_path):
     held = write(tmp_path, [json.dumps({"problem": "q", "expected_answer": "3"})], "held.jsonl")
     keys = [f"data.path={train}", f"data.eval_path={held}", "data.fields.question=problem",
             "data.fields.answer=expected_answer", "data.fields.reference_solution=generated_solution"]
-    got_train, got_held = load_data(load_config(None, keys + ["condition=critique"]))
+    got_train, got_held = load_data(load_config(None, keys + ["condition=critique", "critic=http"]))
     assert [e.reference_solution for e in got_train] == [OMR["generated_solution"], None]
     assert got_held == [Example("q", "3")]
     with pytest.raises(ValueError, match=f"^data.path: {train}: row 2: 'generated_solution' must be a string"):
@@ -203,3 +203,20 @@ def test_load_data_from_the_config(tmp_path):
         load_data(load_config(None, keys[:2] + ["condition=grpo"]))  # the default names
     with pytest.raises(ValueError, match=f"^data.eval_path: {held}:1: missing key 'answer' \\(data.fields.answer\\)"):
         load_data(load_config(None, [keys[1], "data.fields.question=problem", "condition=grpo"]))
+
+
+def test_the_builtin_critic_on_other_data_is_an_error_in_dry_run_too(tmp_path, capsys):
+    """critic=builtin (the default) knows only the arithmetic task: on other data --dry-run stops
+    too (a run stops before the model loads: tests/test_preflight.py), naming critic.kind and the
+    way out; arithmetic questions in a file are fine."""
+    from fastsd import cli
+
+    math = write(tmp_path, [json.dumps({"question": "1+2", "answer": "3"}),
+                            json.dumps({"question": r"Simplify $\frac{6}{8}$.", "answer": r"\frac{3}{4}"})])
+    with pytest.raises(SystemExit):
+        cli.main(["--dry-run", f"data.path={math}", "condition=critique"])
+    err = capsys.readouterr().err
+    assert "fastsd-train: error: critic.kind: critic=builtin is the built-in arithmetic task's own critic" in err
+    assert f"{math}:2 is not one of that task's questions" in err and "use critic=http" in err
+    arith_only = write(tmp_path, [json.dumps({"question": "12+7*3-5", "answer": "52"})], "arith.jsonl")
+    assert cli.main(["--dry-run", f"data.path={arith_only}", "condition=critique"]) == 0

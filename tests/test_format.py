@@ -189,3 +189,16 @@ def test_reward_under_a_grader():
     assert reward(free, "0.7", math) == 0.0
     assert reward("<step_1>x</step_1><answer>\\dfrac{3}{4}</answer>", "0.75", math) == 1.0
     assert reward(parse_response("\\boxed{3", "free"), "3", math) == 0.0  # cut off: nothing
+
+
+def test_free_parse_is_linear_in_nested_boxes():
+    """A degenerate rollout of thousands of nested \\boxed{ (one token each, 2048 new tokens) is
+    parsed in one pass over its braces: it took seconds when each \\boxed{ scanned to its close."""
+    import time
+
+    text = "\\boxed{" * 4000 + "7" + "}" * 4000
+    t = time.perf_counter()
+    parsed = parse_response(text, "free")
+    assert time.perf_counter() - t < 1.0
+    assert parsed.answer == "7" and not parsed.truncated
+    assert parse_response("\\boxed{" * 4000 + "}" * 3999, "free").truncated  # one left open
