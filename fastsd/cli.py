@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config, each key with its meaning, and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. condition=grpo optim.lr=1e-4 model=PATH")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # --dry-run may stand between overrides
     logging.basicConfig(level=logging.INFO, format="[fastsd] %(levelname)s %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)

@@ -155,6 +155,9 @@ def test_paper_recipe_dry_run(standin, math_data, tmp_path, capsys):
     assert cfg.templates.student_chat_kwargs == {"enable_thinking": False}
     assert cfg.templates.teacher_chat_kwargs == {"enable_thinking": True}
     assert cfg.data.fields.question == "problem" and cfg.data.fields.answer == "expected_answer"
+    lora = cfg.model.lora  # paper: r=64, alpha=128 on the attention and MLP projections
+    assert (lora.r, lora.alpha, sorted(lora.target_modules)) == (
+        64, 128, sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     student = out.split("# The student's prompt")[1].split("# The teacher's prompt")[0]
     teacher = out.split("# The teacher's prompt")[1]
     assert r"Simplify $\frac{6}{8}$." in student and r"within \boxed{}." in student  # braces kept as written

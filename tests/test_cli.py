@@ -54,6 +54,11 @@ def test_dry_run_reads_back_and_resolves_what_grpo_runs_with(capsys):
     assert "  every: 0  # ignored: eval=off" in annotated_yaml(load_config(overrides=["eval=off"]))
 
 
+def test_dry_run_may_stand_between_overrides(capsys):
+    assert cli.main(["condition=grpo", "--dry-run", "steps=3"]) == 0  # argparse refused the key after it
+    assert "steps: 3" in capsys.readouterr().out.splitlines()
+
+
 def test_every_config_key_has_a_docstring_for_dry_run():
     docs = field_docs()
 

@@ -114,6 +114,22 @@ def test_resume_on_the_standin(standin, omr_data, critic_url, tmp_path):
     assert third(tmp_path / "b") == third(tmp_path / "a")
 
 
+def test_lora_on_the_standin(standin, omr_data, critic_url, tmp_path):
+    """The paper's setting: LoRA on the chat stand-in, the adapter-disabled base as the teacher."""
+    cfg = load_config(overrides=overrides(standin, omr_data, tmp_path, critic_url, "model.lora.r=8",
+                                          "model.lora.alpha=16"))
+    train(cfg, Dist())
+    rows = train_rows(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2] and all(r["critique_failed"] == 0 and r["usable"] > 0 for r in rows)
+    check_prompts(read_jsonl(tmp_path / "rollouts.jsonl"), "critique")
+    ckpt = latest_checkpoint(tmp_path)
+    assert json.loads((ckpt / "adapter" / "adapter_config.json").read_text())["r"] == 8
+    merged = AutoModelForCausalLM.from_pretrained(ckpt / "hf", local_files_only=True).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(standin, local_files_only=True).state_dict()
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all(k.rsplit(".", 2)[-2].endswith("_proj") for k in changed), sorted(changed)[:5]
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_on_the_standin(standin, omr_data, critic_url, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
