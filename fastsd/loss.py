@@ -30,7 +30,7 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("triton", "torch")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Default workspace for one chunk of fp32 logits (both heads); overridable per call.
+# Default workspace of one call (torch backend: every buffer; Triton: the fp32 logits), in MiB.
 _WORKSPACE_BYTES = int(float(os.environ.get("FASTSD_WORKSPACE_MB", "512")) * 2**20)
 
 
@@ -71,9 +71,14 @@ def _ops(backend: str):
     return kernels
 
 
-def _chunk_rows(chunk_size: int | None, vocab: int, heads: int) -> int:
+def _chunk_rows(chunk_size: int | None, backend: str, vocab: int, width: int, heads: int) -> int:
+    """Rows per chunk: `chunk_size`, or the most whose buffers fit the workspace. The torch
+    backend counts every buffer it allocates (`torch_backend.workspace_bytes`); the Triton
+    backend counts its fp32 logits only (its [C, V] gradient buffer adds half again, see README)."""
     if chunk_size is not None:
         return int(chunk_size)
+    if backend == "torch":
+        return torch_backend.chunk_rows(_WORKSPACE_BYTES, vocab, width, heads)
     return max(16, _WORKSPACE_BYTES // (4 * heads * vocab) // 16 * 16)
 
 
@@ -307,7 +312,7 @@ def fused_linear_divergence(
     targets_c = None if target_ids is None else target_ids.reshape(-1).to(torch.int64)[rows].contiguous()
     kw = dict(divergence=divergence, beta=float(beta), temperature=float(temperature),
               clip=None if clip is None else float(clip),
-              chunk_size=_chunk_rows(chunk_size, weight.shape[0], 2))
+              chunk_size=_chunk_rows(chunk_size, name, weight.shape[0], max(h_s.shape[1], h_t.shape[1]), 2))
     opts = dict(ops=_ops(name), reduction=reduction, kw=kw, grad_enabled=torch.is_grad_enabled())
     # A shared teacher weight is passed as the same tensor object, so backends can reuse it;
     # backward returns no gradient for the teacher slots.
@@ -344,7 +349,7 @@ def fused_linear_logprob(
     name = resolve_backend(backend, hidden.device)
     rows, num_valid = _compact(mask, n, hidden.device)
     targets_c = target_ids.reshape(-1).to(torch.int64)[rows].contiguous()
-    kw = dict(temperature=float(temperature), chunk_size=_chunk_rows(chunk_size, weight.shape[0], 1))
+    kw = dict(temperature=float(temperature), chunk_size=_chunk_rows(chunk_size, name, *weight.shape, 1))
     return _FusedLogprob.apply(
         hidden.reshape(n, hidden.shape[-1]).contiguous(), weight.contiguous(), rows, num_valid, targets_c,
         dict(ops=_ops(name), kw=kw),
