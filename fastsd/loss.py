@@ -71,14 +71,16 @@ def _ops(backend: str):
     return kernels
 
 
-def _chunk_rows(chunk_size: int | None, backend: str, vocab: int, width: int, heads: int) -> int:
+def _chunk_rows(chunk_size: int | None, backend: str, vocab: int, width: int, kind: str, clip=None) -> int:
     """Rows per chunk: `chunk_size`, or the most whose buffers fit the workspace. The torch
     backend counts every buffer it allocates (`torch_backend.workspace_bytes`); the Triton
-    backend counts its fp32 logits only (its [C, V] gradient buffer adds half again, see README)."""
+    backend counts its fp32 logits only (its gradient buffer adds half again, see README).
+    `kind`: the divergence or "logprob"."""
     if chunk_size is not None:
         return int(chunk_size)
     if backend == "torch":
-        return torch_backend.chunk_rows(_WORKSPACE_BYTES, vocab, width, heads)
+        return torch_backend.chunk_rows(_WORKSPACE_BYTES, vocab, width, kind, clip)
+    heads = 1 if kind == "logprob" else 2
     return max(16, _WORKSPACE_BYTES // (4 * heads * vocab) // 16 * 16)
 
 
@@ -312,7 +314,8 @@ def fused_linear_divergence(
     targets_c = None if target_ids is None else target_ids.reshape(-1).to(torch.int64)[rows].contiguous()
     kw = dict(divergence=divergence, beta=float(beta), temperature=float(temperature),
               clip=None if clip is None else float(clip),
-              chunk_size=_chunk_rows(chunk_size, name, weight.shape[0], max(h_s.shape[1], h_t.shape[1]), 2))
+              chunk_size=_chunk_rows(chunk_size, name, weight.shape[0], max(h_s.shape[1], h_t.shape[1]),
+                                     divergence, clip))
     opts = dict(ops=_ops(name), reduction=reduction, kw=kw, grad_enabled=torch.is_grad_enabled())
     # A shared teacher weight is passed as the same tensor object, so backends can reuse it;
     # backward returns no gradient for the teacher slots.
@@ -349,7 +352,7 @@ def fused_linear_logprob(
     name = resolve_backend(backend, hidden.device)
     rows, num_valid = _compact(mask, n, hidden.device)
     targets_c = target_ids.reshape(-1).to(torch.int64)[rows].contiguous()
-    kw = dict(temperature=float(temperature), chunk_size=_chunk_rows(chunk_size, name, *weight.shape, 1))
+    kw = dict(temperature=float(temperature), chunk_size=_chunk_rows(chunk_size, name, *weight.shape, "logprob"))
     return _FusedLogprob.apply(
         hidden.reshape(n, hidden.shape[-1]).contiguous(), weight.contiguous(), rows, num_valid, targets_c,
         dict(ops=_ops(name), kw=kw),

@@ -5,19 +5,20 @@ first, `rows[i]` is the original index of compact row i), outputs are in compact
 the hidden-state gradient, which is scattered back to the original rows. Logits and all softmax
 math are float32.
 
-Memory (see `workspace_bytes`, which `fastsd.loss` sizes the chunks with): one [C, V] fp32
-buffer per head, allocated once per call and reused by every chunk; the GEMMs write into them,
-the row math works in place and leaves d loss / d z_s in the student buffer, which the dX/dW
-GEMMs read. The row math runs over blocks of `_block_rows` rows so that its few scratch buffers
-([R, V], R small) stay in the CPU cache: the exponentials are computed once per element, and the
-other passes cost cache, not DRAM, bandwidth.
+Memory (`workspace_bytes`, which `fastsd.loss` sizes the chunks with): per call, one [C, V] fp32
+buffer per head plus the row math's scratch (forward and reverse KL: one [C, V] fp32 buffer, and
+clip a [C, V] bool mask; JSD: three; log-prob: none), allocated once and reused by every chunk.
+The GEMMs write into them, the row math works in place (few, large ops: on a loaded 2-core
+machine each parallel op can wait a scheduler slice, so splitting a chunk's row math into
+cache-sized row blocks was 2-10x slower there), each exponential is taken once per element, and
+d loss / d z_s ends in the student buffer, which the dX/dW GEMMs read.
 
-With a = z - max(z) per row, l = log sum_v exp(a), log p = a - l. Gradient w.r.t. the student
-logits z_s (before the 1/temperature factor), per row:
-    forward_kl          p_s - p_t,  loss = E_pt[a_t - a_s] - l_t + l_s
-    forward_kl + clip   p_s * sum_v(k_v p_t,v) - k p_t,   k_v = [p_t,v (log p_t,v - log p_s,v) <= clip]
-    reverse_kl          p_s * (log p_s - log p_t - KL),  KL = E_ps[a_s - a_t] - l_s + l_t
-    jsd(beta)           (1 - beta) p_s * (log p_s - log M - KL(p_s || M)),  M = (1-beta) p_s + beta p_t
+With a = z - max(z) per row, l = log sum_v exp(a), log p = a - l. Per row, and the gradient
+w.r.t. the student logits z_s (before the 1/temperature factor):
+    forward_kl          loss = E_pt[a_t - a_s] - l_t + l_s,  grad p_s - p_t
+    forward_kl + clip   grad p_s * sum_v(k_v p_t,v) - k p_t,   k_v = [p_t,v (log p_t,v - log p_s,v) <= clip]
+    reverse_kl          KL = E_ps[a_s - a_t] - l_s + l_t,  grad p_s * (log p_s - log p_t - KL)
+    jsd(beta)           grad (1 - beta) p_s * (log p_s - log M - KL(p_s || M)),  M = (1-beta) p_s + beta p_t
 """
 
 from __future__ import annotations
@@ -27,91 +28,94 @@ import torch
 __all__ = ["divergence_chunked", "logprob_chunked", "finish_grads", "workspace_bytes", "chunk_rows"]
 
 F32 = torch.float32
-_BLOCK_BYTES = 2 * 2**20  # one [R, V] fp32 scratch block: ~2 MiB, three of them sit in the L3 cache
-_SCRATCH = 3  # [R, V] fp32 scratch blocks the row math uses (clip adds a [R, V] bool mask)
-_TINY = torch.finfo(F32).tiny  # log M of rows where both p underflow: finite, times p = 0 gives 0
+_TINY = torch.finfo(F32).tiny  # log M where both p underflow: finite, and times p = 0 it gives 0
+_SCRATCH = {"forward_kl": 1, "reverse_kl": 1, "jsd": 3, "logprob": 0}  # [C, V] fp32 scratch buffers
 
 
-def _block_rows(vocab: int) -> int:
-    return max(1, _BLOCK_BYTES // (4 * vocab))
+def _row_bytes(vocab: int, width: int, kind: str, clip) -> int:
+    heads = 1 if kind == "logprob" else 2
+    per_elem = 4 * (heads + _SCRATCH[kind]) + (clip is not None)  # clip: a bool mask
+    return per_elem * vocab + (heads + 1) * width * 4
 
 
-def _scratch_bytes(rows: int, vocab: int, heads: int) -> int:
-    # divergence: three fp32 blocks and clip's bool mask; log-prob: one fp32 block
-    return (_SCRATCH * 4 + 1 if heads == 2 else 4) * rows * vocab
+def workspace_bytes(chunk: int, vocab: int, width: int, kind: str, clip: float | None = None) -> int:
+    """Peak bytes one call allocates beyond its inputs, the fp32 gradient accumulators (dX [N, D],
+    dW [V, D]) and, for 16-bit weights, fp32 copies of the weights ([V, D] per head): the [C, V]
+    buffers above and [C, D] fp32 hidden states per head plus the chunk's dX product.
+    `kind`: a divergence or "logprob"."""
+    return chunk * _row_bytes(vocab, width, kind, clip)
 
 
-def workspace_bytes(chunk: int, vocab: int, width: int, heads: int) -> int:
-    """Peak bytes one call allocates beyond its inputs, the fp32 gradient accumulators (dX
-    [N, D], dW [V, D]) and, for 16-bit weights, their fp32 copies ([V, D] per head): `heads`
-    [C, V] fp32 logits buffers, the row math's scratch blocks, and [C, D] fp32 hidden states
-    per head plus the chunk's dX product."""
-    rows = min(chunk, _block_rows(vocab))
-    return heads * chunk * vocab * 4 + _scratch_bytes(rows, vocab, heads) + (heads + 1) * chunk * width * 4
-
-
-def chunk_rows(budget: int, vocab: int, width: int, heads: int) -> int:
+def chunk_rows(budget: int, vocab: int, width: int, kind: str, clip: float | None = None) -> int:
     """Rows per chunk: the largest multiple of 16 whose `workspace_bytes` fits `budget` bytes
     (at least 16, whatever the budget)."""
-    per_row = heads * vocab * 4 + (heads + 1) * width * 4
-    fixed = _scratch_bytes(_block_rows(vocab), vocab, heads)
-    return max(16, (budget - fixed) // per_row // 16 * 16)
+    return max(16, budget // _row_bytes(vocab, width, kind, clip) // 16 * 16)
 
 
-def _lse(a, e):
-    """In place: a -= max per row; e = exp(a). Returns the row sums of e and their log."""
-    a.sub_(a.amax(1, keepdim=True))
-    torch.exp(a, out=e)
-    s = e.sum(1)
+def _max_out(a):
+    """In place: a -= max per row."""
+    return a.sub_(a.amax(1, keepdim=True))
+
+
+def _exp_sum(a):
+    """In place: a = exp(a). Returns the row sums and their log."""
+    s = a.exp_().sum(1)
     return s, s.log()
 
 
-def _div_block(a, b, s1, s2, s3, divergence, beta, clip, tgt, scale):
-    """Row math for one block of rows, in place. a, b: [R, V] student / teacher logits (already
-    divided by the temperature); s1..s3: [R, V] scratch. Returns (loss [R], lp_s, lp_t (or None));
-    with `scale` [R] (d out / d loss times 1/temperature), a ends as d out / d z_s."""
-    sum_s, l_s = _lse(a, s1)  # a = a_s, s1 = exp(a_s)
-    sum_t, l_t = _lse(b, s2)  # b = a_t, s2 = exp(a_t)
-    lps = lpt = None
+def _row_math(a, b, s, divergence, beta, clip, tgt, scale):
+    """Row math for one chunk, in place. a, b: [C, V] student / teacher logits (divided by the
+    temperature); s: the scratch buffers ([C, V] each). Returns (loss [C], lp_s, lp_t (None
+    without `tgt`)); with `scale` [C] (d out / d loss times 1/temperature), a ends as d out / d z_s."""
+    _max_out(a), _max_out(b)
+    ga = gb = lps = lpt = None
     if tgt is not None:
-        lps = a.gather(1, tgt).squeeze(1) - l_s
-        lpt = b.gather(1, tgt).squeeze(1) - l_t
-    if divergence == "forward_kl":
-        torch.sub(b, a, out=s3)  # a_t - a_s = log p_t - log p_s + (l_t - l_s)
-        if clip is None:
-            loss = (s3.mul_(s2).sum(1) / sum_t) - (l_t - l_s)
+        ga, gb = a.gather(1, tgt).squeeze(1), b.gather(1, tgt).squeeze(1)
+    if divergence == "jsd":
+        loss, l_s, l_t = _jsd(a, b, *s, beta, scale)
+    else:
+        d = s[0]
+        if divergence == "forward_kl":
+            torch.sub(b, a, out=d)  # a_t - a_s = log p_t - log p_s + (l_t - l_s)
+        else:
+            torch.sub(a, b, out=d)  # a_s - a_t
+        sum_s, l_s = _exp_sum(a)  # a = exp(a_s)
+        sum_t, l_t = _exp_sum(b)  # b = exp(a_t)
+        if divergence == "reverse_kl":
+            loss = torch.mul(a, d, out=b).sum(1) / sum_s - (l_s - l_t)
+            if scale is not None:  # p_s (log p_s - log p_t - KL)
+                a.mul_(d.sub_((l_s - l_t + loss)[:, None])).mul_((scale / sum_s)[:, None])
+        elif clip is None:
+            loss = d.mul_(b).sum(1) / sum_t - (l_t - l_s)
             if scale is not None:  # p_s - p_t
-                torch.mul(s2, (scale / sum_t)[:, None], out=s3)
-                torch.mul(s1, (scale / sum_s)[:, None], out=a).sub_(s3)
-            return loss, lps, lpt
-        s2.mul_((1 / sum_t)[:, None])  # p_t
-        s3.sub_((l_t - l_s)[:, None]).mul_(s2)  # summand p_t (log p_t - log p_s)
-        kept = s3 <= clip
-        loss = s3.clamp_(max=clip).sum(1)
-        if scale is not None:  # p_s K - [kept] p_t
-            torch.mul(s2, kept, out=s3)
-            k = s3.sum(1)
-            torch.mul(s1, (scale * k / sum_s)[:, None], out=a).sub_(s3.mul_(scale[:, None]))
-        return loss, lps, lpt
-    if divergence == "reverse_kl":
-        torch.sub(a, b, out=s3)  # a_s - a_t
-        kl = torch.mul(s1, s3, out=s2).sum(1) / sum_s - (l_s - l_t)
-        if scale is not None:  # p_s (log p_s - log p_t - KL)
-            s3.sub_((l_s - l_t + kl)[:, None])
-            torch.mul(s1, (scale / sum_s)[:, None], out=a).mul_(s3)
-        return kl, lps, lpt
+                a.mul_((scale / sum_s)[:, None]).addcmul_(b, (scale / sum_t)[:, None], value=-1)
+        else:
+            b.mul_((1 / sum_t)[:, None])  # p_t
+            d.sub_((l_t - l_s)[:, None]).mul_(b)  # summand p_t (log p_t - log p_s)
+            kept = d <= clip
+            loss = d.clamp_(max=clip).sum(1)
+            if scale is not None:  # p_s K - [kept] p_t
+                # not torch.mul(b, kept): a bool operand is cast to a float [C, V] temporary
+                k = d.copy_(b).masked_fill_(kept.logical_not_(), 0).sum(1)
+                a.mul_((scale * k / sum_s)[:, None]).addcmul_(d, scale[:, None], value=-1)
+    if tgt is not None:
+        lps, lpt = ga - l_s, gb - l_t
+    return loss, lps, lpt
+
+
+def _jsd(a, b, ps, pt, log_m, beta, scale):
+    """JSD row math in place on a = a_s, b = a_t; the other three are scratch."""
+    sum_s, sum_t = torch.exp(a, out=ps).sum(1), torch.exp(b, out=pt).sum(1)
+    l_s, l_t = sum_s.log(), sum_t.log()
+    ps, pt = ps.div_(sum_s[:, None]), pt.div_(sum_t[:, None])
     a.sub_(l_s[:, None])  # log p_s
     b.sub_(l_t[:, None])  # log p_t
-    s1.mul_((1 / sum_s)[:, None])  # p_s
-    s2.mul_((1 / sum_t)[:, None])  # p_t
-    torch.mul(s1, 1 - beta, out=s3).add_(s2, alpha=beta).clamp_(min=_TINY).log_()  # log M
-    kl_t = b.sub_(s3).mul_(s2).sum(1)  # b is free after this
-    a.sub_(s3)  # log p_s - log M
-    kl_s = torch.mul(a, s1, out=s2).sum(1)
-    loss = beta * kl_t + (1 - beta) * kl_s
+    torch.mul(ps, 1 - beta, out=log_m).add_(pt, alpha=beta).clamp_(min=_TINY).log_()
+    kl_t = b.sub_(log_m).mul_(pt).sum(1)  # b is free after this
+    kl_s = torch.mul(a.sub_(log_m), ps, out=pt).sum(1)  # a = log p_s - log M
     if scale is not None:
-        a.sub_(kl_s[:, None]).mul_(s1).mul_(((1 - beta) * scale)[:, None])
-    return loss, lps, lpt
+        a.sub_(kl_s[:, None]).mul_(ps).mul_(((1 - beta) * scale)[:, None])
+    return beta * kl_t + (1 - beta) * kl_s, l_s, l_t
 
 
 def _logits(h, rows, w32, out, inv_temp):
@@ -156,25 +160,19 @@ def divergence_chunked(h_s, w_s, h_t, w_t, rows, num_valid, targets_c, *, diverg
     ws32 = w_s.to(F32)
     wt32 = ws32 if w_t is w_s else w_t.to(F32)
     C = max(1, min(chunk_size, n))
-    R = min(C, _block_rows(V))
-    zs, zt = torch.empty(C, V, dtype=F32, device=dev), torch.empty(C, V, dtype=F32, device=dev)
-    s1, s2, s3 = (torch.empty(R, V, dtype=F32, device=dev) for _ in range(_SCRATCH))
+    zs, zt, *scratch = (torch.empty(C, V, dtype=F32, device=dev) for _ in range(2 + _SCRATCH[divergence]))
     inv_temp = 1.0 / temperature
     for c0 in range(0, n, C):
-        c = min(C, n - c0)
-        r = rows[c0:c0 + c]
+        c1 = min(c0 + C, n)
+        c, r = c1 - c0, rows[c0:c1]
         hs = _logits(h_s, r, ws32, zs[:c], inv_temp)
         _logits(h_t, r, wt32, zt[:c], inv_temp)
-        for b0 in range(0, c, R):
-            b1 = min(b0 + R, c)
-            k, i0, i1 = b1 - b0, c0 + b0, c0 + b1
-            tgt = None if targets_c is None else targets_c[i0:i1, None]
-            scale = None if not grad else row_scale[i0:i1] * inv_temp
-            out = _div_block(zs[b0:b1], zt[b0:b1], s1[:k], s2[:k], s3[:k], divergence, beta,
-                             clip, tgt, scale)
-            loss[i0:i1] = out[0]
-            if tgt is not None:
-                s_lp[i0:i1], t_lp[i0:i1] = out[1], out[2]
+        tgt = None if targets_c is None else targets_c[c0:c1, None]
+        scale = row_scale[c0:c1] * inv_temp if grad else None
+        loss[c0:c1], lps, lpt = _row_math(zs[:c], zt[:c], [t[:c] for t in scratch], divergence, beta,
+                                          clip, tgt, scale)
+        if tgt is not None:
+            s_lp[c0:c1], t_lp[c0:c1] = lps, lpt
         if grad:
             _backprop(zs[:c], hs, ws32, r, dx, dw)
     return loss, s_lp, t_lp, dx, dw
@@ -191,26 +189,19 @@ def logprob_chunked(h, w, rows, num_valid, targets_c, *, temperature, row_scale,
         return lp, dx, dw
     w32 = w.to(F32)
     C = max(1, min(chunk_size, n))
-    R = min(C, _block_rows(V))
     z = torch.empty(C, V, dtype=F32, device=h.device)
-    e = torch.empty(R, V, dtype=F32, device=h.device)
     inv_temp = 1.0 / temperature
     for c0 in range(0, n, C):
-        c = min(C, n - c0)
-        r = rows[c0:c0 + c]
-        hc = _logits(h, r, w32, z[:c], inv_temp)
-        for b0 in range(0, c, R):
-            b1 = min(b0 + R, c)
-            a, i0, i1 = z[b0:b1], c0 + b0, c0 + b1
-            tgt = targets_c[i0:i1, None]
-            s, l = _lse(a, e[:b1 - b0])
-            lp[i0:i1] = a.gather(1, tgt).squeeze(1) - l
-            if grad:  # d log p(y) / d z = onehot(y) - p, times row_scale / temperature
-                scale = row_scale[i0:i1] * inv_temp
-                torch.mul(e[:b1 - b0], (-scale / s)[:, None], out=a)
-                a.scatter_add_(1, tgt, scale[:, None])
-        if grad:
-            _backprop(z[:c], hc, w32, r, dx, dw)
+        c1 = min(c0 + C, n)
+        a, r, tgt = z[:c1 - c0], rows[c0:c1], targets_c[c0:c1, None]
+        hc = _logits(h, r, w32, a, inv_temp)
+        picked = _max_out(a).gather(1, tgt).squeeze(1)
+        s, l = _exp_sum(a)
+        lp[c0:c1] = picked - l
+        if grad:  # d log p(y) / d z = onehot(y) - p, times row_scale / temperature
+            scale = row_scale[c0:c1] * inv_temp
+            a.mul_((-scale / s)[:, None]).scatter_add_(1, tgt, scale[:, None])
+            _backprop(a, hc, w32, r, dx, dw)
     return lp, dx, dw
 
 
