@@ -228,10 +228,14 @@ class _FusedDivergence(torch.autograd.Function):
 class _FusedLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, rows, num_valid, targets_c, opts):
+        # torch backend, gradient wanted: a call that fits one chunk keeps onehot - p for backward
+        keep = [] if (opts["ops"] is torch_backend and opts["grad_enabled"]
+                      and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])) else None
         lp_c, _, _ = opts["ops"].logprob_chunked(
             h, w, rows, num_valid, targets_c, row_scale=None, need_dx=False, need_dw=False,
-            **opts["kw"],
+            **opts["kw"], **({} if keep is None else {"keep": keep}),
         )
+        ctx.kept = keep[0] if keep else None
         ctx.save_for_backward(h, w, rows, num_valid, targets_c)
         ctx.opts = opts
         return _scatter(lp_c, rows)
@@ -242,10 +246,15 @@ class _FusedLogprob(torch.autograd.Function):
         h, w, rows, num_valid, targets_c = ctx.saved_tensors
         row_scale = grad_lp.to(torch.float32)[rows].contiguous()
         ops = ctx.opts["ops"]
-        _, dx, dw = ops.logprob_chunked(
-            h, w, rows, num_valid, targets_c, row_scale=row_scale,
-            need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1], **ctx.opts["kw"],
-        )
+        if ctx.kept is not None:
+            dx, dw = torch_backend.logprob_backward_kept(
+                ctx.kept, h, w, rows, row_scale, temperature=ctx.opts["kw"]["temperature"],
+                need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1])
+        else:
+            _, dx, dw = ops.logprob_chunked(
+                h, w, rows, num_valid, targets_c, row_scale=row_scale,
+                need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1], **ctx.opts["kw"],
+            )
         dx, dw = ops.finish_grads(dx, dw, None, h.dtype, w.dtype)
         return dx, dw, None, None, None, None
 
@@ -355,7 +364,7 @@ def fused_linear_logprob(
     kw = dict(temperature=float(temperature), chunk_size=_chunk_rows(chunk_size, name, *weight.shape, "logprob"))
     return _FusedLogprob.apply(
         hidden.reshape(n, hidden.shape[-1]).contiguous(), weight.contiguous(), rows, num_valid, targets_c,
-        dict(ops=_ops(name), kw=kw),
+        dict(ops=_ops(name), kw=kw, grad_enabled=torch.is_grad_enabled()),
     )
 
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["divergence_chunked", "logprob_chunked", "finish_grads", "workspace_bytes", "chunk_rows"]
+__all__ = ["divergence_chunked", "logprob_chunked", "logprob_backward_kept", "finish_grads", "workspace_bytes",
+           "chunk_rows"]
 
 F32 = torch.float32
 _TINY = torch.finfo(F32).tiny  # log M where both p underflow: finite, and times p = 0 it gives 0
@@ -179,8 +180,13 @@ def divergence_chunked(h_s, w_s, h_t, w_t, rows, num_valid, targets_c, *, diverg
 
 
 def logprob_chunked(h, w, rows, num_valid, targets_c, *, temperature, row_scale, chunk_size,
-                    need_dx, need_dw):
-    """Returns (lp_c [N], dx [N, D] | None, dw [V, D] | None): log p(target) per compact row."""
+                    need_dx, need_dw, keep=None):
+    """Returns (lp_c [N], dx [N, D] | None, dw [V, D] | None): log p(target) per compact row.
+
+    `keep` (a list, forward only): when the valid rows fit one chunk, the chunk's d log p / d z
+    (onehot - p, unscaled) is appended to it, for `logprob_backward_kept`: the backward then
+    needs no second logits GEMM (3 GEMMs in all, as eager), and the buffer, at most the
+    workspace, lives until then."""
     n, N, V = int(num_valid), rows.numel(), w.shape[0]
     lp = torch.zeros(N, dtype=F32, device=h.device)
     grad = row_scale is not None
@@ -202,7 +208,23 @@ def logprob_chunked(h, w, rows, num_valid, targets_c, *, temperature, row_scale,
             scale = row_scale[c0:c1] * inv_temp
             a.mul_((-scale / s)[:, None]).scatter_add_(1, tgt, scale[:, None])
             _backprop(a, hc, w32, r, dx, dw)
+        elif keep is not None and n <= C:
+            keep.append(a.mul_((-1 / s)[:, None]).scatter_add_(1, tgt, torch.ones_like(picked)[:, None]))
     return lp, dx, dw
+
+
+def logprob_backward_kept(g0, h, w, rows, row_scale, *, temperature, need_dx, need_dw):
+    """dX, dW (fp32) from the kept onehot - p of `logprob_chunked`. The per-row scale goes on
+    the [n, D] operands, not on g0, so g0 stays as it is (a second backward gives the same)."""
+    n = g0.shape[0]
+    dx, dw = _grad_buffers(h, w, need_dx, need_dw)
+    r, u = rows[:n], (row_scale[:n] / temperature)[:, None]
+    w32 = w.to(F32)
+    if dx is not None:
+        dx[r] = (g0 @ w32).mul_(u)
+    if dw is not None:
+        dw.addmm_(g0.T, h[r].to(F32).mul_(u))  # h[r] is a copy: the in-place scale is safe
+    return dx, dw
 
 
 def finish_grads(dx, dw, scale, dx_dtype, dw_dtype):

@@ -257,3 +257,36 @@ def test_fp16_mean_over_many_rows_keeps_gradient_digits(backend, device):
     reference_divergence(h64, w64, h_t).loss.backward()
     assert rel_err(h_s.grad, h64.grad) < grad_tol(F16, backend)
     assert rel_err(w.grad, w64.grad) < grad_tol(F16, backend)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_logprob_in_one_chunk_keeps_its_gradient(dtype, monkeypatch, device):
+    """torch backend: when the valid rows fit one chunk, the forward keeps onehot - p and the
+    backward runs no second logits pass; the values and gradients match float64 as above, and a
+    second backward (retain_graph) gives the same gradients."""
+    from fastsd import torch_backend
+
+    calls = []
+    real = torch_backend.logprob_chunked
+    monkeypatch.setattr(torch_backend, "logprob_chunked", lambda *a, **k: calls.append(k) or real(*a, **k))
+    n, d, v = 41, 40, 263
+    h, w, _, _, g = make_inputs(n, d, v, dtype=dtype, device=device)
+    targets = torch.randint(0, v, (n,), generator=g).to(device)
+    mask = _mask("some", n, g).to(device)
+    upstream = torch.randn(n, generator=g).to(device)
+    h.requires_grad_(True)
+    w.requires_grad_(True)
+    lp = fastsd.fused_linear_logprob(h, w, targets, temperature=0.8, mask=mask, backend="torch")
+    (lp * upstream).sum().backward(retain_graph=True)
+    assert len(calls) == 1 and "keep" in calls[0]  # forward only
+    h64, w64 = leaf64(h), leaf64(w)
+    ref = reference_logprob(h64, w64, targets, temperature=0.8, mask=mask)
+    (ref * upstream.double()).sum().backward()
+    assert rel_err(lp, ref) < VALUE_TOL[dtype]
+    assert rel_err(h.grad, h64.grad) < grad_tol(dtype, "torch")
+    assert rel_err(w.grad, w64.grad) < grad_tol(dtype, "torch")
+    assert torch.all(h.grad[~mask] == 0)
+    first = (h.grad.clone(), w.grad.clone())
+    h.grad = w.grad = None
+    (lp * upstream).sum().backward()
+    assert torch.equal(h.grad, first[0]) and torch.equal(w.grad, first[1])
