@@ -10,7 +10,8 @@ forward + backward into the student hidden states and weight. Timing: all varian
 process, interleaved (each round runs them in a rotated order), one untimed warm-up call each
 first (its time is reported: torch.compile's cost), median of `--rounds`. Memory: each variant
 in a fresh process of its own: peak RSS (VmHWM, reset through /proc/self/clear_refs) during a
-second call, minus the RSS before the first, so memory a variant keeps between calls counts.
+second call, minus the RSS before the first (taken after a tiny generic forward + backward has
+started torch's thread pools), so memory a variant keeps between calls counts.
 Peers that are not installed (liger-kernel, trl) are skipped and named. Prints a table with
 ratios to fastsd and writes JSON.
 """
@@ -125,10 +126,14 @@ def variants_for(div):
     return have, skipped
 
 
-def call(fn, data, div):
-    """One forward + backward on fresh leaves; returns (loss, dX, dW)."""
-    h, w, h_t, w_t, ids = data
-    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+def leaves(data):
+    return data[0].clone().requires_grad_(), data[1].clone().requires_grad_()
+
+
+def call(fn, data, div, fresh=None):
+    """One forward + backward on fresh leaves (`fresh`, or new clones); returns (loss, dX, dW)."""
+    _, _, h_t, w_t, ids = data
+    hh, ww = fresh or leaves(data)
     loss = fn(hh, ww, h_t, w_t, ids, div)
     loss.backward()
     return loss.detach(), hh.grad, ww.grad
@@ -167,11 +172,16 @@ def child_memory(shape, div, name):
     """In this (fresh) process: bytes of peak RSS during a second call above the RSS before the first."""
     fn = variants_for(div)[0][name]
     data = inputs(*shape)
+    # thread pools, MKL and the autograd engine start on first use: not any variant's memory
+    x = torch.randn(64, 64, requires_grad=True)
+    torch.log_softmax(x @ torch.randn(64, 512), -1).sum().backward()
+    first, second = leaves(data), leaves(data)  # inputs, not the variant's memory
     before = _status("VmRSS")
-    call(fn, data, div)
+    call(fn, data, div, first)
+    first[0].grad = first[1].grad = None  # the leaves stay: they are in `before`
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
-    call(fn, data, div)
+    call(fn, data, div, second)  # its dX and dW count: every variant returns them
     return _status("VmHWM") - before
 
 
