@@ -8,16 +8,15 @@ math are float32.
 Memory (`workspace_bytes`, which `fastsd.loss` sizes the chunks with): per call, one [C, V] fp32
 buffer per head plus the row math's scratch (forward and reverse KL: one [C, V] fp32 buffer, and
 clip a [C, V] bool mask; JSD: three; log-prob: none), allocated once and reused by every chunk.
-The GEMMs write into them, the row math works in place (few, large ops: on a loaded 2-core
-machine each parallel op can wait a scheduler slice, so splitting a chunk's row math into
-cache-sized row blocks was 2-10x slower there), each exponential is taken once per element, and
-d loss / d z_s ends in the student buffer, which the dX/dW GEMMs read.
+The GEMMs write into them and the row math works in place: log_softmax into its own input (one
+fused op per row), then a few elementwise passes, leaving d loss / d z_s in the student buffer,
+which the dX/dW GEMMs read. Few, large ops: on a loaded 2-core machine each parallel op can wait
+a scheduler slice, so splitting a chunk's row math into cache-sized row blocks was 2-10x slower.
 
-With a = z - max(z) per row, l = log sum_v exp(a), log p = a - l. Per row, and the gradient
-w.r.t. the student logits z_s (before the 1/temperature factor):
-    forward_kl          loss = E_pt[a_t - a_s] - l_t + l_s,  grad p_s - p_t
+Per row, and the gradient w.r.t. the student logits z_s (before the 1/temperature factor):
+    forward_kl          sum_v p_t (log p_t - log p_s),  grad p_s - p_t
     forward_kl + clip   grad p_s * sum_v(k_v p_t,v) - k p_t,   k_v = [p_t,v (log p_t,v - log p_s,v) <= clip]
-    reverse_kl          KL = E_ps[a_s - a_t] - l_s + l_t,  grad p_s * (log p_s - log p_t - KL)
+    reverse_kl          KL = sum_v p_s (log p_s - log p_t),  grad p_s * (log p_s - log p_t - KL)
     jsd(beta)           grad (1 - beta) p_s * (log p_s - log M - KL(p_s || M)),  M = (1-beta) p_s + beta p_t
 """
 
@@ -53,70 +52,53 @@ def chunk_rows(budget: int, vocab: int, width: int, kind: str, clip: float | Non
     return max(16, budget // _row_bytes(vocab, width, kind, clip) // 16 * 16)
 
 
-def _max_out(a):
-    """In place: a -= max per row."""
-    return a.sub_(a.amax(1, keepdim=True))
-
-
-def _exp_sum(a):
-    """In place: a = exp(a). Returns the row sums and their log."""
-    s = a.exp_().sum(1)
-    return s, s.log()
+def _log_softmax_(a):
+    """In place, one fused op per row: a = log softmax(a). (The CPU kernel reads a row for its
+    max and sum before it writes it: checked equal to the out-of-place result.)"""
+    return torch.log_softmax(a, 1, out=a)
 
 
 def _row_math(a, b, s, divergence, beta, clip, tgt, scale):
     """Row math for one chunk, in place. a, b: [C, V] student / teacher logits (divided by the
     temperature); s: the scratch buffers ([C, V] each). Returns (loss [C], lp_s, lp_t (None
     without `tgt`)); with `scale` [C] (d out / d loss times 1/temperature), a ends as d out / d z_s."""
-    _max_out(a), _max_out(b)
-    ga = gb = lps = lpt = None
+    _log_softmax_(a), _log_softmax_(b)
+    lps = lpt = None
     if tgt is not None:
-        ga, gb = a.gather(1, tgt).squeeze(1), b.gather(1, tgt).squeeze(1)
+        lps, lpt = a.gather(1, tgt).squeeze(1), b.gather(1, tgt).squeeze(1)
     if divergence == "jsd":
-        loss, l_s, l_t = _jsd(a, b, *s, beta, scale)
-    else:
-        d = s[0]
-        if divergence == "forward_kl":
-            torch.sub(b, a, out=d)  # a_t - a_s = log p_t - log p_s + (l_t - l_s)
-        else:
-            torch.sub(a, b, out=d)  # a_s - a_t
-        sum_s, l_s = _exp_sum(a)  # a = exp(a_s)
-        sum_t, l_t = _exp_sum(b)  # b = exp(a_t)
-        if divergence == "reverse_kl":
-            loss = torch.mul(a, d, out=b).sum(1) / sum_s - (l_s - l_t)
-            if scale is not None:  # p_s (log p_s - log p_t - KL)
-                a.mul_(d.sub_((l_s - l_t + loss)[:, None])).mul_((scale / sum_s)[:, None])
-        elif clip is None:
-            loss = d.mul_(b).sum(1) / sum_t - (l_t - l_s)
-            if scale is not None:  # p_s - p_t
-                a.mul_((scale / sum_s)[:, None]).addcmul_(b, (scale / sum_t)[:, None], value=-1)
-        else:
-            b.mul_((1 / sum_t)[:, None])  # p_t
-            d.sub_((l_t - l_s)[:, None]).mul_(b)  # summand p_t (log p_t - log p_s)
-            kept = d <= clip
-            loss = d.clamp_(max=clip).sum(1)
-            if scale is not None:  # p_s K - [kept] p_t
-                # not torch.mul(b, kept): a bool operand is cast to a float [C, V] temporary
-                k = d.copy_(b).masked_fill_(kept.logical_not_(), 0).sum(1)
-                a.mul_((scale * k / sum_s)[:, None]).addcmul_(d, scale[:, None], value=-1)
-    if tgt is not None:
-        lps, lpt = ga - l_s, gb - l_t
+        return _jsd(a, b, *s, beta, scale), lps, lpt
+    d = s[0]
+    if divergence == "reverse_kl":
+        torch.sub(a, b, out=d)  # log p_s - log p_t
+        kl = torch.mul(a.exp_(), d, out=b).sum(1)  # a = p_s
+        if scale is not None:  # p_s (log p_s - log p_t - KL)
+            a.mul_(d.sub_(kl[:, None]).mul_(scale[:, None]))
+        return kl, lps, lpt
+    torch.sub(b, a, out=d).mul_(b.exp_())  # b = p_t, d = p_t (log p_t - log p_s)
+    if clip is None:
+        loss = d.sum(1)
+        if scale is not None:  # p_s - p_t
+            a.exp_().sub_(b).mul_(scale[:, None])
+        return loss, lps, lpt
+    kept = d <= clip
+    loss = d.clamp_(max=clip).sum(1)
+    if scale is not None:  # p_s K - [kept] p_t
+        # not torch.mul(b, kept): a bool operand is cast to a float [C, V] temporary
+        k = d.copy_(b).masked_fill_(kept.logical_not_(), 0).sum(1)
+        a.exp_().mul_((scale * k)[:, None]).addcmul_(d, scale[:, None], value=-1)
     return loss, lps, lpt
 
 
 def _jsd(a, b, ps, pt, log_m, beta, scale):
-    """JSD row math in place on a = a_s, b = a_t; the other three are scratch."""
-    sum_s, sum_t = torch.exp(a, out=ps).sum(1), torch.exp(b, out=pt).sum(1)
-    l_s, l_t = sum_s.log(), sum_t.log()
-    ps, pt = ps.div_(sum_s[:, None]), pt.div_(sum_t[:, None])
-    a.sub_(l_s[:, None])  # log p_s
-    b.sub_(l_t[:, None])  # log p_t
+    """JSD row math in place on a = log p_s, b = log p_t; the other three are scratch."""
+    torch.exp(a, out=ps), torch.exp(b, out=pt)
     torch.mul(ps, 1 - beta, out=log_m).add_(pt, alpha=beta).clamp_(min=_TINY).log_()
     kl_t = b.sub_(log_m).mul_(pt).sum(1)  # b is free after this
     kl_s = torch.mul(a.sub_(log_m), ps, out=pt).sum(1)  # a = log p_s - log M
     if scale is not None:
         a.sub_(kl_s[:, None]).mul_(ps).mul_(((1 - beta) * scale)[:, None])
-    return beta * kl_t + (1 - beta) * kl_s, l_s, l_t
+    return beta * kl_t + (1 - beta) * kl_s
 
 
 def _logits(h, rows, w32, out, inv_temp):
@@ -128,17 +110,18 @@ def _logits(h, rows, w32, out, inv_temp):
     return hc
 
 
-def _grad_buffers(h, w, need_dx, need_dw):
+def _grad_buffers(h, w, need_dx, need_dw, n):
+    """fp32 dX (zeros: masked rows keep 0) and dW (written by the first chunk's GEMM if n > 0)."""
     dx = torch.zeros(h.shape, dtype=F32, device=h.device) if need_dx else None
-    dw = torch.zeros(w.shape, dtype=F32, device=w.device) if need_dw else None
+    dw = (torch.empty if n else torch.zeros)(w.shape, dtype=F32, device=w.device) if need_dw else None
     return dx, dw
 
 
-def _backprop(g, hc, w32, r, dx, dw):
+def _backprop(g, hc, w32, r, dx, dw, first):
     if dx is not None:
         dx[r] = g @ w32
-    if dw is not None:
-        dw.addmm_(g.T, hc)  # accumulates in place: no [V, D] temporary
+    if dw is not None:  # in place: no [V, D] temporary; the first chunk also skips a zero fill
+        torch.mm(g.T, hc, out=dw) if first else dw.addmm_(g.T, hc)
 
 
 def divergence_chunked(h_s, w_s, h_t, w_t, rows, num_valid, targets_c, *, divergence, beta,
@@ -155,7 +138,7 @@ def divergence_chunked(h_s, w_s, h_t, w_t, rows, num_valid, targets_c, *, diverg
     if targets_c is not None:
         s_lp, t_lp = torch.zeros_like(loss), torch.zeros_like(loss)
     grad = row_scale is not None
-    dx, dw = _grad_buffers(h_s, w_s, grad and need_dx, grad and need_dw)
+    dx, dw = _grad_buffers(h_s, w_s, grad and need_dx, grad and need_dw, n)
     if n == 0:
         return loss, s_lp, t_lp, dx, dw
     ws32 = w_s.to(F32)
@@ -175,7 +158,7 @@ def divergence_chunked(h_s, w_s, h_t, w_t, rows, num_valid, targets_c, *, diverg
         if tgt is not None:
             s_lp[c0:c1], t_lp[c0:c1] = lps, lpt
         if grad:
-            _backprop(zs[:c], hs, ws32, r, dx, dw)
+            _backprop(zs[:c], hs, ws32, r, dx, dw, c0 == 0)
     return loss, s_lp, t_lp, dx, dw
 
 
@@ -190,7 +173,7 @@ def logprob_chunked(h, w, rows, num_valid, targets_c, *, temperature, row_scale,
     n, N, V = int(num_valid), rows.numel(), w.shape[0]
     lp = torch.zeros(N, dtype=F32, device=h.device)
     grad = row_scale is not None
-    dx, dw = _grad_buffers(h, w, grad and need_dx, grad and need_dw)
+    dx, dw = _grad_buffers(h, w, grad and need_dx, grad and need_dw, n)
     if n == 0:
         return lp, dx, dw
     w32 = w.to(F32)
@@ -201,15 +184,13 @@ def logprob_chunked(h, w, rows, num_valid, targets_c, *, temperature, row_scale,
         c1 = min(c0 + C, n)
         a, r, tgt = z[:c1 - c0], rows[c0:c1], targets_c[c0:c1, None]
         hc = _logits(h, r, w32, a, inv_temp)
-        picked = _max_out(a).gather(1, tgt).squeeze(1)
-        s, l = _exp_sum(a)
-        lp[c0:c1] = picked - l
+        lp[c0:c1] = picked = _log_softmax_(a).gather(1, tgt).squeeze(1)
         if grad:  # d log p(y) / d z = onehot(y) - p, times row_scale / temperature
             scale = row_scale[c0:c1] * inv_temp
-            a.mul_((-scale / s)[:, None]).scatter_add_(1, tgt, scale[:, None])
-            _backprop(a, hc, w32, r, dx, dw)
+            a.exp_().mul_(-scale[:, None]).scatter_add_(1, tgt, scale[:, None])
+            _backprop(a, hc, w32, r, dx, dw, c0 == 0)
         elif keep is not None and n <= C:
-            keep.append(a.mul_((-1 / s)[:, None]).scatter_add_(1, tgt, torch.ones_like(picked)[:, None]))
+            keep.append(a.exp_().neg_().scatter_add_(1, tgt, torch.ones_like(picked)[:, None]))
     return lp, dx, dw
 
 
@@ -217,13 +198,13 @@ def logprob_backward_kept(g0, h, w, rows, row_scale, *, temperature, need_dx, ne
     """dX, dW (fp32) from the kept onehot - p of `logprob_chunked`. The per-row scale goes on
     the [n, D] operands, not on g0, so g0 stays as it is (a second backward gives the same)."""
     n = g0.shape[0]
-    dx, dw = _grad_buffers(h, w, need_dx, need_dw)
+    dx, dw = _grad_buffers(h, w, need_dx, need_dw, n)
     r, u = rows[:n], (row_scale[:n] / temperature)[:, None]
     w32 = w.to(F32)
     if dx is not None:
         dx[r] = (g0 @ w32).mul_(u)
     if dw is not None:
-        dw.addmm_(g0.T, h[r].to(F32).mul_(u))  # h[r] is a copy: the in-place scale is safe
+        torch.mm(g0.T, h[r].to(F32).mul_(u), out=dw)  # h[r] is a copy: the in-place scale is safe
     return dx, dw
 
 
