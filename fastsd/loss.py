@@ -30,7 +30,7 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("triton", "torch")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Default workspace for one chunk of fp32 logits (both heads); overridable per call.
+# Default workspace of one call (torch backend: every buffer; Triton: the fp32 logits), in MiB.
 _WORKSPACE_BYTES = int(float(os.environ.get("FASTSD_WORKSPACE_MB", "512")) * 2**20)
 
 
@@ -71,9 +71,16 @@ def _ops(backend: str):
     return kernels
 
 
-def _chunk_rows(chunk_size: int | None, vocab: int, heads: int) -> int:
+def _chunk_rows(chunk_size: int | None, backend: str, vocab: int, width: int, kind: str, clip=None) -> int:
+    """Rows per chunk: `chunk_size`, or the most whose buffers fit the workspace. The torch
+    backend counts every buffer it allocates (`torch_backend.workspace_bytes`); the Triton
+    backend counts its fp32 logits only (its gradient buffer adds half again, see README).
+    `kind`: the divergence or "logprob"."""
     if chunk_size is not None:
         return int(chunk_size)
+    if backend == "torch":
+        return torch_backend.chunk_rows(_WORKSPACE_BYTES, vocab, width, kind, clip)
+    heads = 1 if kind == "logprob" else 2
     return max(16, _WORKSPACE_BYTES // (4 * heads * vocab) // 16 * 16)
 
 
@@ -221,10 +228,14 @@ class _FusedDivergence(torch.autograd.Function):
 class _FusedLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, rows, num_valid, targets_c, opts):
+        # torch backend, gradient wanted: a call that fits one chunk keeps onehot - p for backward
+        keep = [] if (opts["ops"] is torch_backend and opts["grad_enabled"]
+                      and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])) else None
         lp_c, _, _ = opts["ops"].logprob_chunked(
             h, w, rows, num_valid, targets_c, row_scale=None, need_dx=False, need_dw=False,
-            **opts["kw"],
+            **opts["kw"], **({} if keep is None else {"keep": keep}),
         )
+        ctx.kept = keep[0] if keep else None
         ctx.save_for_backward(h, w, rows, num_valid, targets_c)
         ctx.opts = opts
         return _scatter(lp_c, rows)
@@ -235,10 +246,15 @@ class _FusedLogprob(torch.autograd.Function):
         h, w, rows, num_valid, targets_c = ctx.saved_tensors
         row_scale = grad_lp.to(torch.float32)[rows].contiguous()
         ops = ctx.opts["ops"]
-        _, dx, dw = ops.logprob_chunked(
-            h, w, rows, num_valid, targets_c, row_scale=row_scale,
-            need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1], **ctx.opts["kw"],
-        )
+        if ctx.kept is not None:
+            dx, dw = torch_backend.logprob_backward_kept(
+                ctx.kept, h, w, rows, row_scale, temperature=ctx.opts["kw"]["temperature"],
+                need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1])
+        else:
+            _, dx, dw = ops.logprob_chunked(
+                h, w, rows, num_valid, targets_c, row_scale=row_scale,
+                need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1], **ctx.opts["kw"],
+            )
         dx, dw = ops.finish_grads(dx, dw, None, h.dtype, w.dtype)
         return dx, dw, None, None, None, None
 
@@ -307,7 +323,8 @@ def fused_linear_divergence(
     targets_c = None if target_ids is None else target_ids.reshape(-1).to(torch.int64)[rows].contiguous()
     kw = dict(divergence=divergence, beta=float(beta), temperature=float(temperature),
               clip=None if clip is None else float(clip),
-              chunk_size=_chunk_rows(chunk_size, weight.shape[0], 2))
+              chunk_size=_chunk_rows(chunk_size, name, weight.shape[0], max(h_s.shape[1], h_t.shape[1]),
+                                     divergence, clip))
     opts = dict(ops=_ops(name), reduction=reduction, kw=kw, grad_enabled=torch.is_grad_enabled())
     # A shared teacher weight is passed as the same tensor object, so backends can reuse it;
     # backward returns no gradient for the teacher slots.
@@ -344,10 +361,10 @@ def fused_linear_logprob(
     name = resolve_backend(backend, hidden.device)
     rows, num_valid = _compact(mask, n, hidden.device)
     targets_c = target_ids.reshape(-1).to(torch.int64)[rows].contiguous()
-    kw = dict(temperature=float(temperature), chunk_size=_chunk_rows(chunk_size, weight.shape[0], 1))
+    kw = dict(temperature=float(temperature), chunk_size=_chunk_rows(chunk_size, name, *weight.shape, "logprob"))
     return _FusedLogprob.apply(
         hidden.reshape(n, hidden.shape[-1]).contiguous(), weight.contiguous(), rows, num_valid, targets_c,
-        dict(ops=_ops(name), kw=kw),
+        dict(ops=_ops(name), kw=kw, grad_enabled=torch.is_grad_enabled()),
     )
 
 

@@ -90,6 +90,10 @@ def test_divergence_matches_float64(backend, case, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [F32, BF16])
 def test_logprob_matches_float64(backend, dtype, device):
+    _logprob_vs_float64(backend, dtype, device)
+
+
+def _logprob_vs_float64(backend, dtype, device, chunk_size=16, retain_graph=False):
     n, d, v = 41, 40, 263
     h, w, _, _, g = make_inputs(n, d, v, dtype=dtype, device=device)
     targets = torch.randint(0, v, (n,), generator=g).to(device)
@@ -97,8 +101,8 @@ def test_logprob_matches_float64(backend, dtype, device):
     upstream = torch.randn(n, generator=g).to(device)
     h.requires_grad_(True)
     w.requires_grad_(True)
-    lp = fastsd.fused_linear_logprob(h, w, targets, temperature=0.8, mask=mask, backend=backend, chunk_size=16)
-    (lp * upstream).sum().backward()
+    lp = fastsd.fused_linear_logprob(h, w, targets, temperature=0.8, mask=mask, backend=backend, chunk_size=chunk_size)
+    (lp * upstream).sum().backward(retain_graph=retain_graph)
     h64, w64 = leaf64(h), leaf64(w)
     ref = reference_logprob(h64, w64, targets, temperature=0.8, mask=mask)
     (ref * upstream.double()).sum().backward()
@@ -106,6 +110,7 @@ def test_logprob_matches_float64(backend, dtype, device):
     assert rel_err(h.grad, h64.grad) < grad_tol(dtype, backend)
     assert rel_err(w.grad, w64.grad) < grad_tol(dtype, backend)
     assert torch.all(lp[~mask] == 0) and torch.all(h.grad[~mask] == 0)
+    return lp * upstream, h, w
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -257,3 +262,21 @@ def test_fp16_mean_over_many_rows_keeps_gradient_digits(backend, device):
     reference_divergence(h64, w64, h_t).loss.backward()
     assert rel_err(h_s.grad, h64.grad) < grad_tol(F16, backend)
     assert rel_err(w.grad, w64.grad) < grad_tol(F16, backend)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_logprob_in_one_chunk_keeps_its_gradient(dtype, monkeypatch, device):
+    """torch backend: when the valid rows fit one chunk (default chunk size here), the forward
+    keeps onehot - p and the backward runs no second logits pass; values and gradients match
+    float64 as above, and a second backward (retain_graph) gives the same gradients."""
+    from fastsd import torch_backend
+
+    calls = []
+    real = torch_backend.logprob_chunked
+    monkeypatch.setattr(torch_backend, "logprob_chunked", lambda *a, **k: calls.append(k) or real(*a, **k))
+    out, h, w = _logprob_vs_float64("torch", dtype, device, chunk_size=None, retain_graph=True)
+    assert len(calls) == 1 and "keep" in calls[0]  # the forward only
+    first = (h.grad.clone(), w.grad.clone())
+    h.grad = w.grad = None
+    out.sum().backward()
+    assert torch.equal(h.grad, first[0]) and torch.equal(w.grad, first[1])
