@@ -12,9 +12,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
-
-from fastsd import torch_backend
 
 MIB = 2**20
 
