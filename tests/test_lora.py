@@ -192,7 +192,12 @@ def test_lora_run_resumes_bitwise_and_exports_peft_and_merged(tmp_path):
         merged = AutoModelForCausalLM.from_pretrained(ca / "hf", local_files_only=True)
         merged_logits = merged(input_ids=ids).logits
     assert not torch.allclose(peft_logits, base_logits, atol=1e-4)
-    torch.testing.assert_close(merged_logits, peft_logits, rtol=0, atol=1e-5)
+    # The merged model computes x (W + s B A), peft x W + s (x A) B: equal up to fp32 rounding, which
+    # scales with the logits (measured 2026-12-01 over 200 random inputs and random adapters on this
+    # model: worst 3.2e-6 of max|logits|; 1.2e-5 absolute once in CI at atol 1e-5, logits ~3.5). A merge
+    # that left an adapter out is off by the adapter's effect (> 1e-4, asserted above).
+    err = (merged_logits - peft_logits).abs().max()
+    assert err <= 2e-5 * peft_logits.abs().max(), err
     assert "lora" not in " ".join(merged.state_dict())
 
     with pytest.raises(ValueError, match="saved with LoRA .* set model.lora"):
