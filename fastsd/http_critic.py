@@ -57,10 +57,18 @@ _FIRST_ERROR = re.compile(r"<first_error>\s*(\w+)\s*</first_error>")
 
 
 def strip_think(text: str) -> str:
-    """Drop reasoning: everything up to the last `</think>`; a `<think>` never closed is an error."""
-    if "</think>" in text:
-        return text.rsplit("</think>", 1)[1]
-    if "<think>" in text:
+    """Drop the critic's reasoning: everything up to the last `</think>` before its (last)
+    `<first_error>` tag, opened by `<think>` or by the chat template. The trace after the tag copies
+    the student's steps, which may hold think tags of their own: those are kept. A reply that opens
+    `<think>` and never closes it before the tag is an error."""
+    ends = [m.end() for m in re.finditer("</think>", text)]
+    tags = [m.start() for m in _FIRST_ERROR.finditer(text)]
+    before = [e for e in ends if tags and e <= tags[-1]]
+    if before:
+        return text[before[-1]:]
+    if ends and not tags:  # no tag at all: the parse fails on that, after the reasoning
+        return text[ends[-1]:]
+    if text.lstrip().startswith("<think>"):
         raise ValueError("the reply ended inside <think> (out of tokens?)")
     return text
 

@@ -288,6 +288,14 @@ def test_strip_think():
     assert strip_think("<think>a</think>\nB") == "\nB"
     assert strip_think("a, so</think>B") == "B"  # templates that open <think> in the prompt
     assert strip_think("B") == "B"
+    # The trace copies the student's steps verbatim, think tags and all (a random or a thinking
+    # student writes them): they are the critique's, not the critic's reasoning.
+    trace = "<first_error>2</first_error>\n<step_1>so <think> x</step_1><step_2>y </think></step_2>"
+    assert strip_think(trace) == trace
+    assert strip_think("<think>draft <first_error>1</first_error></think>" + trace) == trace
+    assert strip_think("I check step 1.</think>" + trace) == trace
+    with pytest.raises(ValueError, match="ended inside <think>"):
+        strip_think("<think>step 2 is wrong because <first_error>2</first_error>")
 
 
 # ---------------------------------------------------------------- in the trainer
