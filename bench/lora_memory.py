@@ -50,7 +50,7 @@ def fixed_rollouts(cfg, tok, train_set, n: int, length: int):
     import torch
 
     from fastsd.conditions import student_prompt
-    from fastsd.format import parse_response
+    from fastsd.tasks.format import parse_response
     from fastsd.step import Rollout, encode, feedback
 
     g = torch.Generator().manual_seed(0)

@@ -11,7 +11,7 @@ belongs to, relative to the rollout's first wrong step (known exactly on the bui
     correct      any token of a fully correct rollout (every step right, right answer)
     other        rollouts with no wrong step but no right answer (cut off, answer miscopied)
 
-Steps are counted in order of appearance, as `fastsd.format.parse_response` counts them (so a
+Steps are counted in order of appearance, as `fastsd.tasks.format.parse_response` counts them (so a
 misnumbered or unclosed step tag still starts a step); a cut-off last step is a step like any
 other (the built-in critic judges it wrong unless it is complete and right).
 
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from .batch import build_batch
-from .format import parse_response
+from .tasks.format import parse_response
 from .loss import fused_linear_divergence
 
 __all__ = ["SEGMENTS", "token_spans", "token_steps", "segments", "token_advantages", "aggregate"]

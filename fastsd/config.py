@@ -250,7 +250,7 @@ class TrainConfig:
     format: Literal["steps", "free"] = "steps"
     """Solver response format: steps (<step_k>...</step_k> tags then <answer>...</answer>, the
     built-in task's) or free (free-form reasoning, answer in the last \\boxed{...}, steps are its
-    paragraphs); see fastsd/format.py."""
+    paragraphs); see fastsd/tasks/format.py."""
     grader: Literal["exact", "math"] = "exact"
     """Final-answer check for the reward, avg@k/pass@k/maj@k and the http critic's answer: exact
     (string match after stripping) or math (math-verify: 0.75 = 3/4 = \\frac{3}{4})."""

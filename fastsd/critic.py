@@ -1,7 +1,7 @@
 """Critics: a frozen judge that rewrites a student's attempt as a step-aligned critique.
 
 The critique is in the "faithful scribe" form (see METHOD.md): a complete step-tagged trace
-(`fastsd.format`) ending in the right answer, that copies the student's correct steps verbatim
+(`fastsd.tasks.format`) ending in the right answer, that copies the student's correct steps verbatim
 up to the earliest wrong step, writes that step corrected in the student's own notation, then
 continues the solution to the right answer. The self-teacher reads the question plus this text.
 
@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .format import format_steps, parse_response
+from .tasks.format import format_steps, parse_response
 from .tasks import arith
 
 __all__ = ["Critique", "Critic", "ArithCritic", "check_items", "step_matches", "correct_step"]

@@ -30,7 +30,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .conditions import check_template, fill
-from .format import parse_response
+from .tasks.format import parse_response
 
 __all__ = ["SCRIBE_INSTRUCTIONS", "FREE_INSTRUCTIONS", "user_message", "PROMPT_FIELDS", "attempt_text", "load_prompt", "prompt_messages", "free_text"]
 

@@ -49,7 +49,7 @@ from .config import CriticConfig
 from .critic import Critic, Critique, check_items
 from .critic_prompt import (FREE_INSTRUCTIONS, SCRIBE_INSTRUCTIONS, attempt_text, free_text, load_prompt,
                             prompt_messages, user_message)
-from .format import format_steps, parse_response
+from .tasks.format import format_steps, parse_response
 
 __all__ = ["HttpCritic", "ReplyCache", "SCRIBE_INSTRUCTIONS", "user_message", "parse_reply", "strip_think"]
 

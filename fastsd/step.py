@@ -18,7 +18,7 @@ from .conditions import student_text, teacher_text
 from .config import TrainConfig
 from .data import Example
 from .dist import Dist
-from .format import ANSWER_CLOSE, Parsed, parse_response, reward
+from .tasks.format import ANSWER_CLOSE, Parsed, parse_response, reward
 from .loss import fused_linear_logprob
 from .policy import ema_pairs
 from .rollout import sample

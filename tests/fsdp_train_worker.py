@@ -17,7 +17,7 @@ from fastsd.conditions import student_prompt
 from fastsd.config import load_config
 from fastsd.critic import ArithCritic
 from fastsd.data import builtin_split
-from fastsd.format import parse_response, reward
+from fastsd.tasks.format import parse_response, reward
 from fastsd.tasks import arith
 from fastsd.build import build_models, build_optim
 from fastsd.step import Rollout, encode, feedback, update

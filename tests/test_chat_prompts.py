@@ -15,7 +15,7 @@ from fastsd.config import load_config, to_yaml
 from fastsd.data import Example
 from fastsd.model import DEFAULT_MODEL_DIR
 from fastsd.step import Rollout, encode, feedback
-from fastsd.format import parse_response
+from fastsd.tasks.format import parse_response
 
 REPO = Path(__file__).resolve().parents[1]
 EX = Example(r"Simplify $\frac{6}{8}$.", r"\frac{3}{4}", r"Divide by 2: $\boxed{\frac{3}{4}}$.")

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from fastsd.critic import ArithCritic, Critic, Critique, correct_step, step_matches
-from fastsd.format import format_steps, parse_response
+from fastsd.tasks.format import format_steps, parse_response
 from fastsd.tasks import arith, make_split
 
 Q, GT = "12+7*3-5", "52"

@@ -10,7 +10,7 @@ import pytest
 
 from fastsd.config import CriticConfig, load_config
 from fastsd.critic_prompt import FREE_INSTRUCTIONS, free_text
-from fastsd.format import format_steps, parse_response
+from fastsd.tasks.format import format_steps, parse_response
 from fastsd.http_critic import SCRIBE_INSTRUCTIONS, HttpCritic, parse_reply
 from fastsd.tasks.grading import make_grader
 

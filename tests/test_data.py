@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fastsd.data import Example, builtin_split, load_examples, load_jsonl, load_parquet
-from fastsd.format import reward
+from fastsd.tasks.format import reward
 from fastsd.tasks import arith
 
 

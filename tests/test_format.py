@@ -2,7 +2,7 @@
 
 import pytest
 
-from fastsd.format import Parsed, format_steps, parse_response, reward
+from fastsd.tasks.format import Parsed, format_steps, parse_response, reward
 
 GOOD = "<step_1>12+7=19</step_1><step_2>19*3=57</step_2><step_3>57-5=52</step_3><answer>52</answer>"
 

@@ -169,7 +169,7 @@ def test_http_critic_grades_the_critique_answer_with_the_configured_grader(tmp_p
     from fastsd.build import build_critic
     from fastsd.config import load_config
     from fastsd.dist import Dist
-    from fastsd.format import parse_response
+    from fastsd.tasks.format import parse_response
     from fastsd.tasks import arith
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))

@@ -19,7 +19,7 @@ from fastsd import http_critic
 from fastsd.config import CriticConfig, load_config, to_yaml
 from fastsd.critic import ArithCritic
 from fastsd.dist import Dist
-from fastsd.format import format_steps, parse_response
+from fastsd.tasks.format import format_steps, parse_response
 from fastsd.http_critic import HttpCritic, parse_reply, strip_think
 from fastsd import train as train_mod
 from fastsd.tasks import arith

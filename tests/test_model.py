@@ -12,7 +12,7 @@ from fastsd.conditions import (
     teacher_prompt,
 )
 from fastsd.critic import ArithCritic
-from fastsd.format import parse_response, reward
+from fastsd.tasks.format import parse_response, reward
 from fastsd.model import DEFAULT_MODEL_DIR, build_tokenizer, load_model_and_tokenizer, tiny_config
 from fastsd.tasks import make_split
 

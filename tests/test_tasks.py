@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from fastsd.format import parse_response
+from fastsd.tasks.format import parse_response
 from fastsd.tasks import arith, make_records, make_split, read_jsonl, write_jsonl
 
 

@@ -21,7 +21,7 @@ from fastsd.config import load_config
 from fastsd.critic import ArithCritic
 from fastsd.data import builtin_split
 from fastsd.dist import Dist
-from fastsd.format import parse_response, reward
+from fastsd.tasks.format import parse_response, reward
 from fastsd.model import DEFAULT_MODEL_DIR, build_tokenizer, tiny_config
 from fastsd.policy import Policy
 from fastsd import build

@@ -39,7 +39,7 @@ from fastsd.config import load_config
 from fastsd.critic import ArithCritic
 from fastsd.data import Example
 from fastsd.dist import Dist
-from fastsd.format import parse_response, reward
+from fastsd.tasks.format import parse_response, reward
 from fastsd.tasks import arith
 from fastsd.build import build_critic, build_models, load_data
 from fastsd.step import Rollout, encode, feedback, rollout

@@ -42,7 +42,7 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from fastsd.critic import ArithCritic, Critique
-from fastsd.format import format_steps, parse_response
+from fastsd.tasks.format import format_steps, parse_response
 
 FAULTS = ("none", "hang", "status", "reset", "malformed", "misaligned")
 MODES = ("arith", "math")

@@ -59,7 +59,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastsd.conditions import student_prompt, teacher_prompt  # noqa: E402
 from fastsd.critic import ArithCritic  # noqa: E402
-from fastsd.format import parse_response, reward  # noqa: E402
+from fastsd.tasks.format import parse_response, reward  # noqa: E402
 from fastsd.model import build_tokenizer, tiny_config  # noqa: E402
 from fastsd.tasks import arith, make_split  # noqa: E402
 

@@ -34,7 +34,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..format import format_steps, parse_response
+from .format import format_steps, parse_response
 
 __all__ = [
     "ALPHABET",
