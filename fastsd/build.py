@@ -15,7 +15,7 @@ from .dist import Dist
 from .model import DEFAULT_MODEL_DIR, add_adapter_copy, apply_lora, load_model_and_tokenizer, trainable_summary
 from .policy import AdapterTeacher, Policy, apply_liger, shard
 
-__all__ = ["build_models", "build_optim", "load_data", "build_critic"]
+__all__ = ["build_models", "build_optim", "load_data", "build_critic", "key_error"]
 
 log = logging.getLogger("fastsd")
 
@@ -26,7 +26,7 @@ def _dtype(cfg: TrainConfig) -> torch.dtype:
     return getattr(torch, cfg.model.dtype)
 
 
-def _named(key: str, e: ValueError) -> ValueError:
+def key_error(key: str, e: ValueError) -> ValueError:
     """A loader's error about its `path` argument, told as the config key it came from."""
     text = str(e)
     return ValueError(f"{key}:{text[len('path:'):]}" if text.startswith("path:") else f"{key}: {text}")
@@ -44,7 +44,7 @@ def build_models(cfg: TrainConfig, d: Dist):
     try:
         lm, tok = load_model_and_tokenizer(path, dtype=_dtype(cfg))
     except ValueError as e:
-        raise _named("model.path", e) from None
+        raise key_error("model.path", e) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     lm.to(d.device)
@@ -105,12 +105,12 @@ def load_data(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
         train = (builtin_split("train", c.train_size, c.seed) if c.path == "builtin"
                  else load_examples(c.path, c.fields, need_ref))
     except ValueError as e:
-        raise _named("data.path", e) from None
+        raise key_error("data.path", e) from None
     try:  # held-out questions are only sampled and graded: no reference solution needed
         held = (builtin_split("test", c.eval_size, c.seed) if c.eval_path == "builtin"
                 else load_examples(c.eval_path, c.fields, need_reference=False))
     except ValueError as e:
-        raise _named("data.eval_path", e) from None
+        raise key_error("data.eval_path", e) from None
     if not train:
         raise ValueError(f"data.path: no training questions in {c.path}")
     if not held:

@@ -24,7 +24,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast
 
-__all__ = ["SPECIAL_TOKENS", "CHARS", "DEFAULT_MODEL_DIR", "build_tokenizer", "tiny_config", "load_model_and_tokenizer",
+__all__ = ["SPECIAL_TOKENS", "CHARS", "DEFAULT_MODEL_DIR", "build_tokenizer", "tiny_config", "checkpoint_dir",
+           "load_model_and_tokenizer",
            "no_progress_bars", "apply_lora", "is_lora", "adapter_params", "add_adapter_copy", "paired_adapters", "adapter_active",
            "trainable_summary"]
 
@@ -77,14 +78,20 @@ def tiny_config(vocab_size: int, **overrides) -> LlamaConfig:
     return LlamaConfig(**kwargs)
 
 
-def load_model_and_tokenizer(
-    path: str | Path = DEFAULT_MODEL_DIR, dtype: torch.dtype = torch.float32
-) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """Load a local causal-LM checkpoint and its tokenizer (never downloads)."""
+def checkpoint_dir(path: str | Path) -> Path:
+    """`path` as a Path if it holds a checkpoint's config.json, else ValueError("path: ...")."""
     path = Path(path)
     if not (path / "config.json").is_file():
         what = "does not exist" if not path.exists() else "is not a checkpoint (no config.json)"
         raise ValueError(f"path: {path} {what}")
+    return path
+
+
+def load_model_and_tokenizer(
+    path: str | Path = DEFAULT_MODEL_DIR, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Load a local causal-LM checkpoint and its tokenizer (never downloads)."""
+    path = checkpoint_dir(path)
     with no_progress_bars():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

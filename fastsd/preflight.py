@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import checkpoint as ckpt
-from .build import build_critic, load_data
+from .build import build_critic, key_error, load_data
 from .conditions import example_prompts
 from .config import TrainConfig
 from .critic import ArithCritic, Critic
 from .data import Example
 from .dist import Dist
-from .model import DEFAULT_MODEL_DIR
+from .model import DEFAULT_MODEL_DIR, checkpoint_dir
 
 __all__ = ["Ready", "critic_fits", "preflight", "tokenizer"]
 
@@ -68,10 +68,10 @@ def _resume(cfg: TrainConfig) -> Path | None:
 def _model_config(cfg: TrainConfig) -> Path:
     """model.path holds a config transformers can read (the weights are read by build_models);
     returns the checkpoint's folder."""
-    path = Path(DEFAULT_MODEL_DIR if cfg.model.path == "builtin" else cfg.model.path)
-    if not (path / "config.json").is_file():
-        what = "does not exist" if not path.exists() else "is not a checkpoint (no config.json)"
-        raise ValueError(f"model.path: {path} {what}")
+    try:
+        path = checkpoint_dir(DEFAULT_MODEL_DIR if cfg.model.path == "builtin" else cfg.model.path)
+    except ValueError as e:
+        raise key_error("model.path", e) from None
     from transformers import AutoConfig
 
     try:
