@@ -21,6 +21,18 @@ from .config import load_config
 
 
 def main(argv: list[str] | None = None) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return _main(argv)
+    from .dist import exit_rank
+
+    try:  # a torchrun rank: exit_rank says why it ends the process itself
+        code = _main(argv)
+    except SystemExit as e:  # parser.exit and --help: the message is out already
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    exit_rank(code)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="fastsd-train", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file with config keys (nested or dotted)")

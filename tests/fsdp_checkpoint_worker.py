@@ -22,6 +22,7 @@ from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM
 
 from fastsd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fastsd.dist import exit_rank
 from fastsd.model import build_tokenizer, tiny_config
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -137,10 +138,9 @@ def main():
                     "ids": ids}, f"{run_dir}/expected.pt")
         with open(out_path, "w") as f:
             json.dump({"checks": checks, "path": str(path), "world": world}, f)
-    # rank 1 must not tear its connections down while rank 0 still writes: gloo then aborted
-    # rank 1 ("terminate called without an active exception") about 1 run in 10 under load
-    dist.barrier()
+    dist.barrier()  # rank 1 must not tear its connections down while rank 0 still writes
     dist.destroy_process_group()
+    exit_rank(0)
 
 
 if __name__ == "__main__":

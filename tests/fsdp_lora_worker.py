@@ -50,6 +50,7 @@ def main():
         torch.save({"saved": saved, "loaded": loaded, "after": after, "stats": stats, "path": str(path),
                     "world": d.world}, out_path)
     dist.teardown(d)
+    dist.exit_rank(0)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ def main():
     if d.main:
         torch.save({"steps": steps, "params0": params0, "params": params, "world": d.world}, out_path)
     dist.teardown(d)
+    dist.exit_rank(0)
 
 
 if __name__ == "__main__":

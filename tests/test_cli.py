@@ -176,6 +176,37 @@ def test_sigint_to_a_run_exits_130_without_a_traceback(tmp_path):
     assert [p.name for p in (tmp_path / "checkpoints").iterdir() if ".tmp-" in p.name] == []
 
 
+def test_a_torchrun_rank_ends_through_exit_rank_with_the_runs_exit_code(monkeypatch, capsys):
+    """Under torchrun (WORLD_SIZE > 1) every way out of main, a return, parser.exit or --help,
+    goes through dist.exit_rank with the code the single process would return."""
+    from fastsd import dist
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code):
+        raise Exited(code)
+
+    monkeypatch.setattr(dist, "exit_rank", fake_exit)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    codes = []
+    for argv in (["--dry-run"], ["optim.lrr=1"], ["--help"]):
+        with pytest.raises(Exited) as e:
+            cli.main(argv)
+        codes.append(e.value.args[0])
+    assert codes == [0, 2, 0]
+    assert "did you mean optim.lr?" in capsys.readouterr().err
+
+
+def test_exit_rank_runs_atexit_handlers_flushes_and_exits_with_the_code():
+    code = ("import atexit, sys; from fastsd.dist import exit_rank; "
+            "atexit.register(lambda: print('atexit ran')); sys.stdout.write('unflushed '); "
+            "sys.stderr.write('to stderr'); exit_rank(3)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3
+    assert proc.stdout == "unflushed atexit ran\n" and proc.stderr == "to stderr"
+
+
 # ---------------------------------------------------------------- --help texts
 
 def test_tool_help_explains_every_fault_and_the_whole_description(capsys):
