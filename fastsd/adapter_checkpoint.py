@@ -31,8 +31,8 @@ ADAPTER = "adapter"
 _WEIGHTS = "adapter_model.safetensors"
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+def _distributed() -> bool:  # a one-process group (vLLM's own, in-process) is not distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _dir(root: Path, name: str) -> Path:

@@ -81,7 +81,27 @@ def build_models(cfg: TrainConfig, d: Dist):
         shard(policy, mixed_precision=mixed)
         if teacher_lm is not None:
             shard(teacher, mixed_precision=mixed)
+    _rollout_engine(cfg, d, policy, path, torch.bfloat16 if mixed else _dtype(cfg))
     return policy, teacher, tok
+
+
+def _rollout_engine(cfg: TrainConfig, d: Dist, policy: Policy, path, dtype: torch.dtype) -> None:
+    """Say which sampler runs (and why not vLLM, when auto passed it over); start vLLM's engine
+    as `policy.vllm` when it is the one."""
+    engine = cfg.sampler(d.device.type)
+    if d.main:
+        passed_over = cfg.rollout.engine == "auto" and engine == "fastsd"
+        why = f" (not vllm: {cfg.vllm_unusable()})" if passed_over else ""
+        log.info("rollouts: %s%s", engine, why)
+    if engine == "vllm":
+        from .vllm_engine import VllmEngine, lora_unsupported
+
+        if hasattr(policy.lm, "peft_config") and lora_unsupported(policy.lm):
+            raise ValueError(f"model.lora.path: {lora_unsupported(policy.lm)}; set rollout.engine=fastsd or generate")
+        r = cfg.rollout
+        eager = d.device.type != "cuda" if r.vllm_eager is None else r.vllm_eager
+        policy.vllm = VllmEngine(path, d, dtype=dtype, seed=cfg.seed, kv_cache_gib=r.vllm_kv_cache_gib,
+                                 gpu_memory=r.vllm_gpu_memory, eager=eager)
 
 
 def build_optim(cfg: TrainConfig, policy: Policy):

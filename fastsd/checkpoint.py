@@ -65,8 +65,8 @@ _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tenso
 
 # ---------------------------------------------------------------- process-group helpers
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+def _distributed() -> bool:  # a one-process group (vLLM's own, in-process) is not distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _rank() -> int:

@@ -120,13 +120,25 @@ class RolloutConfig:
     """Longest response, in tokens."""
     group_size: int = 0
     """Rollouts per question; 0 picks the method's default (8 for grpo, 1 for self-distillation)."""
-    engine: Literal["auto", "fastsd", "generate"] = "auto"
-    """Sampler: fastsd (static KV cache, compiled decode step with fused sampling), generate
-    (transformers), auto: fastsd on CUDA, generate on CPUs."""
+    engine: Literal["auto", "vllm", "fastsd", "generate"] = "auto"
+    """Sampler: vllm (a vLLM engine in this process, given the policy's weights before each
+    sampling), fastsd (static KV cache, compiled decode step with fused sampling), generate
+    (transformers); auto: on CUDA vllm where it is installed and usable, else
+    fastsd; on CPUs generate (vllm is slower there on the built-in model: README). The log says
+    which sampler runs."""
+    vllm_kv_cache_gib: float | None = None
+    """vllm: KV-cache space in GiB; null: 1 on a CPU, on CUDA what vllm_gpu_memory leaves."""
+    vllm_gpu_memory: float = 0.3
+    """vllm on CUDA: its share of the device's memory (weights, activations, KV cache); the rest
+    is the trainer's."""
+    vllm_eager: bool | None = None
+    """vllm: no compilation or CUDA graphs (starts in seconds; compiled takes minutes on a CPU);
+    null: eager on a CPU, compiled on CUDA."""
     stop_at_answer: bool = False
     """Stop a response at the end of its answer tag, not only at EOS (the EOS token is then never
     sampled or trained). Matched on the tag's token ids encoded alone: exact for the built-in
-    character tokenizer; a BPE tokenizer may merge the tag with what follows and miss it."""
+    character tokenizer; a BPE tokenizer may merge the tag with what follows and miss it. vllm
+    matches the decoded text, which no merge can hide."""
 
 
 @dataclass
@@ -270,10 +282,19 @@ class TrainConfig:
         return self.rollout.group_size or (8 if self.condition == "grpo" else 1)
 
     def sampler(self, device_type: str) -> str:
-        """rollout.engine resolved for a device type ("cuda", "cpu"): auto is fastsd on CUDA, else generate."""
+        """rollout.engine resolved for a device type ("cuda", "cpu"): auto is vllm on CUDA
+        unless `vllm_unusable` says why not, then fastsd; generate on CPUs."""
         if self.rollout.engine != "auto":
             return self.rollout.engine
-        return "fastsd" if device_type == "cuda" else "generate"
+        if device_type != "cuda":
+            return "generate"
+        return "vllm" if self.vllm_unusable() is None else "fastsd"
+
+    def vllm_unusable(self) -> str | None:
+        """Why rollout.engine=auto does not pick vllm (None: it does)."""
+        from .vllm_engine import unusable
+
+        return unusable()
 
 
 # ---------------------------------------------------------------- loading

@@ -70,6 +70,11 @@ def check(cfg: TrainConfig) -> None:
     if not 0 <= cfg.teacher.ema_rate < 1:
         raise ValueError(f"teacher.ema_rate: must be in [0, 1), got {cfg.teacher.ema_rate}")
     _check_lora(cfg)
+    r = cfg.rollout
+    if not 0 < r.vllm_gpu_memory <= 1:
+        raise ValueError(f"rollout.vllm_gpu_memory: must be in (0, 1], got {r.vllm_gpu_memory}")
+    if r.vllm_kv_cache_gib is not None and not r.vllm_kv_cache_gib > 0:
+        raise ValueError(f"rollout.vllm_kv_cache_gib: must be > 0 (or null), got {r.vllm_kv_cache_gib}")
     c = cfg.critic
     for name in ("timeout", "step_timeout", "concurrency", "max_tokens"):
         if not getattr(c, name) > 0:

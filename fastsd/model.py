@@ -1,6 +1,6 @@
 r"""The built-in tiny model (a character-level tokenizer, a tiny Llama config), loading, and LoRA.
 
-The shipped checkpoint (`DEFAULT_MODEL_DIR`) is made by `tools/make_tiny_model.py`: a ~0.45M
+The shipped checkpoint (`DEFAULT_MODEL_DIR`) is made by `tools/make_tiny_model.py`: a ~0.49M
 parameter Llama warm-started on the arithmetic task's train split so that it knows the response
 format, still makes step errors, and has learned to follow a critique or a reference in context.
 
@@ -55,7 +55,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_config(vocab_size: int, **overrides) -> LlamaConfig:
-    """A tiny Llama config (~0.45M parameters at a 99-token vocabulary); `overrides` set any field.
+    """A tiny Llama config (~0.49M parameters at a 99-token vocabulary); `overrides` set any field.
 
     Llama, not Qwen2: for a `qwen2` checkpoint `AutoTokenizer` always builds `Qwen2Tokenizer`,
     whose byte-level pre-tokenizer replaces ours (and drops newlines); for `llama` it loads ours.
@@ -66,6 +66,7 @@ def tiny_config(vocab_size: int, **overrides) -> LlamaConfig:
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
+        head_dim=32,  # not hidden/heads = 24: vLLM's CPU attention takes head dims 32, 64, ...
         intermediate_size=288,
         max_position_embeddings=512,
         tie_word_embeddings=True,

@@ -52,6 +52,8 @@ def preflight(cfg: TrainConfig, d: Dist) -> Ready:
     train, held = load_data(cfg)
     _templates(cfg, train[0])
     critic_fits(cfg, train)
+    if cfg.rollout.engine == "vllm" and cfg.vllm_unusable() is not None:
+        raise ValueError(f"rollout.engine: vllm: {cfg.vllm_unusable()}")
     critic = build_critic(cfg, d)  # critic=http: asks /v1/models now
     return Ready(train, held, resume, critic)
 

@@ -1,5 +1,5 @@
-"""On-policy sampling: fastsd's `RolloutEngine` (static KV cache, fused decode step) or
-transformers `generate`.
+"""On-policy sampling: vLLM (`fastsd.vllm_engine`), fastsd's `RolloutEngine` (static KV cache,
+fused decode step) or transformers `generate`.
 
 Prompts of different lengths are left-padded into one batch. Under FSDP2 the root's own
 parameters (embeddings, final norm, head) are unsharded around the call, the decoder layers
@@ -15,6 +15,7 @@ import torch
 from .batch import pad
 from .dist import Dist
 from .engine import RolloutEngine, cut_at_eos, cut_at_stop
+from .vllm_engine import hf_weights
 
 
 def _engine(policy) -> RolloutEngine:
@@ -32,10 +33,20 @@ def _engine(policy) -> RolloutEngine:
 @torch.no_grad()
 def sample(policy, prompts: list[list[int]], *, eos_id: int, pad_id: int, temperature: float,
            top_p: float, max_new_tokens: int, d: Dist, batch_size: int = 256, engine: str = "generate",
-           stop: list[int] | None = None, progress=None) -> list[list[int]]:
+           stop: list[int] | None = None, stop_text: str | None = None, progress=None) -> list[list[int]]:
     """Sample one response per prompt from `policy.lm` (a Policy, possibly an FSDP root) with
-    `engine` ("fastsd" or "generate"); `stop`: token ids that also end a response. `progress`,
-    if given, is called as progress(batches_done, batches) before the first batch and after each."""
+    `engine` ("vllm", "fastsd" or "generate"); `stop`: token ids that also end a response (vllm
+    matches `stop_text` on the decoded text instead). `progress`, if given, is called as
+    progress(batches_done, batches) before the first batch and after each."""
+    if engine == "vllm":  # vLLM batches by itself: one call
+        if progress is not None:
+            progress(0, 1)
+        policy.vllm.push(hf_weights(policy.lm))
+        rows, _ = policy.vllm.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                       top_p=top_p, eos_id=eos_id, stop=stop_text)
+        if progress is not None:
+            progress(1, 1)
+        return rows
     lm = policy.lm
     device = next(lm.parameters()).device
     was_training = lm.training

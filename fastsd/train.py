@@ -99,6 +99,8 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
             runlog.metrics({"step": state["step"], **final, "final": True})
     finally:
         runlog.close()
+        if getattr(policy, "vllm", None) is not None:
+            policy.vllm.close()  # its KV cache is freed now, not whenever the policy is collected
     if state["first_eval"] is not None and last_eval is not None:
         runlog.say(f"[fastsd] before: {fmt_eval(state['first_eval'])}\n[fastsd] after:  {fmt_eval(last_eval)}")
     elif not cfg.eval.enabled:
