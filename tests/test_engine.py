@@ -77,13 +77,15 @@ def test_samples_follow_the_same_distribution_as_generate(model):
     theirs = hf_generate(lm, tok, [prompt] * n, do_sample=True, temperature=1.1, top_p=0.9, top_k=0,
                          max_new_tokens=positions)
     torch.manual_seed(2)
-    colder = hf_generate(lm, tok, [prompt] * n, do_sample=True, temperature=0.6, top_p=1.0, top_k=0,
+    hotter = hf_generate(lm, tok, [prompt] * n, do_sample=True, temperature=2.0, top_p=1.0, top_k=0,
                          max_new_tokens=positions)
-    f_ours, f_theirs, f_cold = (_frequencies(r, positions) for r in (ours, theirs, colder))
+    f_ours, f_theirs, f_hot = (_frequencies(r, positions) for r in (ours, theirs, hotter))
     same = [_tv(a, b, n) for a, b in zip(f_ours, f_theirs)]
-    other = [_tv(a, b, n) for a, b in zip(f_theirs, f_cold)]
+    other = [_tv(a, b, n) for a, b in zip(f_theirs, f_hot)]
     # Two samples of 1200 from one distribution: total variation well under 0.06 per position
-    # (seen: at most 0.031). The test can fail: generate at temperature 0.6 is 0.30 away.
+    # (seen: at most 0.037). The test can fail: generate at temperature 2.0 is 0.84 away at some
+    # position. (Temperature 0.6 was, 0.30, on the checkpoint shipped before 2026-12-01; the
+    # one since is so sure of this prompt that 0.6 moves it by 0.15 at most: 2.0 is the contrast.)
     assert max(same) < 0.06, same
     assert max(other) > 0.15, other
 
