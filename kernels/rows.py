@@ -3,10 +3,13 @@
 One program per row walks the vocabulary in BLOCK_V slices. z = logits / temperature.
 
 Pass 1 (always): online max / sum-exp per lane for both heads -> lse_s, lse_t (kept as max and
-log sum-exp below it; log p = (z - max) - log_s, see `_finish`). Forward and
-reverse KL are accumulated online too, as probability-weighted means of z_t - z_s:
-    KL(p_t || p_s) = E_pt[z_t - z_s] - lse_t + lse_s,   KL(p_s || p_t) = E_ps[z_s - z_t] - lse_s + lse_t
-Pass 2 (jsd, clip): needs the final lse. With lp = z - lse and M = (1-beta) p_s + beta p_t:
+log sum-exp below it; log p = (z - max) - log_s, see `_finish`). Forward KL is accumulated
+online too, as a probability-weighted mean of z_t - z_s:
+    KL(p_t || p_s) = E_pt[z_t - z_s] - lse_t + lse_s
+Pass 2 (reverse_kl, jsd, clip): needs the final lse. With lp = z - lse and M = (1-beta) p_s + beta p_t:
+    reverse_kl: loss = sum_v p_s (lp_s - lp_t). Not the online E_ps[z_s - z_t] - lse_s + lse_t:
+           that carries the rounding of terms far larger than the KL itself into the gradient's
+           (lp_s - lp_t - loss), 4.6x over the fp32 bound on 4 of 100 draws of large logits
     clip:  loss = sum_v min(p_t (lp_t - lp_s), clip),  K = sum_v [kept] p_t
     jsd:   loss = beta KL(p_t || M) + (1-beta) KL(p_s || M),  K = KL(p_s || M)
 Pass 3 (gradient): d loss / d z_s, times row_scale / temperature (= d out / d logits):
@@ -92,7 +95,7 @@ def _divergence_row_kernel(
     k_row = 0.0
     log1mb = tl.log(1.0 - beta)
     logb = tl.log(beta)
-    if HAS_CLIP or DIV == 2:
+    if HAS_CLIP or DIV >= 1:
         loss_v = tl.zeros((BLOCK_V,), tl.float32)
         k_v = tl.zeros((BLOCK_V,), tl.float32)
         for v0 in range(0, V, BLOCK_V):
@@ -106,6 +109,8 @@ def _divergence_row_kernel(
                 summand = pt * (lpt - lps)
                 loss_v += tl.where(ok, tl.minimum(summand, clip), 0.0)
                 k_v += tl.where(ok & (summand <= clip), pt, 0.0)
+            elif DIV == 1:
+                loss_v += tl.where(ok, ps * (lps - lpt), 0.0)
             else:
                 a = log1mb + lps
                 b = logb + lpt
