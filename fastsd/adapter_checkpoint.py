@@ -18,21 +18,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+from .dist import spans_processes
 from .model import adapter_params, no_progress_bars
 
 __all__ = ["ADAPTER", "gather_adapters", "write_adapters", "load_adapters"]
 
 ADAPTER = "adapter"
 _WEIGHTS = "adapter_model.safetensors"
-
-
-def _distributed() -> bool:  # a one-process group (vLLM's own, in-process) is not distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _dir(root: Path, name: str) -> Path:
@@ -102,4 +98,4 @@ def load_adapters(path: Path, model: nn.Module, on_rank0) -> None:
     full: dict = {}
     on_rank0(lambda: full.update(_read(path, model)), f"loading {path / ADAPTER}")
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False,
-                                                               broadcast_from_rank0=_distributed()))
+                                                               broadcast_from_rank0=spans_processes()))

@@ -50,6 +50,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .adapter_checkpoint import ADAPTER, gather_adapters, load_adapters, write_adapters
+from .dist import spans_processes
 from .model import is_lora, no_progress_bars
 
 __all__ = ["COMPLETE", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "resolve_resume"]
@@ -65,17 +66,13 @@ _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tenso
 
 # ---------------------------------------------------------------- process-group helpers
 
-def _distributed() -> bool:  # a one-process group (vLLM's own, in-process) is not distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
+    return dist.get_rank() if spans_processes() else 0
 
 
 def _agree(error: BaseException | None, what: str) -> None:
     """Collective (also a barrier): raise on every rank if any rank failed."""
-    if _distributed():
+    if spans_processes():
         msgs: list = [None] * dist.get_world_size()
         dist.all_gather_object(msgs, None if error is None else f"{type(error).__name__}: {error}")
     else:
@@ -96,7 +93,7 @@ def _on_rank0(fn, what: str):
         except Exception as e:
             error = e
     _agree(error, what)
-    if not _distributed():
+    if not spans_processes():
         return result
     box = [result]
     dist.broadcast_object_list(box, src=0)
@@ -284,7 +281,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model, tokenizer, 
         raise ValueError(f"step: expected a non-negative int, got {step!r}")
     if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
         raise ValueError(f"keep: expected an int >= 1, got {keep!r}")
-    rank, world = _rank(), dist.get_world_size() if _distributed() else 1
+    rank, world = _rank(), dist.get_world_size() if spans_processes() else 1
     rng = _rng_state()
     stepped = bool(optimizer.state)
     teacher = None if teacher is model else teacher
@@ -331,7 +328,7 @@ def _load_full(module: nn.Module, read, source: Path) -> None:
 
     _on_rank0(read_and_check, f"loading {source}")
     set_model_state_dict(module, full, options=StateDictOptions(full_state_dict=True,
-                                                                broadcast_from_rank0=_distributed()))
+                                                                broadcast_from_rank0=spans_processes()))
 
 
 def _read_hf_weights(hf: Path) -> dict:
@@ -375,7 +372,7 @@ def load_checkpoint(path: str | os.PathLike, *, model, optimizer: torch.optim.Op
                              f"the optimizer has {len(optimizer.param_groups)}")
         if trainer["optimizer_stepped"]:
             set_optimizer_state_dict(model, optimizer, saved if rank0 else {},
-                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=_distributed()))
+                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=spans_processes()))
         # Hyper-parameters as saved (also for an optimizer saved before its first step);
         # set_optimizer_state_dict alone turns tuples such as AdamW's betas into lists.
         for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):

@@ -58,6 +58,12 @@ class Dist:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def spans_processes() -> bool:
+    """A process group of more than one process is up (a one-process group, such as the one an
+    in-process vLLM engine starts, is not)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def setup() -> Dist:
     """Initialise the process group under torchrun (WORLD_SIZE set); a single process otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
