@@ -122,12 +122,12 @@ def load_data(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
     c = cfg.data
     need_ref = cfg.condition == "reference"
     try:
-        train = (builtin_split("train", c.train_size, c.seed) if c.path == "builtin"
+        train = (builtin_split("train", c.train_size, c.seed, c.task) if c.path == "builtin"
                  else load_examples(c.path, c.fields, need_ref))
     except ValueError as e:
         raise key_error("data.path", e) from None
     try:  # held-out questions are only sampled and graded: no reference solution needed
-        held = (builtin_split("test", c.eval_size, c.seed) if c.eval_path == "builtin"
+        held = (builtin_split("test", c.eval_size, c.seed, c.task) if c.eval_path == "builtin"
                 else load_examples(c.eval_path, c.fields, need_reference=False))
     except ValueError as e:
         raise key_error("data.eval_path", e) from None

@@ -86,6 +86,10 @@ class DataConfig:
     """Built-in task: number of held-out questions."""
     seed: int = 0
     """Built-in task: generator seed (also fixes the split)."""
+    task: Literal["long", "short"] = "long"
+    """Built-in task: long (9-12 operands, a reference in two-operation steps; the shipped model's)
+    or short (3-5 operands, a regrouped reference; the task before 2026-12-01). See
+    fastsd/tasks/arith.py."""
 
 
 @dataclass
@@ -116,7 +120,7 @@ class RolloutConfig:
     """Sampling temperature for on-policy rollouts."""
     top_p: float = 1.0
     """Nucleus sampling threshold (1.0: off)."""
-    max_new_tokens: int = 128
+    max_new_tokens: int = 384
     """Longest response, in tokens."""
     group_size: int = 0
     """Rollouts per question; 0 picks the method's default (8 for grpo, 1 for self-distillation)."""

@@ -26,7 +26,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .tasks import arith
+from .tasks import DEFAULT_TASK, make_split
 
 __all__ = ["Example", "KEYS", "load_examples", "load_jsonl", "load_parquet", "builtin_split", "step_questions"]
 
@@ -144,10 +144,10 @@ def load_parquet(path: str | os.PathLike, fields=None, need_reference: bool = Tr
     return examples
 
 
-def builtin_split(split: str, n: int, seed: int = 0) -> list[Example]:
-    """`n` questions of the built-in arithmetic task's `split` ("train" or "test"), deterministic in
-    (split, n, seed); the two splits never share a question."""
-    return [Example(p.question, p.answer, p.reference_solution) for p in arith.make_split(split, n, seed)]
+def builtin_split(split: str, n: int, seed: int = 0, task: str = DEFAULT_TASK) -> list[Example]:
+    """`n` questions of the built-in arithmetic `task`'s `split` ("train" or "test"), deterministic
+    in (split, n, seed, task); the two splits never share a question."""
+    return [Example(p.question, p.answer, p.reference_solution) for p in make_split(split, n, seed, task)]
 
 
 def step_questions(train: list[Example], cfg, step: int) -> list[Example]:

@@ -68,7 +68,7 @@ def tiny_config(vocab_size: int, **overrides) -> LlamaConfig:
         num_key_value_heads=2,
         head_dim=32,  # not hidden/heads = 24: vLLM's CPU attention takes head dims 32, 64, ...
         intermediate_size=288,
-        max_position_embeddings=512,
+        max_position_embeddings=1024,
         tie_word_embeddings=True,
         rms_norm_eps=1e-6,
         pad_token_id=0,

@@ -6,7 +6,7 @@ import pytest
 
 from fastsd.data import Example, builtin_split, load_examples, load_jsonl, load_parquet
 from fastsd.tasks.format import reward
-from fastsd.tasks import arith
+from fastsd.tasks import arith, make_records, write_jsonl
 
 
 def write(tmp_path, lines: list[str], name="q.jsonl"):
@@ -35,7 +35,7 @@ def test_empty_file_gives_no_examples(tmp_path):
 
 def test_reads_task_records(tmp_path):
     path = tmp_path / "train.jsonl"
-    arith.write_jsonl(path, arith.make_records("train", 5, seed=1))
+    write_jsonl(path, make_records("train", 5, seed=1))
     assert load_jsonl(path) == builtin_split("train", 5, 1)
 
 

@@ -170,7 +170,7 @@ def test_http_critic_grades_the_critique_answer_with_the_configured_grader(tmp_p
     from fastsd.config import load_config
     from fastsd.dist import Dist
     from fastsd.tasks.format import parse_response
-    from fastsd.tasks import arith
+    from fastsd.tasks import make_split
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     from critic_server import CriticServer
@@ -180,7 +180,7 @@ def test_http_critic_grades_the_critique_answer_with_the_configured_grader(tmp_p
     srv.reply_text = lambda body: plain(body).replace("<answer>", "<answer>\\boxed{").replace("</answer>", "}</answer>")
     try:
         items = [(p.question, p.answer, parse_response(p.solution).steps[:1], None, p.reference_solution)
-                 for p in arith.make_split("test", 3, 0)]
+                 for p in make_split("test", 3, 0)]
         keys = ["condition=critique", "critic=http", f"critic.base_url={srv.url}", "critic.retries=0",
                 f"run_dir={tmp_path}"]
         exact = build_critic(load_config(None, keys), Dist())

@@ -22,7 +22,7 @@ from fastsd.dist import Dist
 from fastsd.tasks.format import format_steps, parse_response
 from fastsd.http_critic import HttpCritic, parse_reply, strip_think
 from fastsd import train as train_mod
-from fastsd.tasks import arith
+from fastsd.tasks import arith, make_split
 from fastsd.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -33,7 +33,7 @@ def attempts(n: int, seed: int = 0) -> list[tuple]:
     """(question, answer, steps, student answer, reference) for n questions, four kinds of attempt
     each: right, wrong at step 2 in spaced notation, wrong at step 1, cut off after one step."""
     out = []
-    for p in arith.make_split("test", n, seed):
+    for p in make_split("test", n, seed):
         steps = parse_response(p.solution).steps
         s2 = arith.parse_step(steps[1])
         wrong2 = [steps[0], f"{s2.left} {s2.op} {s2.right} = {s2.result + 1}", *steps[2:]]

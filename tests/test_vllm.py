@@ -260,7 +260,7 @@ def test_http_critic_against_a_real_vllm_server(vllm_server, monkeypatch):
     model's nonsense critiques are counted as failed, with reasons, and nothing raises."""
     from fastsd.config import CriticConfig
     from fastsd.http_critic import HttpCritic
-    from fastsd.tasks import arith
+    from fastsd.tasks import make_split
     from fastsd.tasks.format import parse_response
 
     cfg = CriticConfig(kind="http", base_url=vllm_server, api_key_env="TEST_VLLM_KEY", max_tokens=48,
@@ -272,7 +272,7 @@ def test_http_critic_against_a_real_vllm_server(vllm_server, monkeypatch):
     critic = HttpCritic(cfg)
     assert critic.model == "tiny"  # the one model /v1/models lists
     items = [(p.question, p.answer, parse_response(p.solution).steps, p.answer, p.reference_solution)
-             for p in arith.make_split("test", 8, 0)]
+             for p in make_split("test", 8, 0)]
     got = critic.critique_batch(items)
     assert len(got) == 8 and not any(c.ok for c in got)
     assert critic.stats["failed"] == 8 and critic.stats["requests"] >= 8

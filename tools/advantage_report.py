@@ -40,7 +40,7 @@ from fastsd.critic import ArithCritic
 from fastsd.data import Example
 from fastsd.dist import Dist
 from fastsd.tasks.format import parse_response, reward
-from fastsd.tasks import arith
+from fastsd.tasks import TASKS, arith
 from fastsd.build import build_critic, build_models, load_data
 from fastsd.step import Rollout, encode, feedback, rollout
 
@@ -64,11 +64,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _example(question: str, known: dict[str, Example]) -> Example:
+def _example(question: str, known: dict[str, Example], task: str) -> Example:
     if question in known:
         return known[question]
     canon = arith.solve(question)  # ValueError for questions that are not the built-in task's
-    return Example(question, str(canon[-1].result), arith.reference_solution(question))
+    return Example(question, str(canon[-1].result), arith.reference_solution(question, TASKS[task].reference))
 
 
 def read_rollouts(path: str, step: int | None, cfg, tok) -> list[Rollout]:
@@ -81,7 +81,7 @@ def read_rollouts(path: str, step: int | None, cfg, tok) -> list[Rollout]:
         if step is not None and row.get("step") != step:
             continue
         try:
-            ex = _example(row["question"], known)
+            ex = _example(row["question"], known, cfg.data.task)
         except (KeyError, ValueError) as e:
             raise ValueError(f"{path}:{line_no}: cannot find the question's answer ({e})") from None
         parsed = parse_response(row["response"])

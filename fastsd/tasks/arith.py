@@ -1,68 +1,66 @@
-"""Built-in task: chained integer arithmetic, solved as step-tagged traces.
+"""Built-in tasks: chained integer arithmetic, solved as step-tagged traces.
 
-A question is 3 to 5 non-negative integers joined by `+`, `-` or `*`, evaluated strictly
-**left to right, with no operator precedence**: `12+7*3-5` means `((12+7)*3)-5` = 52.
-Generation keeps every intermediate result in [0, 99] (so no negative numbers ever appear),
-`+`/`-` operands in [1, 20] and `*` operands in [2, 9].
+A question is non-negative integers joined by `+`, `-` or `*`, evaluated strictly **left to
+right, with no operator precedence**: `12+7*3-5` means `((12+7)*3)-5` = 52. Generation keeps
+every intermediate result in [0, 99] (so no negative numbers ever appear), `+`/`-` operands in
+[1, 20] and `*` operands in [2, 9]. Two tasks (`TASKS`, config key `data.task`) differ in the
+number of operands and in how the reference solution is written:
 
-Canonical solution: one step per operator, each a single binary operation on the running result
-and the next operand, written compactly as `left op right=result`:
+- `long` (the default since 2026-12-01): 9 to 12 operands, so 8 to 11 steps (about 270
+  characters, one token each); the reference solution takes two operations per step.
+- `short` (the task before): 3 to 5 operands; the reference regroups one pair of steps.
+
+Canonical solution (the student's form, both tasks): one step per operator, each a single
+binary operation on the running result and the next operand, written compactly:
 
     <step_1>12+7=19</step_1><step_2>19*3=57</step_2><step_3>57-5=52</step_3><answer>52</answer>
 
 Step notation the task accepts as equivalent (used by the critic): any spaces around the
 operator and `=`, leading zeros, and swapped operands for `+` and `*`.
 
-Reference solution: a correct but different derivation, as if written by someone else. It
-regroups the first place where that is possible (distributes `(v+a)*c` as `v*c + a*c`, or
-collects two subtractions `v-a-b` as `v-(a+b)`), writes the operands of the other `+`/`*` steps
-the other way round, and puts spaces around operators and `=`:
+Reference solution: a correct but different derivation, as if written by someone else, with
+spaces around operators and `=`.
+- `paired` (task `long`): another step granularity. Each step applies the next two operations
+  at once, left to right as the question does, so only every other intermediate result is
+  written: `<step_1>12 + 7 * 3 = 57</step_1><step_2>57 - 5 + 9 = 61</step_2>...` (an odd last
+  operation is a step of its own).
+- `regrouped` (task `short`): regroups the first place where that is possible (distributes
+  `(v+a)*c` as `v*c + a*c`, or collects two subtractions `v-a-b` as `v-(a+b)`), and writes the
+  operands of the other `+`/`*` steps the other way round:
+  `<step_1>12 * 3 = 36</step_1><step_2>7 * 3 = 21</step_2><step_3>36 + 21 = 57</step_3>...`
 
-    <step_1>12 * 3 = 36</step_1><step_2>7 * 3 = 21</step_2><step_3>36 + 21 = 57</step_3>...
-
-Splits: a question belongs to the held-out ("test") split iff a stable hash of its text falls in
-one bucket of five, so train and test are disjoint for every seed and size, and each split is a
-deterministic function of (seed, size).
+Drawing questions and the train/test splits: `fastsd.tasks.splits`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import random
 import re
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from .format import format_steps, parse_response
 
 __all__ = [
     "ALPHABET",
-    "SPLITS",
     "Problem",
+    "REFERENCE_STYLES",
     "Step",
+    "apply_op",
     "parse_question",
     "solve",
     "canonical_solution",
     "reference_solution",
     "parse_step",
+    "parse_chain",
     "step_is_true",
     "verify_trace",
-    "make_problem",
-    "make_split",
-    "make_records",
-    "write_jsonl",
-    "read_jsonl",
 ]
 
-SPLITS = ("train", "test")
 OPS = "+-*"
 MAX_VALUE = 99
-NUM_OPERANDS = (3, 5)
-_TEST_BUCKETS = 5  # one question in five is held out
-_MAX_TRIES_PER_ITEM = 1000
 _QUESTION = re.compile(r"\d+(?:[+\-*]\d+)+")
 _STEP = re.compile(r"\s*(\d+)\s*([+\-*])\s*(\d+)\s*=\s*(\d+)\s*")
+_CHAIN = re.compile(r"\s*\d+(?:\s*[+\-*]\s*\d+)+\s*=\s*\d+\s*")
+REFERENCE_STYLES = ("paired", "regrouped")
 RECORD_KEYS = ("question", "answer", "solution", "reference_solution")
 # Every character a question, solution, reference or critique of this task can contain.
 ALPHABET = "".join(sorted(set("0123456789+-*= <>/_" + "step" + "answer")))
@@ -97,7 +95,7 @@ class Problem:
         return asdict(self)
 
 
-def _apply(left: int, op: str, right: int) -> int:
+def apply_op(left: int, op: str, right: int) -> int:
     """Value of `left op right`."""
     if op == "+":
         return left + right
@@ -121,7 +119,7 @@ def solve(question: str) -> list[Step]:
     operands, ops = parse_question(question)
     steps, value = [], operands[0]
     for op, right in zip(ops, operands[1:]):
-        result = _apply(value, op, right)
+        result = apply_op(value, op, right)
         steps.append(Step(value, op, right, result))
         value = result
     return steps
@@ -161,9 +159,25 @@ def _reference_steps(steps: list[Step]) -> list[Step]:
     return out
 
 
-def reference_solution(question: str) -> str:
-    """A correct derivation of the answer worded differently from `canonical_solution`."""
-    steps = _reference_steps(solve(question))
+def _paired(steps: list[Step]) -> list[str]:
+    """Two operations per step, `v op x op y = r`, spaced; an odd last operation alone."""
+    out = []
+    for i in range(0, len(steps), 2):
+        pair = steps[i : i + 2]
+        ops = "".join(f" {s.op} {s.right}" for s in pair)
+        out.append(f"{pair[0].left}{ops} = {pair[-1].result}")
+    return out
+
+
+def reference_solution(question: str, style: str = "paired") -> str:
+    """A correct derivation of the answer written differently from `canonical_solution`, in
+    `style`: "paired" or "regrouped" (module docstring)."""
+    if style not in REFERENCE_STYLES:
+        raise ValueError(f"style: expected one of {REFERENCE_STYLES}, got {style!r}")
+    steps = solve(question)
+    if style == "paired":
+        return format_steps(_paired(steps), steps[-1].result)
+    steps = _reference_steps(steps)
     return format_steps([s.render(spaced=True) for s in steps], steps[-1].result)
 
 
@@ -175,103 +189,40 @@ def parse_step(text: str) -> Step | None:
     return Step(int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4)))
 
 
+def parse_chain(text: str) -> tuple[list[int], list[str], int] | None:
+    """Read a step of one or more operations, `a op b [op c ...] = r` (any spacing), as
+    (operands, operators, result); None if the text is not one."""
+    if not isinstance(text, str) or _CHAIN.fullmatch(text) is None:
+        return None
+    tokens = re.findall(r"\d+|[+\-*=]", text)
+    return [int(t) for t in tokens[0:-2:2]], tokens[1:-2:2], int(tokens[-1])
+
+
 def step_is_true(step: Step) -> bool:
     """The step's arithmetic is right."""
-    return _apply(step.left, step.op, step.right) == step.result
+    return apply_op(step.left, step.op, step.right) == step.result
 
 
 def verify_trace(question: str, text: str, answer: str | int) -> bool:
     """`text` is a well-formed derivation of `answer` from the numbers of `question`.
 
-    Every step must be true arithmetic on numbers available at that point (operands of the
-    question or results of earlier steps), the last result must be `answer`, and so must the
-    answer tag.
+    Every step must be true arithmetic, one or more operations evaluated left to right, on
+    numbers available at that point (operands of the question or results of earlier steps); the
+    last result must be `answer`, and so must the answer tag.
     """
     parsed = parse_response(text)
     if not parsed.well_formed or parsed.answer != str(answer).strip():
         return False
     available = set(parse_question(question)[0])
     for content in parsed.steps:
-        step = parse_step(content)
-        if step is None or not step_is_true(step) or not {step.left, step.right} <= available:
+        chain = parse_chain(content)
+        if chain is None or not set(chain[0]) <= available:
             return False
-        available.add(step.result)
-    return str(step.result) == parsed.answer
-
-
-def make_problem(rng: random.Random) -> Problem:
-    """Draw one problem from `rng` (see the module docstring for the ranges)."""
-    value = rng.randint(1, 20)
-    question = str(value)
-    for _ in range(rng.randint(*NUM_OPERANDS) - 1):
-        op, right = _draw_op(rng, value)
-        question += f"{op}{right}"
-        value = _apply(value, op, right)
-    return Problem(question, str(value), canonical_solution(question), reference_solution(question))
-
-
-def _draw_op(rng: random.Random, value: int) -> tuple[str, int]:
-    """An operator and operand that keep the running value in [0, MAX_VALUE]."""
-    choices = []
-    if value < MAX_VALUE:
-        choices.append(("+", 1, min(20, MAX_VALUE - value)))
-    if value >= 1:
-        choices.append(("-", 1, min(20, value)))
-    if 2 <= value <= MAX_VALUE // 2:
-        choices.append(("*", 2, min(9, MAX_VALUE // value)))
-    op, lo, hi = rng.choice(choices)
-    return op, rng.randint(lo, hi)
-
-
-def _split_of(question: str) -> str:
-    """The split a question belongs to, from a stable hash of its text."""
-    digest = hashlib.sha256(question.encode()).digest()
-    return "test" if digest[0] % _TEST_BUCKETS == 0 else "train"
-
-
-def make_split(split: str, n: int, seed: int = 0) -> list[Problem]:
-    """`n` distinct problems of `split` ("train" or "test"), deterministic in (split, n, seed)."""
-    if split not in SPLITS:
-        raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
-    if not isinstance(n, int) or n < 0:
-        raise ValueError(f"n: expected a non-negative int, got {n!r}")
-    rng = random.Random(seed)
-    seen: set[str] = set()
-    out: list[Problem] = []
-    for _ in range(_MAX_TRIES_PER_ITEM * (n + 1)):
-        if len(out) == n:
-            break
-        problem = make_problem(rng)
-        if problem.question not in seen and _split_of(problem.question) == split:
-            seen.add(problem.question)
-            out.append(problem)
-    if len(out) < n:
-        raise ValueError(f"n: could not draw {n} distinct {split} problems (too many?)")
-    return out
-
-
-def make_records(split: str, n: int, seed: int = 0) -> list[dict[str, str]]:
-    """`make_split` as jsonl records (question, answer, solution, reference_solution)."""
-    return [p.to_dict() for p in make_split(split, n, seed)]
-
-
-def write_jsonl(path: str | Path, records: list[dict[str, str]]) -> None:
-    """Write one JSON object per line."""
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, str]]:
-    """Read records written by `write_jsonl`; each needs question, answer and reference_solution."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            missing = [k for k in ("question", "answer", "reference_solution") if k not in record]
-            if missing:
-                raise ValueError(f"path: {path}:{line_no} lacks {missing}")
-            records.append(record)
-    return records
+        operands, ops, result = chain
+        value = operands[0]
+        for op, right in zip(ops, operands[1:]):
+            value = apply_op(value, op, right)
+        if value != result:
+            return False
+        available.add(result)
+    return str(result) == parsed.answer
