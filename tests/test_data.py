@@ -220,3 +220,21 @@ def test_the_builtin_critic_on_other_data_is_an_error_in_dry_run_too(tmp_path, c
     assert f"{math}:2 is not one of that task's questions" in err and "use critic=http" in err
     arith_only = write(tmp_path, [json.dumps({"question": "12+7*3-5", "answer": "52"})], "arith.jsonl")
     assert cli.main(["--dry-run", f"data.path={arith_only}", "condition=critique"]) == 0
+
+
+def test_data_task_picks_the_builtin_task():
+    from fastsd.build import load_data
+    from fastsd.config import load_config
+
+    def operands(cfg):
+        train, held = load_data(cfg)
+        return {len(arith.parse_question(e.question)[0]) for e in train + held}
+
+    small = ["data.train_size=30", "data.eval_size=10"]
+    assert operands(load_config(None, small)) <= set(range(9, 13))  # long is the default
+    short = load_config(None, [*small, "data.task=short"])
+    assert short.data.task == "short" and operands(short) <= {3, 4, 5}
+    assert load_data(short)[0][0].reference_solution == arith.reference_solution(
+        load_data(short)[0][0].question, "regrouped")
+    with pytest.raises(ValueError, match="^data.task: expected one of"):
+        load_config(None, ["data.task=medium"])

@@ -70,7 +70,7 @@ def test_shipped_checkpoint_loads_and_answers_in_format():
     prompt = student_prompt(PROBLEM.question)
     enc = tok(prompt, return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**enc, do_sample=False, max_new_tokens=160)
+        out = model.generate(**enc, do_sample=False, max_new_tokens=384)
     assert out[0, -1].item() == tok.eos_token_id  # stopped by itself
     text = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert parse_response(text).well_formed, text
@@ -87,7 +87,7 @@ def test_shipped_checkpoint_makes_errors_and_uses_each_context():
         tok.padding_side = "left"
         enc = tok(prompts, return_tensors="pt", padding=True)
         with torch.no_grad():
-            out = model.generate(**enc, do_sample=False, max_new_tokens=160)
+            out = model.generate(**enc, do_sample=False, max_new_tokens=384)
         return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
     accuracy = lambda texts: sum(reward(t, p.answer) for t, p in zip(texts, problems)) / len(problems)  # noqa: E731

@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS))
     ap.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
-    ap.add_argument("--eval-every", type=int, default=10, help="evaluate every N steps (and at 0 and the end)")
+    ap.add_argument("--eval-every", type=int, default=30, help="evaluate every N steps (and at 0 and the end)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (each gets cpus / jobs threads)")
     ap.add_argument("overrides", nargs="*", help="fastsd-train key=value overrides for every run")
     args = ap.parse_args(argv)

@@ -14,10 +14,15 @@ response tokens + EOS only, on fresh examples of three kinds:
 
 Two phases, because what a tiny model learns first decides what it can learn at all:
 
-  1. copy (weights --copy-mix, mostly b and c): from scratch, the model cannot compute yet, so
-     the cheapest way to lower the (b)/(c) loss is to copy from the context; an induction-like
-     copy circuit forms after ~300 steps (seen as the critique loss falling far below the student
-     loss). A model that learned the arithmetic first never forms it: it computes instead.
+  1. copy (weights --copy-mix, mostly b and c, on the questions of --copy-task): from scratch,
+     the model cannot compute yet, so the cheapest way to lower the (b)/(c) loss is to copy from
+     the context; an induction-like copy circuit forms after ~300 steps (seen as the critique loss
+     falling far below the student loss). A model that learned the arithmetic first never forms
+     it: it computes instead. On the long task's traces (batches of 16) it had not formed after
+     500 steps (2026-12-01), so phase 1 runs on --copy-task (short), where it forms, then
+     --long-copy steps more of the same mix on --task: copying learned on short traces did not
+     carry to the long task's critiques, 300 characters away (their loss stayed above the
+     student's for 300 steps of phase 2).
   2. arithmetic (weights --mix, mostly a): the student learns the sums; (b) and (c) keep the
      copying alive. Synthetic attempts often write their steps in other accepted notations
      (spaces, swapped operands, leading zeros), which the critic copies verbatim, so a critique
@@ -222,14 +227,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", default="fastsd/assets/tiny-arith")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--task", choices=sorted(TASKS), default=DEFAULT_TASK, help="the built-in task to learn")
+    ap.add_argument("--copy-task", choices=sorted(TASKS), default="short", help="the task of phase 1")
+    ap.add_argument("--long-copy", type=int, default=300,
+                    help="phase 1 steps on --task after copying is learned on --copy-task (when they differ)")
     ap.add_argument("--minutes", type=float, default=30.0, help="wall-time budget of the whole script")
     ap.add_argument("--steps", type=int, default=1400, help="most optimizer steps")
     ap.add_argument("--copy-steps", type=int, default=500, help="longest phase 1 (learn to copy a context)")
     ap.add_argument("--copy-extra", type=int, default=25, help="phase 1 steps after copying is learned")
     ap.add_argument("--copy-mix", default="0.2,0.55,0.25", help="phase 1 weights of student,critique,reference")
     ap.add_argument("--copy-batch", type=int, default=48, help="phase 1 examples per step")
-    ap.add_argument("--mix", default="0.68,0.1,0.22", help="phase 2 weights of student,critique,reference")
-    ap.add_argument("--batch", type=int, default=40, help="phase 2 examples per step")
+    ap.add_argument("--mix", default="0.5,0.25,0.25", help="phase 2 weights of student,critique,reference (with 0.68,0.1,0.22 the long-task critique loss rose back above the student loss)")
+    ap.add_argument("--batch", type=int, default=14, help="phase 2 examples per step (long traces: 14 hold about as many tokens as 40 of the short task)")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-below", type=float, default=0.045, help="measure once the student loss is below this")
@@ -284,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params:,}", flush=True)
     train = make_split("train", 20000, seed=args.seed + 1, task=args.task)
+    copy_train = train if args.copy_task == args.task else make_split("train", 20000, seed=args.seed + 1,
+                                                                       task=args.copy_task)
     # Snapshots are chosen on a draw of the held-out split other than fastsd-train's evaluation
     # questions (data seed 0), so that the trainer's before/after figures are not selected on.
     held_out = make_split("test", args.final_eval_size, seed=args.seed + 2, task=args.task)
@@ -291,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30))
     copy_mix, mix = ([float(w) for w in m.split(",")] for m in (args.copy_mix, args.mix))
     best, chosen, step, step_s, eval_s = None, None, 0, 0.0, 0.0
-    copy_end, ema = args.copy_steps, {}
+    copy_end, ema, learned = args.copy_steps, {}, None
     model.train()
     while step < args.steps:
         # Keep room for the final measurement (about three evals of twice the size) and saving.
@@ -301,15 +311,17 @@ def main(argv: list[str] | None = None) -> None:
             break
         t0 = time.monotonic()
         phase1 = step < copy_end
-        losses = train_step(model, opt, tok, rng, train, copy_mix if phase1 else mix,
-                            args.copy_batch if phase1 else args.batch)
+        on_copy_task = phase1 and (learned is None or step < learned + args.copy_extra)
+        losses = train_step(model, opt, tok, rng, copy_train if on_copy_task else train, copy_mix if phase1 else mix,
+                            args.copy_batch if on_copy_task else args.batch)
         sched.step()
         step += 1
         ema.update({k: 0.9 * ema.get(k, v) + 0.1 * v for k, v in losses.items()})
         # Copying the critique shows as a sudden drop of its loss below the student's; once it
         # has, consolidate a little, then move on (phase 2 mostly teaches the arithmetic).
         if phase1 and copy_end == args.copy_steps and step >= 100 and ema["critique"] < 0.4 * ema["student"]:
-            copy_end = min(copy_end, step + args.copy_extra)
+            learned = step
+            copy_end = step + args.copy_extra + (args.long_copy if copy_train is not train else 0)
             print(f"critique copying learned at step {step}; phase 2 from step {copy_end}", flush=True)
         dt = time.monotonic() - t0
         step_s = dt if step in (1, copy_end + 1) else 0.8 * step_s + 0.2 * dt
