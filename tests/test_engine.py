@@ -49,11 +49,11 @@ def test_greedy_equals_generate_token_for_token(model):
     lm, tok = model
     prompts = prompts_for(tok, 12)
     assert len({len(p) for p in prompts}) > 2  # prompts of different lengths in one batch
-    got, lps = RolloutEngine(lm).generate(prompts, max_new_tokens=110, temperature=0, eos_id=tok.eos_token_id,
+    got, lps = RolloutEngine(lm).generate(prompts, max_new_tokens=320, temperature=0, eos_id=tok.eos_token_id,
                                           pad_id=tok.pad_token_id)
-    want = hf_generate(lm, tok, prompts, do_sample=False, max_new_tokens=110)
+    want = hf_generate(lm, tok, prompts, do_sample=False, max_new_tokens=320)
     assert got == want
-    assert all(r[-1] == tok.eos_token_id or len(r) == 110 for r in got)  # stopped at EOS, nothing after
+    assert all(r[-1] == tok.eos_token_id or len(r) == 320 for r in got)  # stopped at EOS, nothing after
     assert sum(r[-1] == tok.eos_token_id for r in got) >= len(got) // 2
     assert [len(x) for x in lps] == [len(r) for r in got]
 
@@ -121,7 +121,7 @@ def test_top_p_keeps_the_same_nucleus_as_transformers():
 def test_stop_sequence_ends_a_response(model):
     lm, tok = model
     stop = tok("</answer>", add_special_tokens=False)["input_ids"]
-    rows, _ = RolloutEngine(lm).generate(prompts_for(tok, 6), max_new_tokens=120, temperature=0,
+    rows, _ = RolloutEngine(lm).generate(prompts_for(tok, 6), max_new_tokens=320, temperature=0,
                                          eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, stop=stop)
     texts = [tok.decode(r) for r in rows]
     assert all(t.endswith("</answer>") and tok.eos_token_id not in r for t, r in zip(texts, rows)), texts
