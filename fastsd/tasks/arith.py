@@ -6,8 +6,8 @@ every intermediate result in [0, 99] (so no negative numbers ever appear), `+`/`
 [1, 20] and `*` operands in [2, 9]. Two tasks (`TASKS`, config key `data.task`) differ in the
 number of operands and in how the reference solution is written:
 
-- `long` (the default since 2026-12-01): 9 to 12 operands, so 8 to 11 steps (about 270
-  characters, one token each); the reference solution takes two operations per step.
+- `long` (the default since 2026-12-01): 9 to 12 operands, so 8 to 11 steps (249 on average,
+  at most about 300 characters, one token each); the reference takes two operations per step.
 - `short` (the task before): 3 to 5 operands; the reference regroups one pair of steps.
 
 Canonical solution (the student's form, both tasks): one step per operator, each a single
