@@ -69,7 +69,7 @@ def ignored(cfg: TrainConfig, device_type: str = "cpu") -> dict[str, str]:
     if cfg.data.eval_path != "builtin" and "data.eval_size" not in out:
         out["data.eval_size"] = "data.eval_path is a file"
     if cfg.data.path != "builtin" and (cfg.data.eval_path != "builtin" or not cfg.eval.enabled):
-        out["data.seed"] = "no built-in data in this run"
+        out["data.seed"] = out["data.task"] = "no built-in data in this run"
     if device_type != "cuda":
         out["model.liger"] = "CUDA only"
     return out

@@ -48,7 +48,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         eos_token=EOS,
         unk_token=UNK,
         clean_up_tokenization_spaces=False,
-        model_max_length=512,
+        model_max_length=1024,
     )
     assert all(len(tok(c)["input_ids"]) == 1 for c in CHARS), "tokenizer is not one id per char"
     return tok

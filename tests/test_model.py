@@ -66,7 +66,8 @@ def test_shipped_checkpoint_loads_and_answers_in_format():
     assert (DEFAULT_MODEL_DIR / "model.safetensors").stat().st_size < 8 * 2**20
     model, tok = load_model_and_tokenizer(DEFAULT_MODEL_DIR)
     assert tok(task_texts()[1])["input_ids"] == build_tokenizer()(task_texts()[1])["input_ids"]
-    assert model.config.max_position_embeddings >= 512 and model.dtype == torch.float32
+    assert model.config.max_position_embeddings >= 1024 and model.dtype == torch.float32
+    assert tok.model_max_length >= model.config.max_position_embeddings
     prompt = student_prompt(PROBLEM.question)
     enc = tok(prompt, return_tensors="pt")
     with torch.no_grad():

@@ -139,9 +139,10 @@ def test_reference_example():
     )
 
 
-def test_trace_length_and_alphabet(problems):
-    for p in problems:
-        assert len(p.solution) <= 320
+@pytest.mark.parametrize("task, longest", [("short", 120), ("long", 320)])
+def test_trace_length_and_alphabet(task, longest):
+    for p in _draw(task):
+        assert len(p.solution) <= longest
         text = p.question + p.solution + p.reference_solution + p.answer
         assert set(text) <= set(arith.ALPHABET)
 

@@ -6,8 +6,9 @@ every intermediate result in [0, 99] (so no negative numbers ever appear), `+`/`
 [1, 20] and `*` operands in [2, 9]. Two tasks (`TASKS`, config key `data.task`) differ in the
 number of operands and in how the reference solution is written:
 
-- `long` (the default since 2026-12-01): 9 to 12 operands, so 8 to 11 steps (249 on average,
-  at most about 300 characters, one token each); the reference takes two operations per step.
+- `long` (the default since 2026-12-01): 9 to 12 operands, so 8 to 11 steps; a trace is 249
+  characters on average, at most about 300 (one token each); the reference takes two
+  operations per step.
 - `short` (the task before): 3 to 5 operands; the reference regroups one pair of steps.
 
 Canonical solution (the student's form, both tasks): one step per operator, each a single
@@ -208,7 +209,8 @@ def verify_trace(question: str, text: str, answer: str | int) -> bool:
 
     Every step must be true arithmetic, one or more operations evaluated left to right, on
     numbers available at that point (operands of the question or results of earlier steps); the
-    last result must be `answer`, and so must the answer tag.
+    last result must be `answer`, and so must the answer tag. (So one step that restates the
+    whole question with its value is a valid trace: this checks derivations, not granularity.)
     """
     parsed = parse_response(text)
     if not parsed.well_formed or parsed.answer != str(answer).strip():
