@@ -96,8 +96,9 @@ def _rollout_engine(cfg: TrainConfig, d: Dist, policy: Policy, path, dtype: torc
     if engine == "vllm":
         from .vllm_engine import VllmEngine, lora_unsupported
 
-        if hasattr(policy.lm, "peft_config") and lora_unsupported(policy.lm):
-            raise ValueError(f"model.lora.path: {lora_unsupported(policy.lm)}; set rollout.engine=fastsd or generate")
+        why = lora_unsupported(policy.lm) if hasattr(policy.lm, "peft_config") else None
+        if why:
+            raise ValueError(f"model.lora.path: {why}; set rollout.engine=fastsd or generate")
         r = cfg.rollout
         eager = d.device.type != "cuda" if r.vllm_eager is None else r.vllm_eager
         policy.vllm = VllmEngine(path, d, dtype=dtype, seed=cfg.seed, kv_cache_gib=r.vllm_kv_cache_gib,

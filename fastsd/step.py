@@ -58,11 +58,12 @@ def rollout(cfg: TrainConfig, d: Dist, policy, tok, examples: list[Example], k: 
     prompts = [encode(tok, student_text(cfg.templates, tok, ex.question)) for ex in examples]
     flat = [(g, ex, p) for g, (ex, p) in enumerate(zip(examples, prompts)) for _ in range(k)]
     engine = cfg.sampler(d.device.type)
-    stop = encode(tok, ANSWER_CLOSE) if cfg.rollout.stop_at_answer else None
+    stop_text = ANSWER_CLOSE if cfg.rollout.stop_at_answer else None
+    stop = encode(tok, stop_text) if stop_text else None
     responses = sample(policy, [p for _, _, p in flat], eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                        temperature=temperature, top_p=cfg.rollout.top_p,
                        max_new_tokens=cfg.rollout.max_new_tokens, d=d, engine=engine, stop=stop,
-                       stop_text=ANSWER_CLOSE if cfg.rollout.stop_at_answer else None, progress=progress)
+                       stop_text=stop_text, progress=progress)
     out, grader = [], make_grader(cfg.grader)
     for (g, ex, p), resp in zip(flat, responses):
         parsed = parse_response(tok.decode(resp, skip_special_tokens=True), cfg.format)

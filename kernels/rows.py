@@ -84,9 +84,9 @@ def _divergence_row_kernel(
         ok = offs < V
         zs = tl.load(zs_row + offs, mask=ok, other=float("-inf"))
         zt = tl.load(zt_row + offs, mask=ok, other=float("-inf"))
-        m_s, s_s, a_s = _online(m_s, s_s, a_s, zs, zs - zt, ok)
+        m_s, s_s, a_s = _online(m_s, s_s, a_s, zs, 0.0, ok)  # its weighted mean: unused (pass 2 sums those)
         m_t, s_t, a_t = _online(m_t, s_t, a_t, zt, zt - zs, ok)
-    max_s, logs_s, _ = _finish(m_s, s_s, a_s)  # the student's weighted mean is unused (pass 2)
+    max_s, logs_s, _ = _finish(m_s, s_s, a_s)
     max_t, logs_t, mean_t = _finish(m_t, s_t, a_t)
     if DIV == 0:  # lse_s - lse_t, without forming either
         loss = mean_t + (max_s - max_t) + (logs_s - logs_t)
