@@ -228,7 +228,8 @@ class _FusedDivergence(torch.autograd.Function):
 class _FusedLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, rows, num_valid, targets_c, opts):
-        # torch backend, gradient wanted: a call that fits one chunk keeps onehot - p for backward
+        # torch backend, gradient wanted: the last chunk's softmax is kept for backward (all rows
+        # when they fit one chunk)
         keep = [] if (opts["ops"] is torch_backend and opts["grad_enabled"]
                       and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])) else None
         lp_c, _, _ = opts["ops"].logprob_chunked(
@@ -247,8 +248,11 @@ class _FusedLogprob(torch.autograd.Function):
         row_scale = grad_lp.to(torch.float32)[rows].contiguous()
         ops = ctx.opts["ops"]
         if ctx.kept is not None:
+            kept = ctx.kept
+            if kept[0] > 0:  # its buffer is reused for the rows before: a second backward recomputes
+                ctx.kept = None
             dx, dw = torch_backend.logprob_backward_kept(
-                ctx.kept, h, w, rows, row_scale, temperature=ctx.opts["kw"]["temperature"],
+                kept, h, w, rows, num_valid, targets_c, row_scale, temperature=ctx.opts["kw"]["temperature"],
                 need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1])
         else:
             _, dx, dw = ops.logprob_chunked(

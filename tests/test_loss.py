@@ -274,10 +274,33 @@ def test_fp16_mean_over_many_rows_keeps_gradient_digits(backend, device):
     assert rel_err(w.grad, w64.grad) < grad_tol(F16, backend)
 
 
+def test_logprob_over_chunks_keeps_the_last_one(monkeypatch, device):
+    """torch backend, valid rows over three chunks (of equal size): the forward keeps the last
+    one's softmax, so the backward recomputes the logits of the rows before it only;
+    values and gradients match float64 as above. A second backward (retain_graph: the kept
+    buffer was reused) recomputes every row and gives the same gradients to fp32 rounding."""
+    from fastsd import torch_backend
+
+    seen = []
+    real = torch_backend._logits
+    monkeypatch.setattr(torch_backend, "_logits", lambda h, r, *a: seen.append(r.numel()) or real(h, r, *a))
+    out, h, w = _logprob_vs_float64("torch", F32, device, chunk_size=12, retain_graph=True)
+    n = int((out != 0).sum())
+    k = -(-n // 12)
+    size = -(-n // k)
+    assert k == 3 and seen == [size] * (k - 1) + [n - (k - 1) * size] + [size] * (k - 1)
+    first = (h.grad.clone(), w.grad.clone())
+    h.grad = w.grad = None
+    seen.clear()
+    out.sum().backward()
+    assert seen == [size] * (k - 1) + [n - (k - 1) * size]
+    assert rel_err(h.grad, first[0]) < 1e-6 and rel_err(w.grad, first[1]) < 1e-6
+
+
 @pytest.mark.parametrize("dtype", [F32, BF16])
 def test_logprob_in_one_chunk_keeps_its_gradient(dtype, monkeypatch, device):
     """torch backend: when the valid rows fit one chunk (default chunk size here), the forward
-    keeps onehot - p and the backward runs no second logits pass; values and gradients match
+    keeps its softmax p and the backward runs no second logits pass; values and gradients match
     float64 as above, and a second backward (retain_graph) gives the same gradients."""
     from fastsd import torch_backend
 
