@@ -243,7 +243,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--variants", nargs="+", help="only these (the first is the ratios' reference)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory processes")
-    p.add_argument("--json", default="bench/results/cpu_peers.json")
+    p.add_argument("--json", default="runs/cpu_peers.json")  # runs/ is not tracked: keep results on purpose
     p.add_argument("--_child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     shapes = [tuple(int(x) for x in s.split(",")) for s in (a.shape or ["4096,512,32000"])]

@@ -121,11 +121,14 @@ def _logits(h, rows, w32, out, inv_temp):
     return hc
 
 
-def _even_chunks(n: int, chunk_size: int) -> int:
-    """Rows per chunk for n rows: as few chunks as `chunk_size` allows, of equal size (the
-    buffers take no more rows than needed, and a kept last chunk is a full one)."""
+def _even_chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
+    """Bounds [c0, c1) splitting n > 0 rows into as few chunks as `chunk_size` allows, their
+    sizes differing by one at most (larger first): the buffers take no more rows than needed,
+    and a kept last chunk is as large as the others, less one row at most."""
     k = -(-n // max(1, chunk_size))
-    return -(-n // k)
+    q, r = divmod(n, k)
+    cuts = [i * q + min(i, r) for i in range(k + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
 
 
 def _grad_buffers(h, w, need_dx, need_dw, n):
@@ -171,12 +174,12 @@ def divergence_chunked(h_s, w_s, h_t, w_t, rows, num_valid, targets_c, *, diverg
         return loss, s_lp, t_lp, dx, dw
     ws32 = w_s.to(F32)
     wt32 = ws32 if w_t is w_s else w_t.to(F32)
-    C = _even_chunks(n, chunk_size)
+    bounds = _even_chunks(n, chunk_size)
+    C = bounds[0][1]
     zs, zt, *scratch = (torch.empty(C, V, dtype=F32, device=dev) for _ in range(2 + _SCRATCH[divergence]))
     inv_temp = 1.0 / temperature
     factor = (1 - beta) if divergence == "jsd" else 1.0  # the JSD's (1 - beta) rides on the row factor
-    for c0 in range(0, n, C):
-        c1 = min(c0 + C, n)
+    for c0, c1 in bounds:
         c, r = c1 - c0, rows[c0:c1]
         hs = _logits(h_s, r, ws32, zs[:c], inv_temp)
         _logits(h_t, r, wt32, zt[:c], inv_temp)
@@ -204,28 +207,26 @@ def logprob_chunked(h, w, rows, num_valid, targets_c, *, temperature, row_scale,
     dx, dw = _grad_buffers(h, w, grad and need_dx, grad and need_dw, n)
     if n == 0:
         return lp, dx, dw
-    C = _even_chunks(n, chunk_size)
-    z = torch.empty(C, V, dtype=F32, device=h.device)
-    _logprob_rows(h, w.to(F32), rows, targets_c, z, 0, n, 1.0 / temperature, row_scale, dx, dw, True, lp, keep)
+    bounds = _even_chunks(n, chunk_size)
+    z = torch.empty(bounds[0][1], V, dtype=F32, device=h.device)
+    _logprob_rows(h, w.to(F32), rows, targets_c, z, bounds, 1.0 / temperature, row_scale, dx, dw, True, lp, keep)
     return lp, dx, dw
 
 
-def _logprob_rows(h, w32, rows, targets_c, z, start, end, inv_temp, row_scale, dx, dw, writes_dw, lp,
+def _logprob_rows(h, w32, rows, targets_c, z, bounds, inv_temp, row_scale, dx, dw, writes_dw, lp,
                   keep=None):
-    """Compact rows [start, end) in chunks of z's rows: their log p(target) into `lp` (if
+    """The compact rows of `bounds` chunk by chunk in z: their log p(target) into `lp` (if
     given), and with `row_scale` their dX rows and dW (the first chunk writes dW if
     `writes_dw`, else all add to it); with `keep`, the last chunk's p stays in z."""
-    C = z.shape[0]
-    for c0 in range(start, end, C):
-        c1 = min(c0 + C, end)
+    for i, (c0, c1) in enumerate(bounds):
         a, r, tgt = z[:c1 - c0], rows[c0:c1], targets_c[c0:c1]
         hc = _logits(h, r, w32, a, inv_temp)
         picked = _log_softmax_(a).gather(1, tgt[:, None]).squeeze(1)
         if lp is not None:
             lp[c0:c1] = picked
         if row_scale is not None:  # d log p(y) / d z = onehot(y) - p
-            _backprop(a.exp_(), hc, w32, r, row_scale[c0:c1], inv_temp, dx, dw, writes_dw and c0 == start, tgt)
-        elif keep is not None and c1 == end:
+            _backprop(a.exp_(), hc, w32, r, row_scale[c0:c1], inv_temp, dx, dw, writes_dw and i == 0, tgt)
+        elif keep is not None and i == len(bounds) - 1:
             keep.append((c0, z))
             a.exp_()
 
@@ -243,7 +244,8 @@ def logprob_backward_kept(kept, h, w, rows, num_valid, targets_c, row_scale, *, 
     _backprop(z[:n - c0], _hidden(h, r, inv_temp), w32, r, row_scale[c0:n], inv_temp, dx, dw,
               True, targets_c[c0:n])
     if c0:  # rows [0, c0) add to the kept rows' dW
-        _logprob_rows(h, w32, rows, targets_c, z, 0, c0, inv_temp, row_scale, dx, dw, False, None)
+        _logprob_rows(h, w32, rows, targets_c, z, _even_chunks(c0, z.shape[0]), inv_temp, row_scale, dx, dw,
+                      False, None)
     return dx, dw
 
 

@@ -275,7 +275,7 @@ def test_fp16_mean_over_many_rows_keeps_gradient_digits(backend, device):
 
 
 def test_logprob_over_chunks_keeps_the_last_one(monkeypatch, device):
-    """torch backend, valid rows over three chunks (of equal size): the forward keeps the last
+    """torch backend, valid rows over several chunks (equal to a row): the forward keeps the last
     one's softmax, so the backward recomputes the logits of the rows before it only;
     values and gradients match float64 as above. A second backward (retain_graph: the kept
     buffer was reused) recomputes every row and gives the same gradients to fp32 rounding."""
@@ -285,15 +285,16 @@ def test_logprob_over_chunks_keeps_the_last_one(monkeypatch, device):
     real = torch_backend._logits
     monkeypatch.setattr(torch_backend, "_logits", lambda h, r, *a: seen.append(r.numel()) or real(h, r, *a))
     out, h, w = _logprob_vs_float64("torch", F32, device, chunk_size=12, retain_graph=True)
-    n = int((out != 0).sum())
+    n = int((out != 0).sum())  # valid rows: the mask is random, 41 rows with p = 0.7
     k = -(-n // 12)
-    size = -(-n // k)
-    assert k == 3 and seen == [size] * (k - 1) + [n - (k - 1) * size] + [size] * (k - 1)
+    forward, backward = seen[:k], seen[k:]
+    assert k >= 2 and sum(forward) == n and max(forward) - min(forward) <= 1
+    assert sum(backward) == n - forward[-1] and max(backward) <= 12
     first = (h.grad.clone(), w.grad.clone())
     h.grad = w.grad = None
     seen.clear()
     out.sum().backward()
-    assert seen == [size] * (k - 1) + [n - (k - 1) * size]
+    assert sum(seen) == n and len(seen) == k
     assert rel_err(h.grad, first[0]) < 1e-6 and rel_err(w.grad, first[1]) < 1e-6
 
 

@@ -56,7 +56,7 @@ print(json.dumps(dict(peak=peak, chunk=chunk, workspace=torch_backend.workspace_
 def test_peak_memory_within_the_stated_formula(kind):
     """Peak RSS of one forward + backward at N=2048, D=64, V=32000 with a 64 MiB workspace stays
     within README's formula: workspace_bytes(C) + the fp32 dX [N, D] and dW [V, D] accumulators,
-    plus 8 MiB for the allocator and small tensors. Measured 2026-12-01: 70-75 MiB against
+    plus 8 MiB for the allocator and small tensors. Measured 2026-12-01 (a9c35fc): 69-74 MiB against
     bounds of 75-80; the backend before issue 15, at the same chunks: 265 MiB (forward KL with
     clip, 160 rows) and 164 MiB (JSD, 96 rows)."""
     n, d, v, mb = 2048, 64, 32000, 64
