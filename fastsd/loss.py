@@ -248,9 +248,10 @@ class _FusedLogprob(torch.autograd.Function):
         row_scale = grad_lp.to(torch.float32)[rows].contiguous()
         ops = ctx.opts["ops"]
         if ctx.kept is not None:
-            kept = ctx.kept
-            if kept[0] > 0:  # its buffer is reused for the rows before: a second backward recomputes
-                ctx.kept = None
+            # released here, not with the graph (a caller may hold the output for long); the
+            # buffer is also reused for the rows before the kept ones. A second backward
+            # (retain_graph) recomputes every row.
+            kept, ctx.kept = ctx.kept, None
             dx, dw = torch_backend.logprob_backward_kept(
                 kept, h, w, rows, num_valid, targets_c, row_scale, temperature=ctx.opts["kw"]["temperature"],
                 need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1])

@@ -234,8 +234,7 @@ def _logprob_rows(h, w32, rows, targets_c, z, bounds, inv_temp, row_scale, dx, d
 def logprob_backward_kept(kept, h, w, rows, num_valid, targets_c, row_scale, *, temperature,
                           need_dx, need_dw):
     """dX, dW (fp32) from what `logprob_chunked` kept: the kept rows from their p, the rows
-    before them recomputed in the same buffer (which so no longer holds p: when kept[0] > 0 the
-    caller must drop it; when 0, p stays as it is and a second backward gives the same)."""
+    before them recomputed in the same buffer (which so no longer holds p when kept[0] > 0)."""
     c0, z = kept
     n = int(num_valid)
     dx, dw = _grad_buffers(h, w, need_dx, need_dw, n)

@@ -302,14 +302,28 @@ def test_logprob_over_chunks_keeps_the_last_one(monkeypatch, device):
 def test_logprob_in_one_chunk_keeps_its_gradient(dtype, monkeypatch, device):
     """torch backend: when the valid rows fit one chunk (default chunk size here), the forward
     keeps its softmax p and the backward runs no second logits pass; values and gradients match
-    float64 as above, and a second backward (retain_graph) gives the same gradients."""
+    float64 as above. The backward releases the buffer although the output is still held, and a
+    second backward (retain_graph) recomputes it and gives the same gradients."""
+    import gc
+    import weakref
+
     from fastsd import torch_backend
 
-    calls = []
+    calls, kept = [], []
     real = torch_backend.logprob_chunked
-    monkeypatch.setattr(torch_backend, "logprob_chunked", lambda *a, **k: calls.append(k) or real(*a, **k))
+
+    def spy(*a, **k):
+        calls.append(sorted(k))
+        got = real(*a, **k)
+        if k.get("keep"):
+            kept.append(weakref.ref(k["keep"][0][1]))
+        return got
+
+    monkeypatch.setattr(torch_backend, "logprob_chunked", spy)
     out, h, w = _logprob_vs_float64("torch", dtype, device, chunk_size=None, retain_graph=True)
     assert len(calls) == 1 and "keep" in calls[0]  # the forward only
+    gc.collect()
+    assert len(kept) == 1 and kept[0]() is None and out.grad_fn is not None
     first = (h.grad.clone(), w.grad.clone())
     h.grad = w.grad = None
     out.sum().backward()
