@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["torch", "triton"]
 
 # Norm-relative error bounds against the float64 reference, per input dtype.
 # Values (loss, per-token, log-probs) come from fp32 logits of the exact input values, so they
@@ -55,3 +56,12 @@ def make_inputs(n, d_s, v, *, d_t=None, dtype=torch.float32, device="cpu", confi
 def leaf64(t: torch.Tensor) -> torch.Tensor:
     """Float64 copy of the same (possibly rounded) values, as a fresh leaf needing grad."""
     return t.detach().double().requires_grad_(True)
+
+
+def random_mask(kind, n, g):
+    """None for "none"; else about 70% of n rows valid, the first always."""
+    if kind == "none":
+        return None
+    m = torch.rand(n, generator=g) > 0.3
+    m[0] = True
+    return m

@@ -1,4 +1,5 @@
-"""fused_linear_divergence / fused_linear_logprob against the float64 reference, both backends.
+"""fused_linear_divergence against the float64 reference, both backends (the log-prob:
+test_logprob.py).
 
 Every case draws fresh random inputs; tolerances are per input dtype (tests/helpers.py). The
 Triton backend runs under TRITON_INTERPRET=1 on a CPU, so its shapes stay small.
@@ -11,9 +12,8 @@ import torch
 
 import fastsd
 from fastsd.reference import reference_divergence, reference_logprob
-from helpers import VALUE_TOL, grad_tol, leaf64, make_inputs, rel_err
+from helpers import BACKENDS, VALUE_TOL, grad_tol, leaf64, make_inputs, random_mask, rel_err
 
-BACKENDS = ["torch", "triton"]
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
 # (divergence, clip, beta, dtype, mask, reduction, temperature, N, D_s, D_t, V, shared, confident)
@@ -41,14 +41,6 @@ def _ids(case):
     return f"{div}{clip_s}-{str(dtype)[6:]}-mask_{mask}-{red}-T{temp}-N{n}-V{v}-{'shared' if shared else f'Dt{dt}'}{conf}"
 
 
-def _mask(kind, n, g):
-    if kind == "none":
-        return None
-    m = torch.rand(n, generator=g) > 0.3
-    m[0] = True
-    return m
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_divergence_matches_float64(backend, case, device):
@@ -58,7 +50,7 @@ def test_divergence_matches_float64(backend, case, device):
     if shared:  # teacher = a perturbed student, as in self-distillation
         noise = torch.randint(-1, 2, h_s.shape, generator=g) if confident else 0.5 * torch.randn(h_s.shape, generator=g)
         h_t = (h_s.float() + noise.to(device)).to(dtype)
-    mask = _mask(mask_kind, n, g)
+    mask = random_mask(mask_kind, n, g)
     mask = None if mask is None else mask.to(device)
     targets = torch.randint(0, v, (n,), generator=g).to(device)
     upstream = torch.randn(n, generator=g).to(device) if red == "none" else torch.tensor(1.7, device=device)
@@ -85,32 +77,6 @@ def test_divergence_matches_float64(backend, case, device):
     if mask is not None:  # masked rows: no value, no gradient
         assert torch.all(out.per_token[~mask] == 0)
         assert torch.all(h_s.grad[~mask] == 0)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [F32, BF16])
-def test_logprob_matches_float64(backend, dtype, device):
-    _logprob_vs_float64(backend, dtype, device)
-
-
-def _logprob_vs_float64(backend, dtype, device, chunk_size=16, retain_graph=False):
-    n, d, v = 41, 40, 263
-    h, w, _, _, g = make_inputs(n, d, v, dtype=dtype, device=device)
-    targets = torch.randint(0, v, (n,), generator=g).to(device)
-    mask = _mask("some", n, g).to(device)
-    upstream = torch.randn(n, generator=g).to(device)
-    h.requires_grad_(True)
-    w.requires_grad_(True)
-    lp = fastsd.fused_linear_logprob(h, w, targets, temperature=0.8, mask=mask, backend=backend, chunk_size=chunk_size)
-    (lp * upstream).sum().backward(retain_graph=retain_graph)
-    h64, w64 = leaf64(h), leaf64(w)
-    ref = reference_logprob(h64, w64, targets, temperature=0.8, mask=mask)
-    (ref * upstream.double()).sum().backward()
-    assert rel_err(lp, ref) < VALUE_TOL[dtype]
-    assert rel_err(h.grad, h64.grad) < grad_tol(dtype, backend)
-    assert rel_err(w.grad, w64.grad) < grad_tol(dtype, backend)
-    assert torch.all(lp[~mask] == 0) and torch.all(h.grad[~mask] == 0)
-    return lp * upstream, h, w
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -199,7 +165,7 @@ def test_forward_kl_equals_torch_kl_div(backend, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_result_does_not_depend_on_chunk_size(backend, device):
     h_s, w, h_t, _, g = make_inputs(45, 32, 173, dtype=BF16, device=device)
-    mask = _mask("some", 45, g).to(device)
+    mask = random_mask("some", 45, g).to(device)
     results = []
     for chunk in (5, 16, 64):
         hs = h_s.clone().requires_grad_(True)
@@ -240,7 +206,7 @@ def test_leading_dims_are_flattened(device):
 def test_triton_path_makes_no_host_sync(monkeypatch, device):
     """Masked rows are compacted on the device: no .item(), no bool(), no nonzero."""
     h_s, w, h_t, _, g = make_inputs(21, 32, 97, device=device)
-    mask = _mask("some", 21, g).to(device)
+    mask = random_mask("some", 21, g).to(device)
     h_s.requires_grad_(True)
     w.requires_grad_(True)
 
@@ -272,59 +238,3 @@ def test_fp16_mean_over_many_rows_keeps_gradient_digits(backend, device):
     reference_divergence(h64, w64, h_t).loss.backward()
     assert rel_err(h_s.grad, h64.grad) < grad_tol(F16, backend)
     assert rel_err(w.grad, w64.grad) < grad_tol(F16, backend)
-
-
-def test_logprob_over_chunks_keeps_the_last_one(monkeypatch, device):
-    """torch backend, valid rows over several chunks (equal to a row): the forward keeps the last
-    one's softmax, so the backward recomputes the logits of the rows before it only;
-    values and gradients match float64 as above. A second backward (retain_graph: the kept
-    buffer was reused) recomputes every row and gives the same gradients to fp32 rounding."""
-    from fastsd import torch_backend
-
-    seen = []
-    real = torch_backend._logits
-    monkeypatch.setattr(torch_backend, "_logits", lambda h, r, *a: seen.append(r.numel()) or real(h, r, *a))
-    out, h, w = _logprob_vs_float64("torch", F32, device, chunk_size=12, retain_graph=True)
-    n = int((out != 0).sum())  # valid rows: the mask is random, 41 rows with p = 0.7
-    k = -(-n // 12)
-    forward, backward = seen[:k], seen[k:]
-    assert k >= 2 and sum(forward) == n and max(forward) - min(forward) <= 1
-    assert sum(backward) == n - forward[-1] and max(backward) <= 12
-    first = (h.grad.clone(), w.grad.clone())
-    h.grad = w.grad = None
-    seen.clear()
-    out.sum().backward()
-    assert sum(seen) == n and len(seen) == k
-    assert rel_err(h.grad, first[0]) < 1e-6 and rel_err(w.grad, first[1]) < 1e-6
-
-
-@pytest.mark.parametrize("dtype", [F32, BF16])
-def test_logprob_in_one_chunk_keeps_its_gradient(dtype, monkeypatch, device):
-    """torch backend: when the valid rows fit one chunk (default chunk size here), the forward
-    keeps its softmax p and the backward runs no second logits pass; values and gradients match
-    float64 as above. The backward releases the buffer although the output is still held, and a
-    second backward (retain_graph) recomputes it and gives the same gradients."""
-    import gc
-    import weakref
-
-    from fastsd import torch_backend
-
-    calls, kept = [], []
-    real = torch_backend.logprob_chunked
-
-    def spy(*a, **k):
-        calls.append(sorted(k))
-        got = real(*a, **k)
-        if k.get("keep"):
-            kept.append(weakref.ref(k["keep"][0][1]))
-        return got
-
-    monkeypatch.setattr(torch_backend, "logprob_chunked", spy)
-    out, h, w = _logprob_vs_float64("torch", dtype, device, chunk_size=None, retain_graph=True)
-    assert len(calls) == 1 and "keep" in calls[0]  # the forward only
-    gc.collect()
-    assert len(kept) == 1 and kept[0]() is None and out.grad_fn is not None
-    first = (h.grad.clone(), w.grad.clone())
-    h.grad = w.grad = None
-    out.sum().backward()
-    assert torch.equal(h.grad, first[0]) and torch.equal(w.grad, first[1])
