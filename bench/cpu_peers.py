@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import fastsd
-from fastsd import torch_backend
+from fastsd.loss import torch_backend
 from fastsd.reference import per_token_divergence
 
 JSD_BETA = 0.5

@@ -26,8 +26,8 @@ optimizer step. Writes JSON to --out and prints markdown tables.
 from __future__ import annotations
 
 import argparse
-import gc
 import datetime
+import gc
 import json
 import os
 import sys
@@ -36,7 +36,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from fastsd.policy import Policy, shard  # noqa: E402
+from fastsd.model.policy import Policy, shard  # noqa: E402
 
 QWEN_1_5B = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                  intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True, rms_norm_eps=1e-6)
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
         ap.error("no CUDA device: use --cpu-smoke")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
     if args.fsdp:
-        from fastsd import dist
+        from fastsd.model import dist
 
         dist.setup()
     ckpts = {"off": [False], "on": [True], "both": [False, True]}[args.ckpt]

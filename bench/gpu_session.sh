@@ -29,7 +29,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 \
     && export PYTHONPATH=/tmp/site
 python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 \
-    && python3 -c "import fastsd.kernels" >>"$LOG" 2>&1 \
+    && python3 -c "import fastsd.loss.kernels" >>"$LOG" 2>&1 \
     || { cat "$LOG"; echo "fastsd did not install (no setuptools wheel in .whl/? see the header)"; exit 1; }
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

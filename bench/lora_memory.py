@@ -6,7 +6,7 @@ the model) against LoRA with the adapter-disabled teacher (no copy), on the CPU,
 
 The model is a random Qwen3 (tied embeddings, the built-in character tokenizer) built at run time
 into a temporary folder. Each variant runs in its own process (peak RSS is per process). A step is
-one update (`fastsd.step.update`: teacher forward, student forward + fused loss + backward, AdamW)
+one update (`fastsd.update.update`: teacher forward, student forward + fused loss + backward, AdamW)
 on 4 fixed rollouts of 128 random response tokens with condition=reference teacher prompts, the
 same in both variants; sampling is left out (its length would differ as the models drift apart).
 Seconds per step are the median after the first step, wall clock and process CPU time (the CPU
@@ -30,7 +30,7 @@ def build_model(path: str, hidden: int, layers: int) -> int:
     import torch
     from transformers import AutoModelForCausalLM, Qwen3Config
 
-    from fastsd.model import build_tokenizer
+    from fastsd.model.load import build_tokenizer
 
     tok = build_tokenizer()
     torch.manual_seed(0)
@@ -49,9 +49,10 @@ def fixed_rollouts(cfg, tok, train_set, n: int, length: int):
     both do the same work (sampled responses would differ in length as the two models drift apart)."""
     import torch
 
-    from fastsd.conditions import student_prompt
+    from fastsd.feedback import feedback
+    from fastsd.feedback.prompts import encode, student_prompt
+    from fastsd.rollout import Rollout
     from fastsd.tasks.format import parse_response
-    from fastsd.step import Rollout, encode, feedback
 
     g = torch.Generator().manual_seed(0)
     rolls = [Rollout(ex, encode(tok, student_prompt(ex.question, cfg.templates.student)),
@@ -65,10 +66,11 @@ def run_variant(model_dir: str, variant: str, steps: int, r: int) -> dict:
     """One variant in this process: build, `steps` updates on fixed rollouts; returns the figures."""
     import torch
 
-    from fastsd.build import build_models, build_optim, load_data
     from fastsd.config import load_config
-    from fastsd.dist import Dist
-    from fastsd.step import update
+    from fastsd.model.dist import Dist
+    from fastsd.run.build import build_models, build_optim
+    from fastsd.tasks.data import load_data
+    from fastsd.update import update
 
     lora = [f"model.lora.r={r}"] if variant == "lora" else []
     cfg = load_config(overrides=[f"model={model_dir}", "condition=reference", "teacher=initial", f"steps={steps}",

@@ -10,7 +10,7 @@ engine's step for that shape, is excluded from the timing and reported apart).
 
 Every sequence runs the full `--new-tokens` (no EOS can end it early: generate gets
 min_new_tokens, the engine an EOS id that is never sampled, vLLM ignore_eos), sampling at
-temperature 1.1. vLLM (`fastsd.vllm_engine`, where installed) loads the model from a folder and
+temperature 1.1. vLLM (`fastsd.rollout.vllm_engine`, where installed) loads the model from a folder and
 is pushed the weights in place once per batch (`push_s`, not in the timing). Out of memory is
 recorded, not fatal. Prints a markdown table per model and writes JSON to --out.
 """
@@ -28,8 +28,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from fastsd.engine import RolloutEngine  # noqa: E402
-from fastsd.vllm_engine import hf_weights  # noqa: E402
+from fastsd.rollout.engine import RolloutEngine  # noqa: E402
+from fastsd.rollout.vllm_engine import hf_weights  # noqa: E402
 
 QWEN_1_5B = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                  intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
@@ -45,7 +45,8 @@ def build(name: str, folder: str):
     shipped tokenizer where the vocabulary fits it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
-    from fastsd.model import DEFAULT_MODEL_DIR, load_model_and_tokenizer, tiny_config
+    from fastsd.model import DEFAULT_MODEL_DIR, load_model_and_tokenizer
+    from fastsd.model.load import tiny_config
 
     if name == "builtin":
         lm, _ = load_model_and_tokenizer(DEFAULT_MODEL_DIR, dtype=torch.float32)
@@ -99,8 +100,8 @@ def time_path(path, lm, engine, prompts, new_tokens, device, warm_up: bool = Fal
 
 def vllm_engine(lm, device, folder):
     """A VllmEngine on `folder`, or the reason there is none (a string)."""
-    from fastsd.dist import Dist
-    from fastsd.vllm_engine import VllmEngine, unusable
+    from fastsd.model.dist import Dist
+    from fastsd.rollout.vllm_engine import VllmEngine, unusable
 
     if unusable() is not None:
         return unusable()

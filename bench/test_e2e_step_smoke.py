@@ -13,7 +13,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e_step  # noqa: E402
-from fastsd.policy import Policy  # noqa: E402
+
+from fastsd.model.policy import Policy  # noqa: E402
 
 BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2e_step.py")
 

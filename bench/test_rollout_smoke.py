@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from fastsd.vllm_engine import unusable
+from fastsd.rollout.vllm_engine import unusable
 
 BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rollout.py")
 

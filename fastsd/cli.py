@@ -23,7 +23,7 @@ from .config import load_config
 def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return _main(argv)
-    from .dist import exit_rank
+    from .model.dist import exit_rank
 
     try:  # a torchrun rank: exit_rank says why it ends the process itself
         code = _main(argv)
@@ -55,7 +55,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         _run(cfg, parser)
     except KeyboardInterrupt:  # Ctrl-C: the step in progress is abandoned; what was written is whole
-        from .run_dir import interrupted
+        from .run.run_dir import interrupted
 
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal
             print(interrupted(cfg), file=sys.stderr, flush=True)
@@ -64,9 +64,9 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _run(cfg, parser: argparse.ArgumentParser) -> None:
-    from . import dist
-    from .step import NonFiniteLossError
+    from .model import dist
     from .train import train
+    from .update import NonFiniteLossError
 
     d = dist.setup()
     failed = True
@@ -83,10 +83,11 @@ def _run(cfg, parser: argparse.ArgumentParser) -> None:
 
 def dry_run(cfg) -> str:
     """What --dry-run prints: the annotated config and one rendered student and teacher prompt
-    (`fastsd.dry_run`); ValueError naming the key if the prompts cannot be rendered."""
+    (`fastsd.config.dry_run`); ValueError naming the key if the prompts cannot be rendered."""
     import torch
 
-    from .dry_run import annotated_yaml, show_prompts
+    from .config.dry_run import annotated_yaml
+    from .run.preflight import show_prompts
 
     return annotated_yaml(cfg, "cuda" if torch.cuda.is_available() else "cpu") + show_prompts(cfg)
 

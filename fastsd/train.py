@@ -1,10 +1,10 @@
 """The training loop: rollout -> feedback -> update, then log, evaluate, checkpoint.
 
 One code path for one process and for torchrun (FSDP2). What can be checked without the model is
-checked first (`fastsd.preflight`); the stages of a step are in `fastsd.step`, what a run is
-built from in `fastsd.build`, the run directory's bookkeeping in `fastsd.run_dir`. A Ctrl-C
-abandons the step in progress; a step's logs and checkpoint are written whole
-(`run_dir.uninterrupted`).
+checked first (`fastsd.run.preflight`); each stage of a step has its room: `fastsd.rollout`,
+`fastsd.feedback`, `fastsd.update`; what a run is built from is in `fastsd.run.build`, the run
+directory's bookkeeping in `fastsd.run.run_dir`. A Ctrl-C abandons the step in progress; a
+step's logs and checkpoint are written whole (`run_dir.uninterrupted`).
 """
 
 from __future__ import annotations
@@ -14,15 +14,16 @@ import time
 
 import torch
 
-from . import checkpoint as ckpt
-from .build import build_models, build_optim
 from .config import TrainConfig
-from .data import step_questions
-from .dist import Dist
 from .evaluation import evaluate, fmt_eval
-from .preflight import preflight
-from .run_dir import RunLog, prepare_run_dir, rollout_rows, step_row, uninterrupted
-from .step import feedback, rollout, update
+from .feedback import feedback
+from .model import Dist
+from .rollout import rollout
+from .run import build_models, build_optim, preflight
+from .run import checkpoint as ckpt
+from .run.run_dir import RunLog, prepare_run_dir, rollout_rows, step_row, uninterrupted
+from .tasks.data import step_questions
+from .update import update
 
 __all__ = ["train"]
 

@@ -21,9 +21,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM
 
-from fastsd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from fastsd.dist import exit_rank
-from fastsd.model import build_tokenizer, tiny_config
+from fastsd.model.dist import exit_rank
+from fastsd.model.load import build_tokenizer, tiny_config
+from fastsd.run.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 

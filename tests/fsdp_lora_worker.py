@@ -10,15 +10,16 @@ loaded, and after the next step of both (which a bitwise resume makes equal), an
 import sys
 
 import torch
-
-from fastsd import dist
-from fastsd.adapter_checkpoint import gather_adapters
-from fastsd.build import build_models, build_optim
-from fastsd.checkpoint import load_checkpoint, save_checkpoint
-from fastsd.config import load_config
-from fastsd.critic import ArithCritic
-from fastsd.step import feedback, update
 from fsdp_train_worker import fixed_rollouts
+
+from fastsd.config import load_config
+from fastsd.feedback import feedback
+from fastsd.feedback.critic import ArithCritic
+from fastsd.model import dist
+from fastsd.run.adapter_checkpoint import gather_adapters
+from fastsd.run.build import build_models, build_optim
+from fastsd.run.checkpoint import load_checkpoint, save_checkpoint
+from fastsd.update import update
 
 
 def main():

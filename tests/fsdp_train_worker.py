@@ -12,15 +12,17 @@ import sys
 
 import torch
 
-from fastsd import dist
-from fastsd.conditions import student_prompt
 from fastsd.config import load_config
-from fastsd.critic import ArithCritic
-from fastsd.data import builtin_split
-from fastsd.tasks.format import parse_response, reward
+from fastsd.feedback import feedback
+from fastsd.feedback.critic import ArithCritic
+from fastsd.feedback.prompts import encode, student_prompt
+from fastsd.model import dist
+from fastsd.rollout import Rollout
+from fastsd.run.build import build_models, build_optim
 from fastsd.tasks import arith
-from fastsd.build import build_models, build_optim
-from fastsd.step import Rollout, encode, feedback, update
+from fastsd.tasks.data import builtin_split
+from fastsd.tasks.format import parse_response, reward
+from fastsd.update import update
 
 
 def fixed_rollouts(cfg, tok, n=8):

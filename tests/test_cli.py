@@ -17,11 +17,11 @@ import yaml
 
 from fastsd import cli
 from fastsd import train as train_mod
-from fastsd.checkpoint import latest_checkpoint
 from fastsd.config import TrainConfig, load_config, to_dict
-from fastsd.dry_run import annotated_yaml, field_docs
-from fastsd.dist import Dist
-from fastsd.run_dir import RunLog, uninterrupted
+from fastsd.config.dry_run import annotated_yaml, field_docs
+from fastsd.model.dist import Dist
+from fastsd.run.checkpoint import latest_checkpoint
+from fastsd.run.run_dir import RunLog, uninterrupted
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["questions_per_step=2", "eval.k=2", "data.eval_size=2", "data.train_size=16",
@@ -180,7 +180,7 @@ def test_sigint_to_a_run_exits_130_without_a_traceback(tmp_path):
 def test_a_torchrun_rank_ends_through_exit_rank_with_the_runs_exit_code(monkeypatch, capsys):
     """Under torchrun (WORLD_SIZE > 1) every way out of main, a return, parser.exit or --help,
     goes through dist.exit_rank with the code the single process would return."""
-    from fastsd import dist
+    from fastsd.model import dist
 
     class Exited(Exception):
         pass
@@ -200,7 +200,7 @@ def test_a_torchrun_rank_ends_through_exit_rank_with_the_runs_exit_code(monkeypa
 
 
 def test_exit_rank_runs_atexit_handlers_flushes_and_exits_with_the_code():
-    code = ("import atexit, sys; from fastsd.dist import exit_rank; "
+    code = ("import atexit, sys; from fastsd.model.dist import exit_rank; "
             "atexit.register(lambda: print('atexit ran')); sys.stdout.write('unflushed '); "
             "sys.stderr.write('to stderr'); exit_rank(3)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -17,9 +17,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from fastsd.checkpoint import latest_checkpoint
 from fastsd.config import load_config
-from fastsd.dist import Dist
+from fastsd.model.dist import Dist
+from fastsd.run.checkpoint import latest_checkpoint
 from fastsd.train import train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,25 +12,28 @@ from pathlib import Path
 
 import pytest
 import torch
+from fsdp_train_worker import fixed_rollouts
 from transformers import AutoModelForCausalLM
 
 from fastsd import cli
-from fastsd.checkpoint import latest_checkpoint
-from fastsd.conditions import student_prompt
 from fastsd.config import load_config
-from fastsd.critic import ArithCritic
-from fastsd.data import builtin_split
-from fastsd.dist import Dist
+from fastsd.feedback import feedback
+from fastsd.feedback.critic import ArithCritic
+from fastsd.feedback.prompts import encode, student_prompt
+from fastsd.model import DEFAULT_MODEL_DIR
+from fastsd.model.dist import Dist
+from fastsd.model.load import build_tokenizer, tiny_config
+from fastsd.model.policy import Policy
+from fastsd.rollout import Rollout
+from fastsd.run import run_dir as run_dir_mod
+from fastsd.run.build import build_models, build_optim
+from fastsd.run.checkpoint import latest_checkpoint
+from fastsd.tasks import data as data_mod
+from fastsd.tasks.data import builtin_split
 from fastsd.tasks.format import parse_response, reward
-from fastsd.model import DEFAULT_MODEL_DIR, build_tokenizer, tiny_config
-from fastsd.policy import Policy
-from fastsd import build
-from fastsd import run_dir as run_dir_mod
-from fastsd import step as step_mod
-from fastsd.build import build_models, build_optim
-from fastsd.step import NonFiniteLossError, Rollout, encode, feedback, update
 from fastsd.train import train
-from fsdp_train_worker import fixed_rollouts
+from fastsd.update import NonFiniteLossError, update
+from fastsd.update import step as step_mod
 
 REPO = Path(__file__).resolve().parents[1]
 # A few tiny steps: 2 questions per step, short responses, 2 eval samples of 2 questions.
@@ -196,9 +199,9 @@ def test_missing_model_and_empty_held_out_file_name_the_key(tmp_path):
         build_models(config(tmp_path, f"model={tmp_path}/nope"), Dist())
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match="^data.eval_path: no held-out questions"):
-        build.load_data(config(tmp_path, f"data.eval_path={tmp_path}/empty.jsonl"))
+        data_mod.load_data(config(tmp_path, f"data.eval_path={tmp_path}/empty.jsonl"))
     with pytest.raises(ValueError, match=f"^data.path: {tmp_path}/nope.jsonl does not exist"):
-        build.load_data(config(tmp_path, f"data={tmp_path}/nope.jsonl"))
+        data_mod.load_data(config(tmp_path, f"data={tmp_path}/nope.jsonl"))
 
 
 def test_a_step_with_nothing_to_learn_leaves_the_weights_alone():

@@ -15,10 +15,10 @@ is at step 0), and writes per condition:
                          the first wrong step outlined in red, the teacher's context above it
     OUT/CONDITION.png    mean A_t per segment, and A_t along three wrong rollouts; every condition of
                          one run on the same y-scales, so that the plots compare side by side
-    OUT/summary.json, OUT/summary.md   the figures of `fastsd.advantage.aggregate` per condition
+    OUT/summary.json, OUT/summary.md   the figures of `fastsd.evaluation.advantage.aggregate` per condition
 
 The first wrong step comes from the built-in critic, exact on the built-in task (rollouts of
-questions it cannot parse count as "other"). Segments are defined in `fastsd.advantage`.
+questions it cannot parse count as "other"). Segments are defined in `fastsd.evaluation.advantage`.
 """
 
 from __future__ import annotations
@@ -33,16 +33,24 @@ from pathlib import Path
 
 import torch
 
-from fastsd.advantage import SEGMENTS, aggregate, segments, token_advantages, token_spans, token_steps
-from fastsd.conditions import student_prompt
 from fastsd.config import load_config
-from fastsd.critic import ArithCritic
-from fastsd.data import Example
-from fastsd.dist import Dist
-from fastsd.tasks.format import parse_response, reward
+from fastsd.evaluation.advantage import (
+    SEGMENTS,
+    aggregate,
+    segments,
+    token_advantages,
+    token_spans,
+    token_steps,
+)
+from fastsd.feedback import feedback
+from fastsd.feedback.critic import ArithCritic
+from fastsd.feedback.prompts import encode, student_prompt
+from fastsd.model.dist import Dist
+from fastsd.rollout import Rollout, rollout
+from fastsd.run.build import build_critic, build_models
 from fastsd.tasks import TASKS, arith
-from fastsd.build import build_critic, build_models, load_data
-from fastsd.step import Rollout, encode, feedback, rollout
+from fastsd.tasks.data import Example, load_data
+from fastsd.tasks.format import parse_response, reward
 
 CONDITIONS = ("critique", "reference")
 

@@ -4,9 +4,9 @@ r"""Serve the built-in programmatic critic over an OpenAI-compatible API, on loo
     fastsd-train critic=http critic.base_url=http://127.0.0.1:8100/v1
 
 Endpoints: GET /v1/models and POST /v1/chat/completions. The request must be the one
-`fastsd.http_critic` builds (the question, correct answer and student attempt are read back from
-its user message); the reply is `fastsd.critic.ArithCritic`'s critique in the wire format of
-`fastsd.http_critic`. So the whole critique pipeline runs over real HTTP without a GPU.
+`fastsd.feedback.http_critic` builds (the question, correct answer and student attempt are read back from
+its user message); the reply is `fastsd.feedback.critic.ArithCritic`'s critique in the wire format of
+`fastsd.feedback.http_critic`. So the whole critique pipeline runs over real HTTP without a GPU.
 
 Fault injection, for testing clients (`--fault`; applied to the first `--fail-first N` attempts of
 each distinct request, or to every attempt with N = 0):
@@ -41,7 +41,7 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from fastsd.critic import ArithCritic, Critique
+from fastsd.feedback.critic import ArithCritic, Critique
 from fastsd.tasks.format import format_steps, parse_response
 
 FAULTS = ("none", "hang", "status", "reset", "malformed", "misaligned")

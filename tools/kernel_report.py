@@ -8,7 +8,7 @@ traffic (LDL/STL) and the global loads/stores.
     python tools/kernel_report.py --json out.json  # also write the rows as JSON
 
 Nothing runs on a GPU: a compile-only Triton driver stands in for one, and the real launchers
-(`fastsd.kernels.divergence_chunked`, `logprob_chunked`, `finish_grads`) are called on small CPU
+(`fastsd.loss.kernels.divergence_chunked`, `logprob_chunked`, `finish_grads`) are called on small CPU
 tensors, so every kernel is specialised exactly as at run time (dtypes, constexprs, 16-byte
 alignment, tile configs) for every divergence, clip, target and gradient variant, in bf16 and
 fp32. The ptxas, cuobjdump and nvdisasm that ship in the triton wheel do the rest.
@@ -93,7 +93,7 @@ class CompileOnlyDriver(DriverBase):
 
 def compile_all(N: int = 64, D: int = 256, V: int = 4096) -> None:
     """Call every launcher once per variant; N, D, V only set the 16-byte divisibility."""
-    from fastsd import kernels
+    from fastsd.loss import kernels
 
     for dtype in (torch.bfloat16, torch.float32):
         h, w = torch.randn(N, D, dtype=dtype), torch.randn(V, D, dtype=dtype)
@@ -136,7 +136,8 @@ def inspect_cubin(cubin: bytes) -> dict:
 def report(arch: int) -> list[dict]:
     driver.set_active(CompileOnlyDriver(arch))  # for the rest of this process
     compile_all()
-    from fastsd.kernels import gemm, rows as row_kernels
+    from fastsd.loss.kernels import gemm
+    from fastsd.loss.kernels import rows as row_kernels
 
     out = []
     for fn in (gemm._logits_kernel, gemm._dx_kernel, gemm._dw_kernel, gemm._dw_finish_kernel,

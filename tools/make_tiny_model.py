@@ -1,6 +1,6 @@
 """Make the built-in tiny model: build it from a seed and warm-start it on the arithmetic task.
 
-    python tools/make_tiny_model.py --out fastsd/assets/tiny-arith --seed 0 [--task long] [--minutes 30]
+    python tools/make_tiny_model.py --out fastsd/model/assets/tiny-arith --seed 0 [--task long] [--minutes 30]
 
 Supervised training on the task's TRAIN split only (questions drawn with data seed `seed + 1`,
 so mostly not `fastsd-train`'s default training questions), fp32, 2 CPU threads, loss on the
@@ -64,11 +64,11 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fastsd.conditions import student_prompt, teacher_prompt  # noqa: E402
-from fastsd.critic import ArithCritic  # noqa: E402
-from fastsd.tasks.format import parse_response, reward  # noqa: E402
-from fastsd.model import build_tokenizer, tiny_config  # noqa: E402
+from fastsd.feedback.critic import ArithCritic  # noqa: E402
+from fastsd.feedback.prompts import student_prompt, teacher_prompt  # noqa: E402
+from fastsd.model.load import build_tokenizer, tiny_config  # noqa: E402
 from fastsd.tasks import DEFAULT_TASK, TASKS, arith, make_split  # noqa: E402
+from fastsd.tasks.format import parse_response, reward  # noqa: E402
 
 KINDS = ("student", "critique", "reference")
 CRITIC = ArithCritic()
@@ -226,7 +226,7 @@ def score(m: dict[str, float], args) -> float:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="fastsd/assets/tiny-arith")
+    ap.add_argument("--out", default="fastsd/model/assets/tiny-arith")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--task", choices=sorted(TASKS), default=DEFAULT_TASK, help="the built-in task to learn")
     ap.add_argument("--copy-task", choices=sorted(TASKS), default="short", help="the task of phase 1")

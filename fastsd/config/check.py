@@ -1,0 +1,127 @@
+"""Validation of a loaded `fastsd.config.tree.TrainConfig`: every user error a ValueError that starts
+with the dotted key; options the condition ignores logged as warnings; auto values resolved
+(loss.divergence), so that the saved config says what ran."""
+
+from __future__ import annotations
+
+import logging
+
+from ..feedback.critic_prompt import load_prompt
+from ..feedback.prompts import TEMPLATE_FIELDS, check_template
+from .tree import TrainConfig
+
+__all__ = ["check"]
+
+
+def _check_answers(cfg: TrainConfig) -> None:
+    """format, grader and data.fields."""
+    f = cfg.data.fields
+    for key in ("question", "answer"):
+        if not getattr(f, key).strip():
+            raise ValueError(f"data.fields.{key}: must name a column, got {getattr(f, key)!r}")
+    if f.question == f.answer:
+        raise ValueError(f"data.fields.answer: the same column as data.fields.question ({f.answer!r})")
+    if cfg.condition == "reference" and not f.reference_solution.strip():
+        raise ValueError("data.fields.reference_solution: condition=reference needs a column of reference solutions")
+    if cfg.format != "steps" and cfg.rollout.stop_at_answer:
+        raise ValueError(f"rollout.stop_at_answer: only with format=steps (it stops at </answer>), got format={cfg.format}")
+
+
+def check(cfg: TrainConfig) -> None:
+    _check_answers(cfg)
+    positive = {"steps": cfg.steps, "questions_per_step": cfg.questions_per_step,
+                "rollout.max_new_tokens": cfg.rollout.max_new_tokens, "optim.micro_batch": cfg.optim.micro_batch,
+                "eval.k": cfg.eval.k, "checkpoint.keep": cfg.checkpoint.keep, "log_every": cfg.log_every}
+    for key, value in positive.items():
+        if value < 1:
+            raise ValueError(f"{key}: must be >= 1, got {value}")
+    nonneg = {"rollout.group_size": cfg.rollout.group_size, "optim.warmup_steps": cfg.optim.warmup_steps,
+              "eval.every": cfg.eval.every, "checkpoint.every": cfg.checkpoint.every, "optim.grad_clip": cfg.optim.grad_clip}
+    for key, value in nonneg.items():
+        if value < 0:
+            raise ValueError(f"{key}: must be >= 0, got {value}")
+    if cfg.data.path == "builtin" and cfg.data.train_size < 1:
+        raise ValueError(f"data.train_size: must be >= 1, got {cfg.data.train_size}")
+    if cfg.data.eval_path == "builtin" and cfg.data.eval_size < 1:
+        raise ValueError(f"data.eval_size: must be >= 1, got {cfg.data.eval_size}")
+    if cfg.optim.weight_decay < 0:
+        raise ValueError(f"optim.weight_decay: must be >= 0, got {cfg.optim.weight_decay}")
+    if not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ValueError(f"optim.betas: each must be in [0, 1), got {list(cfg.optim.betas)}")
+    for key, value in {"rollout.temperature": cfg.rollout.temperature, "loss.temperature": cfg.loss.temperature,
+                       "eval.temperature": cfg.eval.temperature, "optim.lr": cfg.optim.lr}.items():
+        if not value > 0:
+            raise ValueError(f"{key}: must be > 0, got {value}")
+    if not 0 < cfg.rollout.top_p <= 1:
+        raise ValueError(f"rollout.top_p: must be in (0, 1], got {cfg.rollout.top_p}")
+    if cfg.loss.divergence == "auto":  # resolved here, so the saved config says what ran
+        cfg.loss.divergence = "reverse_kl" if cfg.model.path == "builtin" else "forward_kl"
+    if cfg.loss.clip is not None and cfg.loss.divergence != "forward_kl":
+        raise ValueError(f"loss.clip: only with loss.divergence=forward_kl, got {cfg.loss.divergence}")
+    if cfg.loss.clip is not None and not cfg.loss.clip > 0:
+        raise ValueError(f"loss.clip: must be > 0 (or none), got {cfg.loss.clip}")
+    if not cfg.loss.pg_clip > 0:
+        raise ValueError(f"loss.pg_clip: must be > 0, got {cfg.loss.pg_clip}")
+    if not 0 < cfg.loss.beta < 1:
+        raise ValueError(f"loss.beta: must be in (0, 1), got {cfg.loss.beta}")
+    if not 0 <= cfg.teacher.ema_rate < 1:
+        raise ValueError(f"teacher.ema_rate: must be in [0, 1), got {cfg.teacher.ema_rate}")
+    _check_lora(cfg)
+    r = cfg.rollout
+    if not 0 < r.vllm_gpu_memory <= 1:
+        raise ValueError(f"rollout.vllm_gpu_memory: must be in (0, 1], got {r.vllm_gpu_memory}")
+    if r.vllm_kv_cache_gib is not None and not r.vllm_kv_cache_gib > 0:
+        raise ValueError(f"rollout.vllm_kv_cache_gib: must be > 0 (or null), got {r.vllm_kv_cache_gib}")
+    c = cfg.critic
+    for name in ("timeout", "step_timeout", "concurrency", "max_tokens"):
+        if not getattr(c, name) > 0:
+            raise ValueError(f"critic.{name}: must be > 0, got {getattr(c, name)}")
+    for name in ("retries", "backoff"):
+        if getattr(c, name) < 0:
+            raise ValueError(f"critic.{name}: must be >= 0, got {getattr(c, name)}")
+    if c.kind == "http" and not c.base_url.startswith(("http://", "https://")):
+        raise ValueError(f"critic.base_url: expected http://HOST:PORT/v1 or https://..., got {c.base_url!r}")
+    if cfg.condition == "grpo" and cfg.group_size < 2:
+        raise ValueError(f"rollout.group_size: grpo needs at least 2 rollouts per question, got {cfg.group_size}")
+    # Options the condition ignores: said, not refused (tools pass one set of options to every condition).
+    unused = []
+    if cfg.condition == "grpo" and cfg.teacher.kind != "initial":
+        unused.append(f"teacher.kind={cfg.teacher.kind} (grpo has no teacher)")
+    if cfg.condition == "grpo" and cfg.loss.kind != "divergence":
+        unused.append(f"loss.kind={cfg.loss.kind} (grpo trains on rewards)")
+    if cfg.condition != "critique" and cfg.critic.kind != "builtin":
+        unused.append(f"critic.kind={cfg.critic.kind} (only condition=critique uses a critic)")
+    for text in unused:
+        logging.getLogger("fastsd").warning("condition=%s ignores %s", cfg.condition, text)
+    _check_templates(cfg)
+    _check_critic_prompt(cfg)
+
+
+def _check_templates(cfg: TrainConfig) -> None:
+    for name, fields in TEMPLATE_FIELDS.items():
+        check_template(f"templates.{name}", getattr(cfg.templates, name), fields)
+
+
+def _check_critic_prompt(cfg: TrainConfig) -> None:
+    reserved = sorted(set(cfg.critic.extra_body) & {"model", "messages", "stream"})
+    if reserved:
+        raise ValueError(f"critic.extra_body: {reserved} are set by fastsd (critic.model, the prompt); "
+                         "remove them from extra_body")
+    if cfg.critic.prompt_file:
+        load_prompt(cfg.critic.prompt_file)
+
+
+def _check_lora(cfg: TrainConfig) -> None:
+    lo = cfg.model.lora
+    if lo.r < 0:
+        raise ValueError(f"model.lora.r: must be >= 0 (0: full fine-tuning), got {lo.r}")
+    if lo.alpha is not None and not lo.alpha > 0:
+        raise ValueError(f"model.lora.alpha: must be > 0 (or none: 2 * r), got {lo.alpha}")
+    if not 0 <= lo.dropout < 1:
+        raise ValueError(f"model.lora.dropout: must be in [0, 1), got {lo.dropout}")
+    if not lo.target_modules or not all(t.strip() for t in lo.target_modules):
+        raise ValueError(f"model.lora.target_modules: expected module names, got {lo.target_modules}")
+    heads = sorted({"lm_head", "embed_tokens"} & {t.rsplit(".", 1)[-1] for t in lo.target_modules})
+    if heads and (lo.r or lo.path):
+        raise ValueError(f"model.lora.target_modules: {heads} cannot be adapted: the fused loss reads the "
+                         "base head weight, and the head is tied to the embeddings in most small models")

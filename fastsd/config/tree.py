@@ -1,0 +1,296 @@
+"""One dataclass tree for `fastsd-train`: every key, its default and its docstring.
+
+    fastsd-train --config run.yaml condition=reference optim.lr=3e-4 teacher=ema
+
+A bare section name set to a string sets that section's main field: `model=PATH` is
+`model.path=PATH`, `data=PATH` is `data.path`, `teacher=ema` is `teacher.kind`, `critic=http`
+is `critic.kind`, `loss=sampled_token` is `loss.kind`, `eval=off` is `eval.enabled` (booleans
+read true/false, on/off, yes/no, 1/0). Unknown keys and bad values raise ValueError naming the key.
+
+The tree is here; loading (YAML files, overrides) is in `fastsd.config.load`, turning values into
+field types and setting dotted keys in `fastsd.config.parse`, validation in `fastsd.config.check`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from ..feedback.prompts import CRITIQUE_TEMPLATE, REFERENCE_TEMPLATE, STUDENT_TEMPLATE
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraConfig:
+    main: ClassVar[str] = "r"
+    r: int = 0
+    """LoRA rank (peft); 0 trains every weight (full fine-tuning). The paper: 64."""
+    alpha: float | None = None
+    """LoRA scale numerator (the update is alpha / r * B A); none: 2 * r (the paper's 128 at r=64)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input while training (teachers run without it)."""
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Module names to adapt (a module matches by its last name parts, as in peft): by default the
+    attention and MLP projections. The lm_head and embeddings cannot be adapted (the fused loss
+    reads the base head weight)."""
+    path: str = ""
+    """An existing PEFT adapter folder to start from (its r, alpha, dropout and target modules are
+    used); empty: a fresh adapter (B = 0, so step 0 is the base model)."""
+
+
+@dataclass
+class ModelConfig:
+    main: ClassVar[str] = "path"
+    path: str = "builtin"
+    """Local transformers causal-LM checkpoint (with its tokenizer); "builtin" is the shipped tiny model."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Parameter and compute dtype: auto is bf16 mixed precision on CUDA, fp32 on CPUs."""
+    liger: bool = True
+    """On CUDA, apply liger-kernel's RMSNorm/RoPE/SwiGLU kernels where the architecture allows."""
+    activation_checkpointing: bool = False
+    """Recompute decoder-layer activations in backward (less memory, ~30% more compute)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Train a LoRA adapter instead of every weight (see LoraConfig)."""
+
+
+@dataclass
+class FieldsConfig:
+    question: str = "question"
+    """Column (jsonl key or parquet column) holding the question, e.g. OpenMathReasoning's problem."""
+    answer: str = "answer"
+    """Column holding the ground-truth final answer (text or a number), e.g. expected_answer."""
+    reference_solution: str = "reference_solution"
+    """Column holding a worked solution, e.g. generated_solution: required with condition=reference
+    (the teacher's context); otherwise optional per record (the http critic shows it when present);
+    empty: no such column."""
+
+
+@dataclass
+class DataConfig:
+    main: ClassVar[str] = "path"
+    path: str = "builtin"
+    """Training questions: a jsonl or .parquet file (columns: data.fields); "builtin" is the arithmetic task."""
+    eval_path: str = "builtin"
+    """Held-out questions (same format); "builtin" is the arithmetic task's held-out split."""
+    fields: FieldsConfig = field(default_factory=FieldsConfig)
+    """Which columns of data.path and data.eval_path hold each field."""
+    train_size: int = 2000
+    """Built-in task: number of training questions."""
+    eval_size: int = 128
+    """Built-in task: number of held-out questions."""
+    seed: int = 0
+    """Built-in task: generator seed (also fixes the split)."""
+    task: Literal["long", "short"] = "long"
+    """Built-in task: long (9-12 operands, a reference in two-operation steps; the shipped model's)
+    or short (3-5 operands, a regrouped reference; the task before 2026-12-01). See
+    fastsd/tasks/arith.py."""
+
+
+@dataclass
+class TemplateConfig:
+    student: str = STUDENT_TEMPLATE
+    """Student prompt; fields: {question}. Only the fields are replaced: other braces, as in
+    \\boxed{}, are kept as written."""
+    reference: str = REFERENCE_TEMPLATE
+    """Teacher prompt for condition=reference; fields: {question}, {reference}."""
+    critique: str = CRITIQUE_TEMPLATE
+    """Teacher prompt for condition=critique; fields: {question}, {critique}."""
+    chat: Literal["auto", "on", "off"] = "auto"
+    """Render prompts through the tokenizer's chat template (the filled template is the user turn):
+    auto, when the tokenizer has one (the built-in model has none); on, required; off, never."""
+    student_chat_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the student's apply_chat_template, e.g. {enable_thinking: false}."""
+    teacher_chat_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the teacher's apply_chat_template, e.g. {enable_thinking: true}."""
+    student_system: str = ""
+    """System message before the student's user turn (chat template only; empty: none)."""
+    teacher_system: str = ""
+    """System message before the teacher's user turn (chat template only; empty: none)."""
+
+
+@dataclass
+class RolloutConfig:
+    temperature: float = 1.1
+    """Sampling temperature for on-policy rollouts."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0: off)."""
+    max_new_tokens: int = 384
+    """Longest response, in tokens."""
+    group_size: int = 0
+    """Rollouts per question; 0 picks the method's default (8 for grpo, 1 for self-distillation)."""
+    engine: Literal["auto", "vllm", "fastsd", "generate"] = "auto"
+    """Sampler: vllm (a vLLM engine in this process, given the policy's weights before each
+    sampling), fastsd (static KV cache, compiled decode step with fused sampling), generate
+    (transformers); auto: on CUDA vllm where it is installed and usable, else
+    fastsd; on CPUs generate (vllm is slower there on the built-in model: README). The log says
+    which sampler runs."""
+    vllm_kv_cache_gib: float | None = None
+    """vllm: KV-cache space in GiB; null: 1 on a CPU, on CUDA what vllm_gpu_memory leaves."""
+    vllm_gpu_memory: float = 0.3
+    """vllm on CUDA: its share of the device's memory (weights, activations, KV cache); the rest
+    is the trainer's."""
+    vllm_eager: bool | None = None
+    """vllm: no compilation or CUDA graphs (starts in seconds; compiled takes minutes on a CPU);
+    null: eager on a CPU, compiled on CUDA."""
+    stop_at_answer: bool = False
+    """Stop a response at the end of its answer tag, not only at EOS (the EOS token is then never
+    sampled or trained). Matched on the tag's token ids encoded alone: exact for the built-in
+    character tokenizer; a BPE tokenizer may merge the tag with what follows and miss it. vllm
+    matches the decoded text, which no merge can hide."""
+
+
+@dataclass
+class LossConfig:
+    main: ClassVar[str] = "kind"
+    kind: Literal["divergence", "sampled_token"] = "divergence"
+    """Self-distillation loss: full-vocabulary divergence, or -(A_t.detach() * log p_s(y_t))."""
+    divergence: Literal["auto", "forward_kl", "reverse_kl", "jsd"] = "auto"
+    """Divergence between teacher and student next-token distributions: forward_kl KL(p_t || p_s),
+    reverse_kl KL(p_s || p_t), jsd. auto: forward_kl (the paper's), except reverse_kl for the
+    built-in tiny model (model=builtin), which forward KL collapses (README, "Why reverse KL")."""
+    temperature: float = 1.0
+    """Temperature applied to both heads' logits inside the loss."""
+    clip: float | None = None
+    """forward_kl only: clamp each per-vocabulary summand at this value (OPSD uses 0.05)."""
+    beta: float = 0.5
+    """jsd only: mixture weight of the teacher, in (0, 1)."""
+    pg_clip: float = 0.2
+    """grpo: PPO-style ratio clip epsilon."""
+
+
+@dataclass
+class TeacherConfig:
+    main: ClassVar[str] = "kind"
+    kind: Literal["initial", "current", "ema"] = "initial"
+    """initial: frozen step-0 weights; current: the live model without gradient; ema: an average."""
+    ema_rate: float = 0.99
+    """ema: teacher <- rate * teacher + (1 - rate) * student after every optimizer step."""
+
+
+@dataclass
+class CriticConfig:
+    main: ClassVar[str] = "kind"
+    kind: Literal["builtin", "http"] = "builtin"
+    """Who writes the step-aligned critique (condition=critique): builtin, the programmatic critic of
+    the arithmetic task, or http, a frozen LLM behind an OpenAI-compatible server."""
+    base_url: str = "http://127.0.0.1:8100/v1"
+    """http: the server's API root (requests go to {base_url}/chat/completions)."""
+    model: str = ""
+    """http: the served model name; empty asks {base_url}/models and takes the only one listed."""
+    api_key_env: str = "FASTSD_CRITIC_API_KEY"
+    """http: name of the environment variable holding the API key (sent as a bearer token if set)."""
+    timeout: float = 300.0
+    """http: seconds one request may take, reply included."""
+    step_timeout: float = 1800.0
+    """http: seconds all critiques of one optimizer step may take, retries included; past it the
+    rest fail (their rollouts get no loss)."""
+    concurrency: int = 32
+    """http: requests in flight at once, per process (the server batches them)."""
+    retries: int = 4
+    """http: retries after a connection error, timeout, 408, 429 or 5xx (other 4xx are final)."""
+    backoff: float = 1.0
+    """http: first retry delay in seconds; doubles per retry (at most 32x), with jitter."""
+    max_tokens: int = 8192
+    """http: reply length limit, thinking included (reasoning critics such as QwQ may need more;
+    a reply cut off here counts as invalid)."""
+    prompt_file: str = ""
+    """http: a text file with the critic's instructions (empty: the built-in faithful-scribe ones for
+    the response format). Without fields it is the system message, before fastsd's user message;
+    with any of {question} {reference} {answer} {attempt} it is the whole user message, filled in."""
+    extra_body: dict[str, Any] = field(default_factory=dict)
+    """http: fields merged into every request body, overriding fastsd's (e.g. {top_p: 0.95, seed: 0,
+    chat_template_kwargs: {enable_thinking: true}}); model, messages and stream are fastsd's."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    warmup_steps: int = 2
+    """Linear warm-up, in optimizer steps."""
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """Learning-rate shape after warm-up."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0: off)."""
+    micro_batch: int = 16
+    """Sequences per forward/backward; a step's rollouts are split into micro-batches (accumulation)."""
+
+
+@dataclass
+class EvalConfig:
+    main: ClassVar[str] = "enabled"
+    enabled: bool = True
+    """Evaluate on the held-out questions at all (eval=off: no evaluation, for a smoke run)."""
+    every: int = 0
+    """Evaluate every N optimizer steps (0: only at start and end)."""
+    k: int = 12
+    """Samples per held-out question: avg@k, pass@k, maj@k."""
+    temperature: float = 1.1
+    """Sampling temperature for evaluation."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Save every N optimizer steps (0: only at the end)."""
+    keep: int = 2
+    """Keep the last K complete checkpoints."""
+
+
+@dataclass
+class TrainConfig:
+    condition: Literal["grpo", "reference", "critique"] = "critique"
+    """Feedback: grpo (binary reward), reference (teacher sees a reference solution), critique."""
+    steps: int = 60
+    """Optimizer steps."""
+    questions_per_step: int = 16
+    """Questions per optimizer step (across all ranks)."""
+    seed: int = 0
+    """Seed for sampling, data order and initialisation."""
+    run_dir: str = "runs/default"
+    """Where the config, logs, rollouts and checkpoints go."""
+    resume: str = "auto"
+    """auto: continue from the latest complete checkpoint in run_dir, if any; never; or a checkpoint path."""
+    log_every: int = 1
+    """Heartbeat/metrics line every N steps."""
+    format: Literal["steps", "free"] = "steps"
+    """Solver response format: steps (<step_k>...</step_k> tags then <answer>...</answer>, the
+    built-in task's) or free (free-form reasoning, answer in the last \\boxed{...}, steps are its
+    paragraphs); see fastsd/tasks/format.py."""
+    grader: Literal["exact", "math"] = "exact"
+    """Final-answer check for the reward, avg@k/pass@k/maj@k and the http critic's answer: exact
+    (string match after stripping) or math (math-verify: 0.75 = 3/4 = \\frac{3}{4})."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    templates: TemplateConfig = field(default_factory=TemplateConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def group_size(self) -> int:
+        return self.rollout.group_size or (8 if self.condition == "grpo" else 1)
+
+    def sampler(self, device_type: str) -> str:
+        """rollout.engine resolved for a device type ("cuda", "cpu"): auto is vllm on CUDA
+        unless `vllm_unusable` says why not, then fastsd; generate on CPUs."""
+        if self.rollout.engine != "auto":
+            return self.rollout.engine
+        if device_type != "cuda":
+            return "generate"
+        return "vllm" if self.vllm_unusable() is None else "fastsd"
+
+    def vllm_unusable(self) -> str | None:
+        """Why rollout.engine=auto does not pick vllm (None: it does)."""
+        from ..rollout.vllm_engine import unusable
+
+        return unusable()

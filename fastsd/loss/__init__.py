@@ -1,0 +1,32 @@
+"""The fused losses: teacher-student divergence and per-token log-prob from hidden states and
+lm_head weights, chunked over tokens, never materialising the [tokens x vocab] logits.
+
+    api.py            the public functions and nn.Modules, their checks and autograd Functions
+    torch_backend.py  chunked PyTorch implementation (CPUs, and a fallback anywhere)
+    kernels/          the Triton kernels and their launchers (CUDA)
+    reference.py      the unfused float64 reference the tests and benchmarks compare against
+"""
+
+from .api import (
+    BACKENDS,
+    DIVERGENCES,
+    REDUCTIONS,
+    DivergenceOutput,
+    FusedLinearDivergence,
+    FusedLinearLogprob,
+    fused_linear_divergence,
+    fused_linear_logprob,
+    resolve_backend,
+)
+
+__all__ = [
+    "BACKENDS",
+    "DIVERGENCES",
+    "REDUCTIONS",
+    "DivergenceOutput",
+    "FusedLinearDivergence",
+    "FusedLinearLogprob",
+    "fused_linear_divergence",
+    "fused_linear_logprob",
+    "resolve_backend",
+]

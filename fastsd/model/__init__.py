@@ -1,0 +1,16 @@
+"""The model being trained: loading (the built-in tiny model or a local checkpoint), LoRA, the
+FSDP2 root that runs the decoder body and the fused loss, batches, and the process group.
+
+    load.py    the built-in tokenizer and config, `load_model_and_tokenizer` (never downloads)
+    lora.py    LoRA with peft: the trained adapter and the teacher adapters beside it
+    policy.py  `Policy`: decoder body + fused loss as one FSDP2 root; the adapter teacher; sharding
+    batch.py   student and teacher sequences around the same response tokens
+    dist.py    `Dist`: one code path for one process and for torchrun
+    assets/    the shipped tiny checkpoint (tools/make_tiny_model.py rebuilds it)
+"""
+
+from .dist import Dist
+from .load import DEFAULT_MODEL_DIR, load_model_and_tokenizer
+from .policy import Policy
+
+__all__ = ["DEFAULT_MODEL_DIR", "Dist", "Policy", "load_model_and_tokenizer"]

@@ -1,0 +1,88 @@
+"""On-policy sampling: vLLM (`fastsd.rollout.vllm_engine`), fastsd's `RolloutEngine` (static KV cache,
+fused decode step) or transformers `generate`.
+
+Prompts of different lengths are left-padded into one batch. Under FSDP2 the root's own
+parameters (embeddings, final norm, head) are unsharded around the call, the decoder layers
+unshard themselves, and every rank keeps stepping until all are done (`synced_gpus=True` for
+`generate`, an all-reduced "all done" for the engine). With `generate`, a stop sequence only
+cuts the response afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.batch import pad
+from ..model.dist import Dist
+from .engine import RolloutEngine, cut_at_eos, cut_at_stop
+from .vllm_engine import hf_weights
+
+
+def _engine(policy) -> RolloutEngine:
+    """The policy's rollout engine, made on first use (it holds the compiled decode step). An
+    FSDP2-sharded model runs it eagerly: its per-layer all-gathers do not fit in a CUDA graph."""
+    if getattr(policy, "_rollout_engine", None) is None:
+        from torch.distributed.fsdp import FSDPModule
+
+        sharded = isinstance(policy, FSDPModule) or isinstance(policy.lm, FSDPModule)  # shard() wraps the Policy
+        policy._rollout_engine = RolloutEngine(policy.lm, compile=False if sharded else None,
+                                                autocast_weights=not sharded)
+    return policy._rollout_engine
+
+
+@torch.no_grad()
+def sample(policy, prompts: list[list[int]], *, eos_id: int, pad_id: int, temperature: float,
+           top_p: float, max_new_tokens: int, d: Dist, batch_size: int = 256, engine: str = "generate",
+           stop: list[int] | None = None, stop_text: str | None = None, progress=None) -> list[list[int]]:
+    """Sample one response per prompt from `policy.lm` (a Policy, possibly an FSDP root) with
+    `engine` ("vllm", "fastsd" or "generate"); `stop`: token ids that also end a response (vllm
+    matches `stop_text` on the decoded text instead). `progress`, if given, is called as
+    progress(batches_done, batches) before the first batch and after each."""
+    if engine == "vllm":  # vLLM batches by itself: one call
+        if progress is not None:
+            progress(0, 1)
+        policy.vllm.push(hf_weights(policy.lm))
+        rows, _ = policy.vllm.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                       top_p=top_p, eos_id=eos_id, stop=stop_text)
+        if progress is not None:
+            progress(1, 1)
+        return rows
+    lm = policy.lm
+    device = next(lm.parameters()).device
+    was_training = lm.training
+    lm.eval()
+    if d.enabled:
+        policy.unshard()
+    out: list[list[int]] = []
+    try:
+        # Ranks may hold different numbers of prompts; every rank runs the same number of calls.
+        n_calls = d.all_max((len(prompts) + batch_size - 1) // batch_size)
+        if progress is not None:
+            progress(0, n_calls)
+        for c in range(n_calls):
+            chunk = prompts[c * batch_size:(c + 1) * batch_size] or prompts[:1] or [[pad_id]]
+            if engine == "fastsd":
+                with policy.compute():
+                    rows, _ = _engine(policy).generate(
+                        chunk, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                        eos_id=eos_id, pad_id=pad_id, stop=stop,
+                        all_done=(lambda mine: d.all_sum(float(not mine))[0] == 0) if d.enabled else None)
+            else:
+                ids, attn = (t.to(device) for t in pad(chunk, pad_id, left=True))
+                with policy.compute():
+                    gen = lm.generate(
+                        input_ids=ids, attention_mask=attn, do_sample=True, temperature=temperature,
+                        top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
+                        pad_token_id=pad_id, synced_gpus=d.enabled,
+                    )
+                rows = [cut_at_stop(cut_at_eos(row.tolist(), eos_id, pad_id), stop)
+                        for row in gen[:, ids.shape[1]:].cpu()]
+            if c * batch_size < len(prompts):
+                out += rows
+            if progress is not None:
+                progress(c + 1, n_calls)
+    finally:
+        if d.enabled:
+            policy.reshard()
+        lm.train(was_training)
+    return out

@@ -1,0 +1,14 @@
+"""A run's bookkeeping: what is checked before the model loads, what the run is built from, the
+run directory's logs and its checkpoints.
+
+    preflight.py           `preflight` (entry point): every check that needs no model, first
+    build.py               models, optimizer and critic from the config
+    run_dir.py             config.yaml, metrics.jsonl, rollouts.jsonl; log lines, progress bars, Ctrl-C
+    checkpoint.py          atomic, resumable checkpoints (one process or FSDP2)
+    adapter_checkpoint.py  the LoRA pieces of a checkpoint
+"""
+
+from .build import build_critic, build_models, build_optim
+from .preflight import Ready, preflight
+
+__all__ = ["Ready", "build_critic", "build_models", "build_optim", "preflight"]

@@ -1,0 +1,151 @@
+"""Everything about a run that can be checked before the model loads, checked first.
+
+`preflight` runs at the top of `fastsd.train.train`, after the config itself was validated
+(`fastsd.config.load_config`) and before any weights are read or anything is written:
+
+- resume: `resume=never` on a run directory that holds checkpoints, a `resume` path that is no
+  complete checkpoint;
+- model.path: a transformers config is there (the weights load later);
+- data.path, data.eval_path: every line, through the loader training uses (`fastsd.tasks.data.load_data`);
+- templates: the student and teacher prompts rendered for the first training question, through
+  the functions training renders them with;
+- fit: `critic=builtin` (the built-in arithmetic task's own critic) on questions that are not
+  that task's is an error naming `critic.kind`;
+- critic reachability: the http critic asks `{base_url}/models` when it is built, so it is built
+  here (`fastsd.run.build.build_critic`); its reply cache makes no directory before it stores a reply.
+
+Each failure is a ValueError naming the config key (and the file and line where there is one).
+A failure leaves no new file or directory behind: nothing here creates one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import TrainConfig
+from ..feedback.critic import ArithCritic, Critic
+from ..feedback.prompts import example_prompts
+from ..model.dist import Dist
+from ..model.load import DEFAULT_MODEL_DIR, checkpoint_dir
+from ..tasks.data import Example, key_error, load_data
+from . import checkpoint as ckpt
+from .build import build_critic
+
+__all__ = ["Ready", "critic_fits", "preflight", "show_prompts", "tokenizer"]
+
+
+@dataclass
+class Ready:
+    """What the checks loaded, for the run to use: data, the checkpoint to resume from, the critic."""
+
+    train: list[Example]
+    held: list[Example]
+    resume: Path | None
+    critic: Critic | None
+
+
+def preflight(cfg: TrainConfig, d: Dist) -> Ready:
+    """Run every check that needs no model (module docstring); ValueError naming the key on failure."""
+    resume = _resume(cfg)
+    _model_config(cfg)
+    train, held = load_data(cfg)
+    _templates(cfg, train[0])
+    critic_fits(cfg, train)
+    if cfg.rollout.engine == "vllm" and cfg.vllm_unusable() is not None:
+        raise ValueError(f"rollout.engine: vllm: {cfg.vllm_unusable()}")
+    critic = build_critic(cfg, d)  # critic=http: asks /v1/models now
+    return Ready(train, held, resume, critic)
+
+
+def _resume(cfg: TrainConfig) -> Path | None:
+    resume = ckpt.resolve_resume(cfg.resume, cfg.run_dir)
+    earlier = ckpt.latest_checkpoint(cfg.run_dir) if cfg.resume == "never" else None
+    if earlier is not None:
+        raise ValueError(f"resume: never, but run_dir {cfg.run_dir} holds an earlier run's checkpoints "
+                         f"(latest {earlier}); continue it with resume=auto, or choose another run_dir")
+    return resume
+
+
+def _model_config(cfg: TrainConfig) -> Path:
+    """model.path holds a config transformers can read (the weights are read by build_models);
+    returns the checkpoint's folder."""
+    try:
+        path = checkpoint_dir(DEFAULT_MODEL_DIR if cfg.model.path == "builtin" else cfg.model.path)
+    except ValueError as e:
+        raise key_error("model.path", e) from None
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"model.path: {path}/config.json cannot be read by transformers ({e})") from None
+    return path
+
+
+def tokenizer(cfg: TrainConfig):
+    """The tokenizer of model.path (the weights are not read); ValueError naming model.path."""
+    path = _model_config(cfg)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model.path: cannot load the tokenizer of {path} ({e})") from None
+
+
+def _templates(cfg: TrainConfig, ex: Example) -> None:
+    """Render the prompts of `ex` the way a step does (through the chat template where one is
+    used), so that a template or chat-kwargs error fails here, not at the first step."""
+    example_prompts(cfg, tokenizer(cfg), ex)
+
+
+def critic_fits(cfg: TrainConfig, train: list[Example]) -> None:
+    """critic=builtin knows the built-in arithmetic task only: every training question must be one
+    of its questions, with the answer its solver gets."""
+    if cfg.condition != "critique" or cfg.critic.kind != "builtin" or cfg.data.path == "builtin":
+        return
+    critic = ArithCritic()
+    for i, ex in enumerate(train):
+        try:
+            critic.critique(ex.question, ex.answer, [])
+        except ValueError as e:
+            raise ValueError(
+                f"critic.kind: critic=builtin is the built-in arithmetic task's own critic, but "
+                f"{_where(cfg.data.path, i)} is not one of that task's questions ({e}); for other data use "
+                f"critic=http with a critic server (critic.base_url, README: 'A real critic over HTTP')") from None
+
+
+def _where(path: str, index: int) -> str:
+    """'PATH:LINE' of the index-th record of a jsonl file (blank lines are skipped when loading),
+    'PATH (row N)' of a parquet file's."""
+    if path.lower().endswith(".parquet"):
+        return f"{path} (row {index + 1})"
+    try:
+        with open(path, "rb") as f:
+            lines = [n for n, raw in enumerate(f, start=1) if raw.strip()]
+        return f"{path}:{lines[index]}"
+    except (OSError, IndexError):
+        return f"{path} (question {index + 1})"
+
+
+def show_prompts(cfg) -> str:
+    """What the student and the teacher read before the response, for the first training question
+    (--dry-run). Loads the tokenizer and the data, not the model; ValueError naming the key."""
+    tok = tokenizer(cfg)
+    train = load_data(cfg)[0]
+    critic_fits(cfg, train)
+    example = train[0]
+    prompts = example_prompts(cfg, tok, example)
+
+    def lines(text: str) -> list[str]:  # every newline shown as \n, so the prompt's end is exact
+        return [f"#   {line}" for line in text.replace("\n", "\\n\n").rstrip("\n").split("\n")]
+
+    out = ["", "# The student's prompt for the first training question (the response follows it):",
+           *lines(prompts["student"])]
+    if prompts["teacher"] is None:
+        out.append(f"# condition={cfg.condition}: no teacher")
+    else:
+        out += ["# The teacher's prompt (the student's response tokens follow it unchanged):",
+                *lines(prompts["teacher"])]
+    return "\n".join(out) + "\n"

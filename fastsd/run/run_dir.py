@@ -1,0 +1,241 @@
+"""The run directory: config.yaml, metrics.jsonl, rollouts.jsonl made to agree with the run
+about to start (fresh or resumed), the run's log lines and progress bars, and what a Ctrl-C
+leaves behind."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import yaml
+
+from ..config import TrainConfig, to_dict, to_yaml
+from ..model.dist import Dist
+from . import checkpoint as ckpt
+
+__all__ = ["LOGS", "RunLog", "prepare_run_dir", "rollout_rows", "step_row", "uninterrupted", "interrupted"]
+
+
+class RunLog:
+    """metrics.jsonl, rollouts.jsonl, and a progress bar (terminal) or heartbeat lines."""
+
+    def __init__(self, cfg: TrainConfig, d: Dist, first_step: int):
+        self.cfg, self.on = cfg, d.main
+        self.dir = cfg.run_dir
+        self.bar = None
+        if self.on and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.steps, initial=first_step, desc=f"fastsd {cfg.condition}", unit="step")
+
+    def metrics(self, row: dict) -> None:
+        if not self.on:
+            return
+        with open(f"{self.dir}/metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def rollouts(self, step: int, rows: list[dict]) -> None:
+        if not self.on:
+            return
+        with open(f"{self.dir}/rollouts.jsonl", "a") as f:
+            for r in rows:
+                f.write(json.dumps({"step": step, **r}) + "\n")
+
+    def progress(self, step: int, row: dict) -> None:
+        if not self.on:
+            return
+        short = {k: row[k] for k in ("loss", "reward", "usable", "tok_s") if row.get(k) is not None}
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in short.items()})
+        elif step % self.cfg.log_every == 0 or step == self.cfg.steps:
+            print(f"[fastsd] step {step}/{self.cfg.steps} " + " ".join(f"{k}={v:.4g}" for k, v in short.items()), flush=True)
+
+    def say(self, text: str) -> None:
+        if self.on and self.bar is not None:
+            self.bar.write(text)
+        elif self.on:
+            print(text, flush=True)
+
+    def eval_progress(self, step: int, questions: int):
+        """The `progress` callback of one evaluation (rank 0; None elsewhere): a bar under the
+        step bar on a terminal, else a line when it starts and one per batch of samples."""
+        if not self.on:
+            return None
+        k, t0, bar = self.cfg.eval.k, time.perf_counter(), None
+
+        def report(done: int, total: int) -> None:
+            nonlocal bar
+            if self.bar is not None:
+                if bar is None:
+                    from tqdm import tqdm
+
+                    bar = tqdm(total=total, desc=f"eval at step {step}", unit="batch", leave=False)
+                bar.update(done - bar.n)
+                if done == total:
+                    bar.close()
+            elif done == 0:
+                self.say(f"[fastsd] eval at step {step}: {questions} questions x {k} samples, {total} batches")
+            else:
+                self.say(f"[fastsd] eval at step {step}: batch {done}/{total} done ({time.perf_counter() - t0:.0f} s)")
+
+        return report
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def step_row(cfg: TrainConfig, d: Dist, step: int, rolls: list, upd: dict, lr: float,
+             times: list[float]) -> tuple[dict, str | None]:
+    """The metrics row of optimizer step `step` (summed over ranks), and the line to log about its
+    failed critiques (None when none failed). `times`: perf_counter readings at the start and
+    after rollout, feedback and update."""
+    t0, t1, t2, t3 = times
+    failed = Counter(r.critique_error for r in rolls if r.critique_error)
+    n_roll, reward_sum, usable, zero_var, no_answer, resp_tokens, n_failed = d.all_sum(
+        len(rolls), sum(r.reward for r in rolls), sum(r.trained for r in rolls),
+        sum(not r.trained for r in rolls) if cfg.condition == "grpo" else 0,
+        sum(r.parsed.answer is None for r in rolls), sum(len(r.response) for r in rolls), sum(failed.values()))
+    n = max(n_roll, 1)
+    row = {"step": step, "loss": upd["divergence"], "reward": reward_sum / n, "usable": usable / n,
+           "no_answer": no_answer / n, "gap": upd["gap"], "grad_norm": upd["grad_norm"], "lr": lr,
+           "tok_s": resp_tokens / (t3 - t0), "time_rollout": t1 - t0, "time_feedback": t2 - t1, "time_update": t3 - t2}
+    if cfg.condition == "grpo":
+        row["zero_variance_rollouts"] = zero_var
+    said = None
+    if cfg.condition == "critique":
+        row["critique_failed"] = n_failed
+        if n_failed:
+            why = ", ".join(f"{k} {reason}" for reason, k in failed.most_common(3))
+            said = (f"[fastsd] step {step}: {n_failed:.0f} of {n_roll:.0f} critiques failed, "
+                    f"those rollouts get no loss (rank {d.rank}: {why or 'none'})")
+    return row, said
+
+
+@contextlib.contextmanager
+def uninterrupted():
+    """Hold a Ctrl-C (SIGINT) back until the block is done, so that what it writes (a step's log
+    rows, a checkpoint) is written whole; then raise the KeyboardInterrupt. Outside the main
+    thread, where Python handles no signals, a plain block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+
+    def hold(signum, frame):
+        if not caught and os.environ.get("RANK", "0") == "0":
+            print("[fastsd] Ctrl-C: stopping once this step's logs and checkpoint are written", file=sys.stderr, flush=True)
+        caught.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def interrupted(cfg: TrainConfig) -> str:
+    """What to tell a user whose Ctrl-C stopped the run: where the last checkpoint is, and how to go on."""
+    last = ckpt.latest_checkpoint(cfg.run_dir)
+    head = "[fastsd] stopped by Ctrl-C: the step in progress was abandoned (nothing of it was written)."
+    if last is None:
+        return (f"{head}\n[fastsd] no checkpoint in {cfg.run_dir} yet (checkpoint.every={cfg.checkpoint.every}"
+                f"{': only the last step saves one' if not cfg.checkpoint.every else ''}); "
+                "running the same command again starts the run afresh.")
+    again = ("running the same command again resumes from it" if cfg.resume == "auto" else
+             f"run the command again with resume=auto (not resume={cfg.resume}) to resume from it")
+    return f"{head}\n[fastsd] last checkpoint: {last}; {again}."
+
+
+def rollout_rows(rolls: list, tok) -> list[dict]:
+    """One row per rollout; `prompt` and `teacher_prompt` are what each side read before the
+    response, decoded from the ids the model saw (chat template and special tokens included)."""
+    return [{"question": r.example.question, "prompt": tok.decode(r.prompt),
+             "response": tok.decode(r.response, skip_special_tokens=True), "reward": r.reward,
+             "context": r.context, "teacher_prompt": None if r.teacher_prompt is None else tok.decode(r.teacher_prompt),
+             "trained": r.trained, **({"critique_error": r.critique_error} if r.critique_error else {})} for r in rolls]
+
+
+LOGS = ("metrics.jsonl", "rollouts.jsonl")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _aside(path: Path, name: str) -> Path:
+    """run_dir/name, or name.1, name.2, ...: the first that does not exist (nothing is overwritten)."""
+    free = path.parent / name
+    i = 0
+    while free.exists():
+        i += 1
+        free = path.parent / f"{name}.{i}"
+    os.replace(path, free)
+    return free
+
+
+def prepare_run_dir(cfg: TrainConfig, resume: Path | None, step: int) -> list[str]:
+    """Make run_dir agree with the run about to start (rank 0 only); returns what it did, to log.
+
+    Resuming at `step`: rows the logs hold for later steps (and the final evaluation), which the
+    run will write again, are cut. Starting afresh: earlier logs and config are moved to *.old. A
+    config that differs from the saved one is saved; the old one is kept as
+    config.before_step_N.yaml."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    said = []
+    saved = run_dir / "config.yaml"
+    if resume is None:
+        for path in (*(run_dir / name for name in LOGS), saved):
+            if path.exists():
+                said.append(f"no checkpoint to resume: the earlier {path.name} moved to "
+                            f"{_aside(path, path.name + '.old').name}")
+        saved.write_text(to_yaml(cfg))
+        return said
+    for name in LOGS:
+        path = run_dir / name
+        if not path.exists():
+            continue
+        keep, cut = [], 0
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # torn by a kill mid-write
+                    row = None
+                if isinstance(row, dict) and row.get("step", 0) <= step and not row.get("final"):
+                    keep.append(line)
+                else:
+                    cut += 1
+        if cut:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(keep))
+            os.replace(tmp, path)
+            said.append(f"{name}: cut back to step {step} ({cut} rows, written again as the run goes on)")
+    if saved.exists():
+        try:
+            data = yaml.safe_load(saved.read_text())
+        except yaml.YAMLError:
+            data = None
+        old = _flat(data) if isinstance(data, dict) else {"config.yaml": "unreadable"}
+        new = _flat(to_dict(cfg))
+        changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                   if old.get(k) != new.get(k) and k not in ("resume", "run_dir")]  # how, not what
+        if changed:
+            kept = _aside(saved, f"config.before_step_{step}.yaml")
+            said.append(f"config changed since the checkpoint ({'; '.join(changed)}); the earlier one is {kept.name}")
+    saved.write_text(to_yaml(cfg))
+    return said

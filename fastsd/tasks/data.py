@@ -1,0 +1,195 @@
+"""Questions to train and evaluate on: a jsonl or parquet file, or the built-in arithmetic task.
+
+Each record (a jsonl line holding one JSON object, or a parquet row) has three fields, read from
+the columns `data.fields.*` names (defaults in brackets; e.g. OpenMathReasoning's are `problem`,
+`expected_answer` and `generated_solution`):
+
+    question            [question] str, non-empty
+    answer              [answer] str or number, non-empty (a number is converted: 52 and 52.0 -> "52", 0.5 -> "0.5")
+    reference_solution  [reference_solution] str, non-empty: the teacher's context for
+                        condition=reference, where every record needs one; under the other
+                        conditions it is optional (a missing, null or blank one is None), and the
+                        http critic shows it as the correct solution when present
+
+A path ending in .parquet is read with pyarrow (only the three columns); anything else as jsonl.
+Other keys and columns are ignored, blank jsonl lines skipped. Anything else raises
+ValueError("PATH:LINE: ...") for jsonl and ValueError("PATH: row N: ...") for parquet (N counts
+from 1), naming the `data.fields.*` key of a field that is missing or bad.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .splits import DEFAULT_TASK, make_split
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
+
+__all__ = ["Example", "KEYS", "load_data", "load_examples", "load_jsonl", "load_parquet", "builtin_split", "step_questions",
+           "key_error"]
+
+KEYS = ("question", "answer", "reference_solution")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One question with its ground-truth final answer and a reference solution (None: none given)."""
+
+    question: str
+    answer: str
+    reference_solution: str | None = None
+
+
+def _answer_text(value) -> str | None:
+    """The answer as text: str as is, an int or finite float as a number; None for other types."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return str(int(value)) if value.is_integer() else repr(value)
+    return None
+
+
+def _columns(fields) -> dict[str, str]:
+    """Field -> column name, from a `data.fields` config (None: the defaults)."""
+    return {key: (getattr(fields, key) if fields is not None else key) for key in KEYS}
+
+
+def _example(record, where: str, columns: dict[str, str], need_reference: bool) -> Example:
+    """Validate one record; `where` is "PATH:LINE" or "PATH: row N"."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    out = {}
+    for key in KEYS:
+        col, named = columns[key], f"data.fields.{key}"
+        optional = key == "reference_solution" and not need_reference
+        value = record.get(col) if col else None
+        if optional and (value is None or (isinstance(value, str) and not value.strip())):
+            out[key] = None
+            continue
+        if col not in record:
+            raise ValueError(f"{where}: missing key {col!r} ({named})")
+        value = record[col]
+        text = _answer_text(value) if key == "answer" else value if isinstance(value, str) else None
+        if text is None:
+            kind = "a string or a number" if key == "answer" else "a string"
+            raise ValueError(f"{where}: {col!r} must be {kind}, got {type(value).__name__} {value!r} ({named})")
+        if not text.strip():
+            raise ValueError(f"{where}: {col!r} is empty ({named})")
+        out[key] = text
+    return Example(**out)
+
+
+def _check_path(path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"path: {path} {'is not a file' if path.exists() else 'does not exist'}")
+    return path
+
+
+def load_examples(path: str | os.PathLike, fields=None, need_reference: bool = True) -> list[Example]:
+    """Read questions from a .parquet file or a jsonl file (module docstring); `fields` is the
+    `data.fields` config (None: the default column names)."""
+    load = load_parquet if str(path).lower().endswith(".parquet") else load_jsonl
+    return load(path, fields, need_reference)
+
+
+def load_jsonl(path: str | os.PathLike, fields=None, need_reference: bool = True) -> list[Example]:
+    """Read questions from a jsonl file (format in the module docstring)."""
+    path, columns = _check_path(path), _columns(fields)
+    examples = []
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 ({e.reason})") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.rstrip("\r\n"))  # else an error at the end reads "column 1"
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            examples.append(_example(record, where, columns, need_reference))
+    return examples
+
+
+def load_parquet(path: str | os.PathLike, fields=None, need_reference: bool = True) -> list[Example]:
+    """Read questions from a parquet file (format in the module docstring), only the columns used."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path, columns = _check_path(path), _columns(fields)
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+    names = set(pf.schema_arrow.names)
+    for key in KEYS:
+        col = columns[key]
+        if col not in names and (key != "reference_solution" or need_reference):
+            raise ValueError(f"{path}: no column {col!r} ({f'data.fields.{key}'}); it has {sorted(names)}")
+    wanted = [c for c in dict.fromkeys(columns.values()) if c in names]
+    examples, row = [], 0
+    for batch in pf.iter_batches(columns=wanted, batch_size=4096):
+        for record in batch.to_pylist():
+            row += 1
+            examples.append(_example(record, f"{path}: row {row}", columns, need_reference))
+    return examples
+
+
+def builtin_split(split: str, n: int, seed: int = 0, task: str = DEFAULT_TASK) -> list[Example]:
+    """`n` questions of the built-in arithmetic `task`'s `split` ("train" or "test"), deterministic
+    in (split, n, seed, task); the two splits never share a question."""
+    return [Example(p.question, p.answer, p.reference_solution) for p in make_split(split, n, seed, task)]
+
+
+def step_questions(train: list[Example], cfg, step: int) -> list[Example]:
+    """The questions of optimizer step `step`: a fresh seeded permutation per epoch."""
+    n, per = len(train), cfg.questions_per_step
+    orders: dict[int, list[int]] = {}
+    out = []
+    for pos in range(step * per, (step + 1) * per):
+        epoch, i = divmod(pos, n)
+        if epoch not in orders:
+            orders[epoch] = list(range(n))
+            random.Random(cfg.seed * 100_003 + epoch).shuffle(orders[epoch])
+        out.append(train[orders[epoch][i]])
+    return out
+
+
+def key_error(key: str, e: ValueError) -> ValueError:
+    """A loader's error about its `path` argument, told as the config key it came from."""
+    text = str(e)
+    return ValueError(f"{key}:{text[len('path:'):]}" if text.startswith("path:") else f"{key}: {text}")
+
+
+def load_data(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
+    c = cfg.data
+    need_ref = cfg.condition == "reference"
+    try:
+        train = (builtin_split("train", c.train_size, c.seed, c.task) if c.path == "builtin"
+                 else load_examples(c.path, c.fields, need_ref))
+    except ValueError as e:
+        raise key_error("data.path", e) from None
+    try:  # held-out questions are only sampled and graded: no reference solution needed
+        held = (builtin_split("test", c.eval_size, c.seed, c.task) if c.eval_path == "builtin"
+                else load_examples(c.eval_path, c.fields, need_reference=False))
+    except ValueError as e:
+        raise key_error("data.eval_path", e) from None
+    if not train:
+        raise ValueError(f"data.path: no training questions in {c.path}")
+    if not held:
+        raise ValueError(f"data.eval_path: no held-out questions in {c.eval_path}")
+    return train, held

@@ -1,0 +1,131 @@
+"""The step's update stage: micro-batches of the trained rollouts, the loss (fused divergence,
+sampled-token surrogate or GRPO's clipped policy gradient), backward, clip, optimizer step, EMA.
+
+Every rank handles its share of the step's rollouts; collective calls (forwards, reductions)
+happen the same number of times on every rank, padded with zero-weight micro-batches where a
+rank has less work.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..loss import fused_linear_logprob
+from ..model.batch import build_batch
+from ..model.dist import Dist
+from ..model.policy import ema_pairs
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
+    from ..rollout import Rollout
+
+__all__ = ["NonFiniteLossError", "update"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss or gradient norm was NaN/inf: the step stopped before the optimizer touched anything."""
+
+
+def _micro_loss(cfg, policy, teacher, batch, world, total_tokens, stats):
+    """Loss of one micro-batch, scaled so that gradients sum to the step's token mean."""
+    scale = world / max(total_tokens, 1.0)  # FSDP averages gradients over ranks
+    loss_kw = dict(divergence=cfg.loss.divergence, temperature=cfg.loss.temperature,
+                   clip=cfg.loss.clip, beta=cfg.loss.beta)
+    if cfg.condition == "grpo":
+        logp = policy(batch.s_ids, batch.s_attn, batch.s_index, mode="logprob", targets=batch.targets, loss_kw=loss_kw)
+        adv = batch.advantage
+        ratio = torch.exp(logp - logp.detach())  # one update per rollout: the sampling policy is this one
+        eps = cfg.loss.pg_clip
+        per_tok = -torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
+        return per_tok.sum() * scale
+    t_model = teacher if teacher is not None else policy
+    with torch.no_grad():
+        h_t = t_model(batch.t_ids, batch.t_attn, batch.t_index, mode="hidden")
+    w_t = None if teacher is None else teacher.head_weight
+    if cfg.loss.kind == "sampled_token":
+        s_lp = policy(batch.s_ids, batch.s_attn, batch.s_index, mode="logprob", targets=batch.targets, loss_kw=loss_kw)
+        with torch.no_grad():
+            t_lp = fused_linear_logprob(h_t, (w_t if w_t is not None else policy.head_weight).detach(),
+                                        batch.targets, temperature=cfg.loss.temperature)
+        gap = t_lp - s_lp.detach()
+        stats["gap"] += float(gap.sum()) * batch.weight
+        return -(gap * s_lp).sum() * scale
+    out = policy(batch.s_ids, batch.s_attn, batch.s_index, mode="divergence", targets=batch.targets,
+                 teacher_hidden=h_t, teacher_weight=w_t, loss_kw=loss_kw)
+    # A filler micro-batch (weight 0, FSDP lock-step only) adds nothing to the logs either.
+    stats["gap"] += float((out.teacher_logprob - out.student_logprob).sum()) * batch.weight
+    stats["divergence"] += float(out.loss.detach()) * batch.weight
+    return out.loss * scale
+
+
+def _batches(cfg: TrainConfig, tok, rollouts: list[Rollout], d: Dist):
+    """Micro-batches of trained rollouts; every rank yields the same number (zero-weight fillers)."""
+    live = [r for r in rollouts if r.trained]
+    mb = cfg.optim.micro_batch
+    n = d.all_max((len(live) + mb - 1) // mb)
+    for i in range(n):
+        chunk, weight = live[i * mb:(i + 1) * mb], 1.0
+        if not chunk:  # filler: keeps FSDP collectives in step; contributes nothing
+            chunk, weight = [rollouts[0] if rollouts else None], 0.0
+        yield _to_batch(cfg, tok, chunk, weight, d.device)
+
+
+def _to_batch(cfg, tok, chunk, weight, device):
+    if chunk[0] is None:
+        prompts, responses, t_prompts, adv = [[tok.pad_token_id]], [[tok.pad_token_id]], [[tok.pad_token_id]], [0.0]
+    else:
+        prompts = [r.prompt for r in chunk]
+        responses = [r.response or [tok.eos_token_id] for r in chunk]
+        t_prompts = [r.teacher_prompt or r.prompt for r in chunk]
+        adv = [r.advantage for r in chunk]
+    batch = build_batch(prompts, responses, tok.pad_token_id, None if cfg.condition == "grpo" else t_prompts)
+    batch = batch.to(device)
+    batch.advantage = torch.tensor(adv, device=device)[batch.row] * weight
+    batch.weight = weight
+    return batch
+
+
+def update(cfg, d: Dist, policy, teacher, opt, sched, tok, rollouts, step: int) -> dict:
+    local_tokens = sum(len(r.response) for r in rollouts if r.trained)
+    (total_tokens,) = d.all_sum(float(local_tokens))
+    if total_tokens == 0:  # nothing to learn from (every grpo group had one reward): no AdamW step,
+        with warnings.catch_warnings():  # which would still move the weights by momentum and decay
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")
+            sched.step()  # the schedule counts training steps
+        return {"loss_tokens": 0.0, "grad_norm": 0.0, "gap": 0.0, "divergence": None}
+    stats = {"gap": 0.0, "divergence": 0.0}
+    if teacher is not None and d.enabled:
+        teacher.unshard()  # the teacher head must be a plain tensor inside the student's forward
+    try:
+        for i, batch in enumerate(_batches(cfg, tok, rollouts, d)):
+            loss = _micro_loss(cfg, policy, teacher, batch, d.world, total_tokens, stats) * batch.weight
+            (finite,) = d.all_sum(float(torch.isfinite(loss.detach()).all()))
+            if finite < d.world:
+                opt.zero_grad(set_to_none=True)
+                raise NonFiniteLossError(f"step {step}: non-finite loss in micro-batch {i}; "
+                                         "the step was stopped before the optimizer step, parameters unchanged")
+            loss.backward()
+    finally:
+        if teacher is not None and d.enabled:
+            teacher.reshard()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    if not math.isfinite(norm):
+        opt.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(f"step {step}: non-finite gradient norm; parameters unchanged")
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    if teacher is not None and cfg.teacher.kind == "ema":  # LoRA: the ema adapter only
+        with torch.no_grad():
+            for p_t, p_s in ema_pairs(teacher, policy):
+                p_t.lerp_(p_s.detach(), 1.0 - cfg.teacher.ema_rate)
+    gap, div = d.all_sum(stats["gap"], stats["divergence"])
+    denom = max(total_tokens, 1.0)
+    return {"loss_tokens": total_tokens, "grad_norm": norm, "gap": gap / denom,
+            "divergence": div / denom if cfg.condition != "grpo" and cfg.loss.kind == "divergence" else None}
