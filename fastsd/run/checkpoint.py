@@ -11,14 +11,7 @@ Layout of `run_dir/checkpoints/step_{step:08d}/`:
     teacher.safetensors  full teacher weights (only when a teacher was given)
     COMPLETE             written last
 
-Atomic-write scheme: everything, COMPLETE included, is written into a sibling
-`step_XXXXXXXX.tmp-<uuid>` and fsynced; only then is that directory renamed (`os.replace`, atomic
-on POSIX) to `step_XXXXXXXX`. `latest_checkpoint` accepts only directories named exactly
-`step_<digits>` that contain COMPLETE, so a crash at any point leaves either nothing it accepts
-(a tmp dir, cleaned up by the next save) or a finished checkpoint. Re-saving an existing step moves
-the old copy aside to `step_XXXXXXXX.old-<uuid>` before the rename (a crash in between loses that
-step, never yields a partial one); pruning renames a checkpoint to `.old-<uuid>` before deleting it,
-so a half-deleted directory is never accepted either.
+Atomic-write scheme: see `fastsd.run.checkpoint_files`.
 
 Under torch.distributed every rank calls `save_checkpoint`/`load_checkpoint` (the state-dict
 gathers and broadcasts are collectives); rank 0 writes and reads the shared files, each rank its
@@ -27,13 +20,10 @@ own RNG file. A shared filesystem is assumed. An error on any rank is raised on 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
-import re
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -53,15 +43,13 @@ from ..model.dist import spans_processes
 from ..model.load import no_progress_bars
 from ..model.lora import is_lora
 from .adapter_checkpoint import ADAPTER, gather_adapters, load_adapters, write_adapters
+from .checkpoint_files import COMPLETE, complete, fsync, is_complete, make_tmp, prune, seal
 
 __all__ = ["COMPLETE", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "resolve_resume"]
 
 log = logging.getLogger("fastsd")
 
 CHECKPOINTS = "checkpoints"
-COMPLETE = "COMPLETE"
-_FINAL = re.compile(r"step_(\d{8,})")
-_STALE = re.compile(r"step_\d{8,}\.(?:tmp|old)-.+")
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors, on rank 0 only
 
 
@@ -168,82 +156,6 @@ def _check_loadable(path: Path) -> None:
                          f"containers, numbers, strings and tensors): {e}") from e
 
 
-# ---------------------------------------------------------------- files
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems cannot fsync a directory
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            _fsync(Path(dirpath, f))
-        _fsync(Path(dirpath))
-
-
-def _remove(path: Path) -> None:
-    """Rename out of `latest_checkpoint`'s sight first, then delete."""
-    trash = path if _STALE.fullmatch(path.name) else path.with_name(f"{path.name}.old-{uuid.uuid4().hex[:12]}")
-    if trash != path:
-        os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _complete(root: Path) -> list[tuple[int, Path]]:
-    """(step, path) of the complete checkpoints under `root`, by step."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _FINAL.fullmatch(p.name)) and (p / COMPLETE).is_file()]
-    return sorted(found)
-
-
-def _is_complete(path: Path) -> bool:
-    return path.is_dir() and (path / COMPLETE).is_file()
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename the finished tmp dir to its final name (moving an older copy of the step aside)."""
-    old = None
-    if final.exists():
-        old = final.with_name(f"{final.name}.old-{uuid.uuid4().hex[:12]}")
-        os.replace(final, old)
-    try:
-        os.replace(tmp, final)
-    except BaseException:
-        if old is not None:  # put the previous copy back
-            os.replace(old, final)
-        raise
-    _fsync(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _prune(root: Path, keep: int, just_saved: Path) -> None:
-    """Keep the `keep` highest-step complete checkpoints (and the one just saved); drop stale dirs."""
-    try:
-        for _, path in _complete(root)[:-keep]:
-            if path != just_saved:
-                _remove(path)
-        for path in root.iterdir():
-            if _STALE.fullmatch(path.name):
-                _remove(path)
-    except OSError as e:  # the new checkpoint is safe; old ones go next time
-        log.warning("checkpoint.keep: could not remove old checkpoints in %s (%s)", root, e)
-
-
-def _make_tmp(final: Path) -> str:
-    tmp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:12]}")
-    tmp.mkdir(parents=True)
-    return str(tmp)
-
-
 def _write_shared(tmp: Path, model, tokenizer, model_sd: dict, trainer: dict, teacher, teacher_sd) -> None:
     """Rank 0's files: the HF export (LoRA: the adapters and the merged export), trainer_state.pt,
     teacher.safetensors."""
@@ -257,16 +169,6 @@ def _write_shared(tmp: Path, model, tokenizer, model_sd: dict, trainer: dict, te
     _check_loadable(tmp / "trainer_state.pt")
     if teacher_sd is not None:
         save_file(_untie(teacher_sd, teacher), tmp / "teacher.safetensors")
-
-
-def _seal(tmp: Path, final: Path, step: int, world: int) -> None:
-    """fsync everything, write COMPLETE (last, inside tmp), then rename tmp to `final`."""
-    _fsync_tree(tmp)
-    with open(tmp / COMPLETE, "w") as f:
-        f.write(json.dumps({"step": step, "world_size": world}) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    _publish(tmp, final)
 
 
 # ---------------------------------------------------------------- public API
@@ -292,7 +194,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model, tokenizer, 
     teacher_sd = None if teacher is None else get_model_state_dict(teacher, options=_GATHER)
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step_{step:08d}"
-    tmp = Path(_on_rank0(lambda: _make_tmp(final), f"creating a checkpoint directory in {root}"))
+    tmp = Path(_on_rank0(lambda: make_tmp(final), f"creating a checkpoint directory in {root}"))
     try:
         error = None
         try:
@@ -301,16 +203,16 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model, tokenizer, 
                            "scheduler": None if scheduler is None else scheduler.state_dict(), "world_size": world}
                 _write_shared(tmp, model, tokenizer, model_sd, trainer, teacher, teacher_sd)
             torch.save(rng, tmp / f"rng_rank{rank}.pt")
-            _fsync(tmp / f"rng_rank{rank}.pt")
+            fsync(tmp / f"rng_rank{rank}.pt")
         except Exception as e:
             error = e
         _agree(error, f"writing checkpoint {final}")  # also a barrier: every rank's files are in tmp now
-        _on_rank0(lambda: _seal(tmp, final, step, world), f"publishing checkpoint {final}")
+        _on_rank0(lambda: seal(tmp, final, step, world), f"publishing checkpoint {final}")
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _on_rank0(lambda: _prune(root, keep, final), "checkpoint.keep")  # no rank moves on before this
+    _on_rank0(lambda: prune(root, keep, final), "checkpoint.keep")  # no rank moves on before this
     return final
 
 
@@ -347,7 +249,7 @@ def load_checkpoint(path: str | os.PathLike, *, model, optimizer: torch.optim.Op
     """Restore model weights (and optimizer, scheduler, teacher, this rank's RNG) from the complete
     checkpoint `path`; return the caller's `state` dict saved with it. Every rank must call it."""
     path = Path(path)
-    if not _is_complete(path):
+    if not is_complete(path):
         what = "does not exist" if not path.exists() else f"is not a complete checkpoint (no {COMPLETE})"
         raise ValueError(f"path: {path} {what}")
     teacher = None if teacher is model else teacher
@@ -390,7 +292,7 @@ def load_checkpoint(path: str | os.PathLike, *, model, optimizer: torch.optim.Op
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The complete checkpoint with the highest step under `run_dir/checkpoints`, or None."""
-    found = _complete(Path(run_dir) / CHECKPOINTS)
+    found = complete(Path(run_dir) / CHECKPOINTS)
     return found[-1][1] if found else None
 
 
@@ -402,7 +304,7 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:
     if resume == "never":
         return None
     path = Path(resume)
-    if not _is_complete(path):
+    if not is_complete(path):
         what = "does not exist" if not path.exists() else f"is not a complete checkpoint (no {COMPLETE})"
         raise ValueError(f"resume: {resume!r} {what}; expected auto, never or a checkpoint directory")
     return path
