@@ -7,11 +7,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from fastsd.rollout.vllm_engine import unusable
 
 BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rollout.py")
 
 
+@pytest.mark.vllm  # its vllm rows run where vLLM is installed, and say why not elsewhere
 def test_rollout_bench_cpu_smoke(tmp_path):
     out = tmp_path / "rollout.json"
     proc = subprocess.run([sys.executable, BENCH, "--cpu-smoke", "--out", str(out)],

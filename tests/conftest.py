@@ -14,6 +14,16 @@ if not torch.cuda.is_available():
 from helpers import DEVICE  # noqa: E402
 
 
+def pytest_configure(config):
+    """`pytest -m vllm` asks for the vLLM tests: there an unusable vLLM fails the run instead of
+    skipping every test it would have run."""
+    if config.option.markexpr.strip() == "vllm":
+        from fastsd.rollout.vllm_engine import unusable
+
+        if unusable() is not None:
+            raise pytest.UsageError(f"-m vllm: the vLLM tests were asked for, but vLLM is not usable here: {unusable()}")
+
+
 @pytest.fixture
 def device() -> str:
     return DEVICE

@@ -34,6 +34,7 @@ def rows(run_dir: Path) -> list[dict]:
 
 # ---------------------------------------------------------------- --dry-run
 
+@pytest.mark.vllm  # auto resolves to vllm on CUDA where vLLM is installed
 def test_dry_run_reads_back_and_resolves_what_grpo_runs_with(capsys):
     assert cli.main(["condition=grpo", "--dry-run"]) == 0
     out = capsys.readouterr().out

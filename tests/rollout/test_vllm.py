@@ -1,6 +1,8 @@
 """rollout.engine=vllm: the engine samples the policy's current weights, with the sampling
 distribution's log-probs, stops on text, and runs the trainer (one process, resume, torchrun).
-Skipped where vLLM is not usable (`fastsd.rollout.vllm_engine.unusable` says why); CI installs it."""
+Skipped where vLLM is not usable (`fastsd.rollout.vllm_engine.unusable` says why); marked `vllm`,
+so that `pytest -m vllm` runs them in the environment of the `vllm-cpu` extra (CI does), where an
+unusable vLLM is an error (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 SMALL = ["steps=2", "questions_per_step=2", "eval.k=2", "data.eval_size=2", "data.train_size=16",
          "rollout.max_new_tokens=40", "optim.micro_batch=2", "rollout.engine=vllm",
          "rollout.vllm_kv_cache_gib=0.25"]
+pytestmark = pytest.mark.vllm
 needs_vllm = pytest.mark.skipif(vllm_engine.unusable() is not None, reason=f"{vllm_engine.unusable()}")
 
 
