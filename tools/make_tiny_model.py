@@ -35,7 +35,7 @@ Tried and dropped (2026-11-27): a fourth kind of example teaching it to continue
 written values once they depart from the context; at this size it weakened copying (critique
 accuracy 0.95 -> 0.6) without removing the snap-back. Forward KL turns the snap-back into the
 lesson "do not carry your previous result", which collapses the student; reverse KL, whose
-gradient vanishes where the student is confident and the teacher disagrees, does not (README).
+gradient vanishes where the student is confident and the teacher disagrees, does not (docs/training.md, "Why reverse KL").
 
 The held-out split is only measured, never trained on, and on another draw of it (data seed
 `seed + 2`; for the long task none of its 128 questions is among the 128 `fastsd-train`

@@ -123,7 +123,7 @@ class RolloutConfig:
     """Sampler: vllm (a vLLM engine in this process, given the policy's weights before each
     sampling), fastsd (static KV cache, compiled decode step with fused sampling), generate
     (transformers); auto: on CUDA vllm where it is installed and usable, else
-    fastsd; on CPUs generate (vllm is slower there on the built-in model: README). The log says
+    fastsd; on CPUs generate (vllm is slower there on the built-in model: docs/rollouts.md). The log says
     which sampler runs."""
     vllm_kv_cache_gib: float | None = None
     """vllm: KV-cache space in GiB; null: 1 on a CPU, on CUDA what vllm_gpu_memory leaves."""
@@ -148,7 +148,7 @@ class LossConfig:
     divergence: Literal["auto", "forward_kl", "reverse_kl", "jsd"] = "auto"
     """Divergence between teacher and student next-token distributions: forward_kl KL(p_t || p_s),
     reverse_kl KL(p_s || p_t), jsd. auto: forward_kl (the paper's), except reverse_kl for the
-    built-in tiny model (model=builtin), which forward KL collapses (README, "Why reverse KL")."""
+    built-in tiny model (model=builtin), which forward KL collapses (docs/training.md, "Why reverse KL")."""
     temperature: float = 1.0
     """Temperature applied to both heads' logits inside the loss."""
     clip: float | None = None

@@ -1,6 +1,6 @@
 """Critics: a frozen judge that rewrites a student's attempt as a step-aligned critique.
 
-The critique is in the "faithful scribe" form (see METHOD.md): a complete step-tagged trace
+The critique is in the "faithful scribe" form (see docs/method.md): a complete step-tagged trace
 (`fastsd.tasks.format`) ending in the right answer, that copies the student's correct steps verbatim
 up to the earliest wrong step, writes that step corrected in the student's own notation, then
 continues the solution to the right answer. The self-teacher reads the question plus this text.

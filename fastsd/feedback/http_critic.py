@@ -2,7 +2,7 @@
 llama.cpp, or `tools/critic_server.py`).
 
 The wire format. The request is one system message (`SCRIBE_INSTRUCTIONS`, the faithful-scribe
-rules of METHOD.md; `critic_prompt.FREE_INSTRUCTIONS` for format=free; or `critic.prompt_file`,
+rules of docs/method.md; `critic_prompt.FREE_INSTRUCTIONS` for format=free; or `critic.prompt_file`,
 see `fastsd.feedback.critic_prompt`) and one user message (`user_message`) holding the question, the
 worked ground-truth solution, the final answer and the student's numbered steps; decoding is
 greedy, and `critic.extra_body` is merged into the body last. The reply, after any

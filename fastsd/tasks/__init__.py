@@ -1,4 +1,14 @@
-"""Built-in tasks: chained integer arithmetic solved as step-tagged traces (`long`, `short`)."""
+"""What the model is asked and how an answer is judged: the data, the built-in tasks, the
+response formats and the graders.
+
+    data.py     `load_data` (entry point): the run's training and held-out questions, from a jsonl
+                or parquet file or the built-in task; `step_questions`, each step's questions
+    arith.py    the built-in tasks' arithmetic: questions, solutions, step checks
+    splits.py   the built-in tasks (`long`, `short`): drawing questions and the splits
+    jsonl.py    one JSON object per line
+    format.py   response formats (`steps`, `free`): tolerant parsing, the final-answer reward
+    grading.py  graders (`exact`, `math` through math-verify)
+"""
 
 from . import arith, splits
 from .arith import Problem

@@ -30,7 +30,7 @@ def test_yaml_then_overrides(tmp_path):
 
 
 def test_auto_divergence_resolves_by_model():
-    """auto: the paper's forward_kl, but reverse_kl for the built-in tiny model (README)."""
+    """auto: the paper's forward_kl, but reverse_kl for the built-in tiny model (docs/training.md)."""
     assert load_config().loss.divergence == "reverse_kl"
     assert load_config(overrides=["model=/some/path"]).loss.divergence == "forward_kl"
     assert load_config(overrides=["model=/some/path", "loss.divergence=jsd"]).loss.divergence == "jsd"

@@ -52,7 +52,7 @@ def test_the_answer_check_goes_through_the_grader():
 
 
 def test_free_format_critique_keeps_the_students_paragraphs():
-    """The alignment rule of format=free (README): the critic numbers the student's paragraphs;
+    """The alignment rule of format=free (docs/critic.md): the critic numbers the student's paragraphs;
     the teacher reads the verbatim prefix, then the critic's paragraphs, ending in \\boxed{}."""
     text = reply("2", ["  We halve the top and the bottom. ", "So 6/8 = 3/4."], "0.75")
     crit = parse_reply(text, STEPS, r"\frac{3}{4}", make_grader("math"), fmt="free")

@@ -1,4 +1,4 @@
-"""The torch backend's peak memory stays within the formula README states (workspace_bytes).
+"""The torch backend's peak memory stays within the formula docs/loss.md states (workspace_bytes).
 
 The peak is measured as process RSS (VmHWM) in a fresh interpreter: torch's CPU allocator is
 malloc, which tracemalloc does not see.
@@ -55,7 +55,7 @@ print(json.dumps(dict(peak=peak, chunk=chunk, workspace=torch_backend.workspace_
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "logprob"])
 def test_peak_memory_within_the_stated_formula(kind):
     """Peak RSS of one forward + backward at N=2048, D=64, V=32000 with a 64 MiB workspace stays
-    within README's formula: workspace_bytes(C) + the fp32 dX [N, D] and dW [V, D] accumulators,
+    within docs/loss.md's formula: workspace_bytes(C) + the fp32 dX [N, D] and dW [V, D] accumulators,
     plus 8 MiB for the allocator and small tensors. Measured 2026-12-01 (a9c35fc): 69-74 MiB against
     bounds of 75-80; the backend before issue 15, at the same chunks: 265 MiB (forward KL with
     clip, 160 rows) and 164 MiB (JSD, 96 rows)."""

@@ -207,7 +207,7 @@ def test_load_data_from_the_config(tmp_path):
 
 def test_the_builtin_critic_on_other_data_is_an_error_in_dry_run_too(tmp_path, capsys):
     """critic=builtin (the default) knows only the arithmetic task: on other data --dry-run stops
-    too (a run stops before the model loads: tests/test_preflight.py), naming critic.kind and the
+    too (a run stops before the model loads: tests/run/test_preflight.py), naming critic.kind and the
     way out; arithmetic questions in a file are fine."""
     from fastsd import cli
 
