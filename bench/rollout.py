@@ -45,8 +45,7 @@ def build(name: str, folder: str):
     shipped tokenizer where the vocabulary fits it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
-    from fastsd.model import DEFAULT_MODEL_DIR, load_model_and_tokenizer
-    from fastsd.model.load import tiny_config
+    from fastsd.model.load import DEFAULT_MODEL_DIR, load_model_and_tokenizer, tiny_config
 
     if name == "builtin":
         lm, _ = load_model_and_tokenizer(DEFAULT_MODEL_DIR, dtype=torch.float32)

@@ -19,8 +19,9 @@ from .evaluation import evaluate, fmt_eval
 from .feedback import feedback
 from .model import Dist
 from .rollout import rollout
-from .run import build_models, build_optim, preflight
 from .run import checkpoint as ckpt
+from .run.build import build_models, build_optim
+from .run.preflight import preflight
 from .run.run_dir import RunLog, prepare_run_dir, rollout_rows, step_row, uninterrupted
 from .tasks.data import step_questions
 from .update import update

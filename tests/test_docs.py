@@ -34,6 +34,13 @@ def links(page: Path) -> list[str]:
     return LINK.findall(FENCE.sub("", page.read_text()))
 
 
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
+def test_code_fences_are_closed(page):
+    """An unclosed fence turns the rest of the page into code, its headings (and anchors) too."""
+    fences = [line for line in page.read_text().splitlines() if re.match(r"\s*(```|~~~)", line)]
+    assert len(fences) % 2 == 0, f"{page.relative_to(REPO)}: {len(fences)} fence lines"
+
+
 def test_the_docs_exist_and_the_readme_is_short():
     assert (REPO / "docs").is_dir() and len(PAGES) > 2
     assert len((REPO / "README.md").read_text().splitlines()) <= 250

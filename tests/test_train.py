@@ -20,9 +20,8 @@ from fastsd.config import load_config
 from fastsd.feedback import feedback
 from fastsd.feedback.critic import ArithCritic
 from fastsd.feedback.prompts import encode, student_prompt
-from fastsd.model import DEFAULT_MODEL_DIR
 from fastsd.model.dist import Dist
-from fastsd.model.load import build_tokenizer, tiny_config
+from fastsd.model.load import DEFAULT_MODEL_DIR, build_tokenizer, tiny_config
 from fastsd.model.policy import Policy
 from fastsd.rollout import Rollout
 from fastsd.run import run_dir as run_dir_mod

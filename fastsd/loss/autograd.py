@@ -2,8 +2,10 @@
 the rows per chunk, the compaction of masked rows.
 
 Masked rows are compacted before any matmul: a stable argsort puts valid rows first and the count
-of valid rows stays on the device (no host synchronisation). The gradients are computed in the
-forward (one pass over the vocabulary) and kept for the backward, which only scales them.
+of valid rows stays on the device (no host synchronisation). The divergence with a scalar loss
+(reduction mean or sum) computes its gradients in the forward, in the same pass over the
+vocabulary, and the backward only scales them; with reduction="none", and for the log-prob, the
+backward recomputes the chunks (the log-prob's torch backend keeps its last chunk's softmax).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def backend_ops(backend: str):
 def chunk_rows(chunk_size: int | None, backend: str, vocab: int, width: int, kind: str, clip=None) -> int:
     """Rows per chunk: `chunk_size`, or the most whose buffers fit the workspace. The torch
     backend counts every buffer it allocates (`torch_backend.workspace_bytes`); the Triton
-    backend counts its fp32 logits only (its gradient buffer adds half again, see README).
+    backend counts its fp32 logits only (its gradient buffer adds half again, see docs/loss.md).
     `kind`: the divergence or "logprob"."""
     if chunk_size is not None:
         return int(chunk_size)

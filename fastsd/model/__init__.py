@@ -9,8 +9,8 @@ FSDP2 root that runs the decoder body and the fused loss, batches, and the proce
     assets/    the shipped tiny checkpoint (tools/make_tiny_model.py rebuilds it)
 """
 
+# Only the process group here: importing the room (its dist helpers, say) must not load
+# transformers; the rest is imported from its module.
 from .dist import Dist
-from .load import DEFAULT_MODEL_DIR, load_model_and_tokenizer
-from .policy import Policy
 
-__all__ = ["DEFAULT_MODEL_DIR", "Dist", "Policy", "load_model_and_tokenizer"]
+__all__ = ["Dist"]

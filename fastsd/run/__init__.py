@@ -9,7 +9,5 @@ run directory's logs and its checkpoints.
     adapter_checkpoint.py  the LoRA pieces of a checkpoint
 """
 
-from .build import build_critic, build_models, build_optim
-from .preflight import Ready, preflight
-
-__all__ = ["Ready", "build_critic", "build_models", "build_optim", "preflight"]
+# Nothing imported here: its modules range from the stdlib alone (checkpoint_files) to the whole
+# model stack (build), and importing one must not load the others.

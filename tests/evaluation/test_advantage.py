@@ -12,7 +12,7 @@ import torch
 
 from fastsd.evaluation.advantage import aggregate, segments, token_advantages, token_spans, token_steps
 from fastsd.feedback.prompts import student_prompt, teacher_prompt
-from fastsd.model import DEFAULT_MODEL_DIR, load_model_and_tokenizer
+from fastsd.model.load import DEFAULT_MODEL_DIR, load_model_and_tokenizer
 from fastsd.model.policy import Policy
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"

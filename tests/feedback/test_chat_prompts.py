@@ -12,8 +12,8 @@ from fastsd import cli
 from fastsd.config import load_config, to_yaml
 from fastsd.feedback import feedback
 from fastsd.feedback.prompts import encode, fill, student_text, teacher_text
-from fastsd.model import DEFAULT_MODEL_DIR
 from fastsd.model.batch import build_batch
+from fastsd.model.load import DEFAULT_MODEL_DIR
 from fastsd.rollout import Rollout
 from fastsd.tasks.data import Example
 from fastsd.tasks.format import parse_response

@@ -23,9 +23,8 @@ from fastsd.config import load_config
 from fastsd.config.tree import LORA_TARGETS
 from fastsd.feedback import feedback
 from fastsd.feedback.critic import ArithCritic
-from fastsd.model import DEFAULT_MODEL_DIR
 from fastsd.model.dist import Dist
-from fastsd.model.load import build_tokenizer
+from fastsd.model.load import DEFAULT_MODEL_DIR, build_tokenizer
 from fastsd.model.lora import adapter_params, paired_adapters
 from fastsd.model.policy import AdapterTeacher, Policy
 from fastsd.rollout.sample import sample

@@ -12,8 +12,7 @@ from fastsd.feedback.prompts import (
     student_prompt,
     teacher_prompt,
 )
-from fastsd.model import DEFAULT_MODEL_DIR, load_model_and_tokenizer
-from fastsd.model.load import build_tokenizer, tiny_config
+from fastsd.model.load import DEFAULT_MODEL_DIR, build_tokenizer, load_model_and_tokenizer, tiny_config
 from fastsd.tasks import make_split
 from fastsd.tasks.format import parse_response, reward
 

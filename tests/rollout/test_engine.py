@@ -16,9 +16,9 @@ from transformers.generation.logits_process import TopPLogitsWarper
 
 from fastsd.config import load_config
 from fastsd.feedback.prompts import student_prompt
-from fastsd.model import DEFAULT_MODEL_DIR, load_model_and_tokenizer
 from fastsd.model.batch import pad
 from fastsd.model.dist import Dist
+from fastsd.model.load import DEFAULT_MODEL_DIR, load_model_and_tokenizer
 from fastsd.rollout.engine import RolloutEngine, sample_next
 from fastsd.rollout.sample import cut_at_eos
 from fastsd.tasks.data import builtin_split

@@ -64,7 +64,7 @@ def built():
 
 @needs_vllm
 def test_a_second_engine_closes_the_first_and_the_rng_and_threads_are_kept(built):
-    from fastsd.model import DEFAULT_MODEL_DIR
+    from fastsd.model.load import DEFAULT_MODEL_DIR
     from fastsd.rollout.vllm_engine import VllmEngine
 
     first, _ = built
@@ -220,7 +220,7 @@ def vllm_server(tmp_path):
 
     import httpx
 
-    from fastsd.model import DEFAULT_MODEL_DIR
+    from fastsd.model.load import DEFAULT_MODEL_DIR
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fastsd.run.checkpoint as ckpt
+import fastsd.run.checkpoint_files as ckpt_files
 from fastsd.model.load import build_tokenizer, tiny_config
 from fastsd.run.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 
@@ -177,7 +178,7 @@ def test_failure_while_publishing_keeps_previous(tok, tmp_path, monkeypatch):
     def crash(tmp, final):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt, "_publish", crash)
+    monkeypatch.setattr(ckpt_files, "publish", crash)  # seal() looks it up there
     with pytest.raises(KeyboardInterrupt):
         save(tmp_path, 2, model, tok, opt, sched)
     assert latest_checkpoint(tmp_path) == first
