@@ -59,8 +59,11 @@ def write_adapters(root: Path, model: nn.Module, tokenizer, weights: dict[str, t
         tokenizer.save_pretrained(adapter_dir)
         base_path = model.peft_config["default"].base_model_name_or_path
         dtype = next(p for n, p in model.named_parameters() if not p.requires_grad and ".lora_" not in n).dtype
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, local_files_only=True)
-        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        # peft initialises the new LoRA layers (then overwritten) from torch's generator: forked, so
+        # that saving draws nothing and the checkpoint schedule never changes a run's numbers.
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, local_files_only=True)
+            merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
         merged.save_pretrained(root / "hf")
     tokenizer.save_pretrained(root / "hf")
 

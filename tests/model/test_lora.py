@@ -172,12 +172,13 @@ def test_lora_run_resumes_bitwise_and_exports_peft_and_merged(tmp_path):
     train(config(tmp_path / "a", *common, "steps=2"), Dist())
     train(config(tmp_path / "b", *common, "steps=1"), Dist())
     train(config(tmp_path / "b", *common, "steps=2"), Dist())  # resume=auto from step 1
-    a, b = train_rows(tmp_path / "a"), train_rows(tmp_path / "b")
+    train(config(tmp_path / "c", *common, "steps=2", "checkpoint.every=1"), Dist())  # saved at step 1, no stop
+    a, b, c = train_rows(tmp_path / "a"), train_rows(tmp_path / "b"), train_rows(tmp_path / "c")
     assert [r["step"] for r in b] == [1, 2]
     for key in ("loss", "gap", "grad_norm", "reward"):
-        assert b[1][key] == a[1][key], key
+        assert b[1][key] == a[1][key] == c[1][key], key
     responses = lambda d: [r["response"] for r in read_jsonl(d / "rollouts.jsonl") if r["step"] == 2]  # noqa: E731
-    assert responses(tmp_path / "b") == responses(tmp_path / "a")
+    assert responses(tmp_path / "b") == responses(tmp_path / "a") == responses(tmp_path / "c")
     ca, cb = latest_checkpoint(tmp_path / "a"), latest_checkpoint(tmp_path / "b")
     for sub in ("adapter", "adapter/ema"):
         wa, wb = load_file(ca / sub / "adapter_model.safetensors"), load_file(cb / sub / "adapter_model.safetensors")
