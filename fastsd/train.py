@@ -20,7 +20,7 @@ from .feedback import feedback
 from .model import Dist
 from .rollout import rollout
 from .run import checkpoint as ckpt
-from .run.build import build_models, build_optim
+from .run.build import build_models, build_optim, resume_optim
 from .run.preflight import preflight
 from .run.run_dir import RunLog, prepare_run_dir, rollout_rows, step_row, uninterrupted
 from .tasks.data import step_questions
@@ -46,6 +46,7 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
     saved_teacher = teacher.lm if teacher is not None and cfg.teacher.kind == "ema" else None
     if ready.resume is not None:
         state = ckpt.load_checkpoint(ready.resume, model=policy.lm, optimizer=opt, scheduler=sched, teacher=saved_teacher)
+        resume_optim(cfg, opt, sched)  # a changed lr, betas, decay or schedule is the one trained with
     said = prepare_run_dir(cfg, ready.resume, state["step"]) if d.main else []  # the run's first write
     runlog = RunLog(cfg, d, state["step"])
     if ready.resume is not None:
@@ -78,9 +79,10 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
             times.append(time.perf_counter())
             feedback(cfg, tok, rolls, ready.critic)
             times.append(time.perf_counter())
+            lr = sched.get_last_lr()[0]  # this step's rate: update() steps the schedule
             upd = update(cfg, d, policy, teacher, opt, sched, tok, rolls, step)
             times.append(time.perf_counter())
-            row, failures = step_row(cfg, d, step + 1, rolls, upd, sched.get_last_lr()[0], times)
+            row, failures = step_row(cfg, d, step + 1, rolls, upd, lr, times)
             if failures:
                 runlog.say(failures)
             if cfg.eval.enabled and cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < cfg.steps:

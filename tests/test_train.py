@@ -149,6 +149,26 @@ def test_resume_gives_the_same_next_step(tmp_path):
     assert all(torch.allclose(v, b_sd[k], rtol=0, atol=1e-6) for k, v in a_sd.items())
 
 
+def test_the_logged_lr_is_the_rate_each_step_trained_at(tmp_path):
+    """Warm-up then linear decay over 3 steps: factors 0.5, 1, 0.5 (the schedule is stepped after
+    each optimizer step, so reading it after the update logged the next step's rate)."""
+    train(config(tmp_path, "steps=3", "eval=off", "optim.lr=1e-3", "optim.warmup_steps=1",
+                 "optim.schedule=linear"), Dist())
+    assert [r["lr"] for r in train_rows(tmp_path)] == pytest.approx([5e-4, 1e-3, 5e-4], rel=1e-12)
+
+
+def test_a_resumed_run_trains_with_the_changed_optimizer_settings(tmp_path):
+    """lr, betas, weight decay and the schedule changed on resume take effect (they were logged
+    as changed, recorded in config.yaml, and then the checkpoint's own were used)."""
+    train(config(tmp_path, "steps=1", "eval=off", "optim.lr=1e-3", "optim.warmup_steps=0"), Dist())
+    train(config(tmp_path, "steps=3", "eval=off", "optim.lr=6e-4", "optim.warmup_steps=0", "optim.betas=[0.5,0.6]",
+                 "optim.weight_decay=0.1", "optim.schedule=linear"), Dist())
+    assert [r["lr"] for r in train_rows(tmp_path)] == pytest.approx([1e-3, 4e-4, 2e-4], rel=1e-12)
+    groups = torch.load(latest_checkpoint(tmp_path) / "trainer_state.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert all(tuple(g["betas"]) == (0.5, 0.6) and g["weight_decay"] == 0.1 and g["initial_lr"] == 6e-4
+               for g in groups)
+
+
 def test_resume_cuts_the_logs_back_to_the_checkpoint(tmp_path, capsys):
     """A run killed after step 3 but before its checkpoint: the resumed run writes step 3 (and the
     final evaluation) again, so the logs must not hold them twice."""

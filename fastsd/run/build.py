@@ -16,7 +16,7 @@ from ..model.lora import add_adapter_copy, apply_lora, trainable_summary
 from ..model.policy import AdapterTeacher, Policy, apply_liger, shard
 from ..tasks.data import key_error
 
-__all__ = ["build_models", "build_optim", "build_critic"]
+__all__ = ["build_models", "build_optim", "build_critic", "resume_optim"]
 
 log = logging.getLogger("fastsd")
 
@@ -112,6 +112,22 @@ def build_optim(cfg: TrainConfig, policy: Policy):
         return {"constant": 1.0, "linear": 1.0 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac))}[o.schedule]
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def resume_optim(cfg: TrainConfig, opt, sched) -> None:
+    """After a checkpoint loaded: the config's optimizer settings take effect over the saved ones
+    (lr, betas, weight decay, and the schedule's shape, warm-up and length, whose factor is the
+    config's); the moments and the step count stay. Unchanged settings give the rate the run
+    would have had (the same product LambdaLR forms), so a plain resume stays bitwise."""
+    o = cfg.optim
+    for group in opt.param_groups:
+        group.update(betas=tuple(o.betas), weight_decay=o.weight_decay, initial_lr=o.lr)
+    state = sched.state_dict()
+    state["base_lrs"] = [o.lr for _ in opt.param_groups]
+    state["_last_lr"] = [o.lr * fn(sched.last_epoch) for fn in sched.lr_lambdas]
+    sched.load_state_dict(state)
+    for group, lr in zip(opt.param_groups, sched.get_last_lr()):
+        group["lr"] = lr
 
 
 def build_critic(cfg: TrainConfig, d: Dist):
