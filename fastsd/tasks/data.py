@@ -24,8 +24,11 @@ import math
 import os
 import random
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from .splits import DEFAULT_TASK, make_split
 
@@ -48,15 +51,22 @@ class Example:
 
 
 def _answer_text(value) -> str | None:
-    """The answer as text: str as is, an int or finite float as a number; None for other types."""
+    """The answer as text that keeps its value under every grader: str as is; an integer in full
+    (beyond 2^53 too); a finite float in positional notation, the shortest that reads back as it
+    (never an exponent: math-verify reads "1e-05" as e - 5); a decimal as written; numpy scalars
+    as their Python value. None for other types."""
+    if isinstance(value, np.generic) and not isinstance(value, np.floating):
+        value = value.item()
     if isinstance(value, str):
         return value
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
         return str(value)
-    if isinstance(value, float) and math.isfinite(value):
-        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, (float, np.floating)) and math.isfinite(value):
+        return str(int(value)) if value.is_integer() else np.format_float_positional(value, unique=True, trim="-")
+    if isinstance(value, Decimal) and value.is_finite():
+        return format(value, "f")
     return None
 
 

@@ -160,6 +160,44 @@ def test_load_parquet(tmp_path):
     assert load_examples(nums, need_reference=False) == [Example("a", "52"), Example("b", "0.5")]
 
 
+FLOATS = [(1e-05, "0.00001"), (1.5e-7, "0.00000015"), (123456.789, "123456.789"), (1e20, "100000000000000000000"),
+          (4.0, "4")]
+INTS = [(2**60 + 1, "1152921504606846977"), (-3, "-3")]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_numbers_keep_their_value_from_file_to_grader(tmp_path, kind):
+    """A float answer with an exponent was kept as repr ("1e-05"), which math-verify reads as e - 5."""
+    from fastsd.tasks.grading import make_grader
+
+    for name, numbers in (("floats", FLOATS), ("ints", INTS)):  # a parquet column has one type
+        rows = [{"question": f"q{i}", "answer": value} for i, (value, _) in enumerate(numbers)]
+        path = write_parquet(tmp_path / f"{name}.parquet", rows) if kind == "parquet" else write(
+            tmp_path, [json.dumps(r) for r in rows], f"{name}.jsonl")
+        assert [e.answer for e in load_examples(str(path), need_reference=False)] == [text for _, text in numbers]
+    exact, math_grader = make_grader("exact"), make_grader("math")
+    try:
+        assert exact.equal("0.00001", "0.00001")
+        assert math_grader.equal("10^{-5}", "0.00001") and math_grader.equal("0.00001", "0.00001")
+        assert not math_grader.equal("e - 5", "0.00001")
+        assert math_grader.equal("1152921504606846977", "1152921504606846977")
+        assert not math_grader.equal("1152921504606846976", "1152921504606846977")  # not rounded to a double
+    finally:
+        math_grader.close()
+
+
+def test_numpy_and_decimal_answers_keep_their_value():
+    from decimal import Decimal
+
+    import numpy as np
+
+    from fastsd.tasks.data import _answer_text
+
+    assert _answer_text(np.float32(0.1)) == "0.1" and _answer_text(np.float64(1e-5)) == "0.00001"
+    assert _answer_text(np.int64(2**60 + 1)) == "1152921504606846977" and _answer_text(np.bool_(True)) is None
+    assert _answer_text(Decimal("1.50")) == "1.50" and _answer_text(Decimal("1E-7")) == "0.0000001"
+
+
 @pytest.mark.parametrize(
     "rows, fields, message",
     [
