@@ -7,7 +7,8 @@
     torchrun --nproc_per_node 2 -m fastsd.cli ...  # the same job on 2 processes (FSDP2)
 
 Data, templates and the critic are checked before the model loads. Ctrl-C stops the run (exit
-code 130) and says where the last checkpoint is; the same command resumes from it.
+code 130) and says where the last checkpoint is; the same command resumes from it. With the
+default checkpoint.every=0 only the last step saves one: set checkpoint.every=N to resume mid-run.
 """
 
 from __future__ import annotations
@@ -54,11 +55,11 @@ def _main(argv: list[str] | None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per critic request
     try:
         _run(cfg, parser)
-    except KeyboardInterrupt:  # Ctrl-C: the step in progress is abandoned; what was written is whole
-        from .run.run_dir import interrupted
+    except KeyboardInterrupt as e:  # Ctrl-C: the step in progress is abandoned, or was written whole
+        from .run.run_dir import StoppedAfterStep, interrupted
 
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal
-            print(interrupted(cfg), file=sys.stderr, flush=True)
+            print(interrupted(cfg, isinstance(e, StoppedAfterStep)), file=sys.stderr, flush=True)
         return 130
     return 0
 

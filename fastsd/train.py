@@ -50,8 +50,9 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
     said = prepare_run_dir(cfg, ready.resume, state["step"]) if d.main else []  # the run's first write
     runlog = RunLog(cfg, d, state["step"])
     if ready.resume is not None:
-        runlog.say(f"[fastsd] resumed from {ready.resume} at step {state['step']}"
-                   + (" (the run is complete: evaluating it again)" if state["step"] >= cfg.steps else ""))
+        done = ("" if state["step"] < cfg.steps else " (the run is complete: evaluating it again)"
+                if cfg.eval.enabled else " (the run is complete; eval=off: nothing to do)")
+        runlog.say(f"[fastsd] resumed from {ready.resume} at step {state['step']}{done}")
     for line in said:
         runlog.say(f"[fastsd] {line}")
 

@@ -21,7 +21,7 @@ from fastsd.config import TrainConfig, load_config, to_dict
 from fastsd.config.dry_run import annotated_yaml, field_docs
 from fastsd.model.dist import Dist
 from fastsd.run.checkpoint import latest_checkpoint
-from fastsd.run.run_dir import RunLog, uninterrupted
+from fastsd.run.run_dir import RunLog, StoppedAfterStep, uninterrupted
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["questions_per_step=2", "eval.k=2", "data.eval_size=2", "data.train_size=16",
@@ -116,7 +116,7 @@ def test_on_a_terminal_evaluation_draws_a_bar_below_the_step_bar(monkeypatch, ca
 
 def test_uninterrupted_holds_ctrl_c_until_the_block_is_done():
     done = []
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(StoppedAfterStep):  # a KeyboardInterrupt that says the block was done
         with uninterrupted():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
@@ -152,6 +152,23 @@ def test_ctrl_c_abandons_the_step_and_the_same_command_resumes(tmp_path, monkeyp
     for a, b in zip(cut, whole):  # as if never interrupted
         for key in ("loss", "gap", "grad_norm", "reward"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+
+
+def test_ctrl_c_while_a_step_is_written_says_the_step_was_written(tmp_path, monkeypatch, capsys):
+    """The Ctrl-C lands while step 1's logs and checkpoint are written: they are written whole,
+    and the message says so (it said the step was abandoned, with nothing of it written)."""
+    real = RunLog.rollouts
+
+    def ctrl_c_while_writing(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(RunLog, "rollouts", ctrl_c_while_writing)
+    assert cli.main([*SMALL, "steps=3", "checkpoint.every=1", "eval=off", f"run_dir={tmp_path}"]) == 130
+    err = capsys.readouterr().err
+    assert "stopped by Ctrl-C once the step's logs (and its checkpoint, if one was due) were written" in err
+    assert "abandoned" not in err
+    assert [r["step"] for r in rows(tmp_path)] == [1] and latest_checkpoint(tmp_path).name == "step_00000001"
 
 
 def test_sigint_to_a_run_exits_130_without_a_traceback(tmp_path):

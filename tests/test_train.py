@@ -169,6 +169,14 @@ def test_a_resumed_run_trains_with_the_changed_optimizer_settings(tmp_path):
                for g in groups)
 
 
+def test_a_finished_run_rerun_with_eval_off_says_there_is_nothing_to_do(tmp_path, capsys):
+    train(config(tmp_path, "steps=1", "eval=off"), Dist())
+    capsys.readouterr()
+    train(config(tmp_path, "steps=1", "eval=off"), Dist())
+    out = capsys.readouterr().out
+    assert "(the run is complete; eval=off: nothing to do)" in out and "evaluating it again" not in out
+
+
 def test_resume_cuts_the_logs_back_to_the_checkpoint(tmp_path, capsys):
     """A run killed after step 3 but before its checkpoint: the resumed run writes step 3 (and the
     final evaluation) again, so the logs must not hold them twice."""
@@ -306,7 +314,7 @@ def test_nan_loss_stops_the_step_with_parameters_unchanged(monkeypatch):
 
     monkeypatch.setattr(step_mod, "_micro_loss", poisoned)
     before = params(policy)
-    with pytest.raises(NonFiniteLossError, match="step 0: non-finite loss in micro-batch 1.*parameters unchanged"):
+    with pytest.raises(NonFiniteLossError, match="step 1: non-finite loss in micro-batch 2.*parameters unchanged"):
         update(cfg, Dist(), policy, teacher, opt, sched, tok, rolls, 0)
     assert len(calls) == 2
     assert all(torch.equal(v, before[k]) for k, v in policy.state_dict().items())
@@ -319,7 +327,7 @@ def test_nan_loss_in_a_run_exits_with_an_error_and_keeps_the_checkpoint(tmp_path
     with pytest.raises(SystemExit) as exc:
         cli.main([*SMALL, f"run_dir={tmp_path}"])
     assert exc.value.code == 1
-    assert "fastsd-train: error: step 1: non-finite loss" in capsys.readouterr().err
+    assert "fastsd-train: error: step 2: non-finite loss" in capsys.readouterr().err  # the second step, as logged
     assert latest_checkpoint(tmp_path).name == "step_00000001"
 
 

@@ -42,7 +42,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> T
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"{item}: overrides are key=value")
-        overridden.update(set_key(cfg, key.strip(), value))
+        overridden.update(set_key(cfg, key.strip(), _unquote(value)))
     try:
         check(cfg)
     except ValueError as e:
@@ -62,3 +62,18 @@ def to_dict(cfg) -> dict:
 
 def to_yaml(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _unquote(value: str):
+    """An override in quotes is a YAML string, unquoted (a shell passes `key="a b"` without them,
+    but `key='"a b"'` or a config tool may not): `templates.student="Q: {question}"` is the text
+    inside, `optim.lr="1e-4"` the number. Anything else is passed on as written."""
+    text = value.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        try:
+            unquoted = yaml.safe_load(text)
+        except yaml.YAMLError:
+            return value
+        if isinstance(unquoted, str):
+            return unquoted
+    return value

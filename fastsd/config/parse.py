@@ -116,16 +116,21 @@ def fields_of(node) -> dict:
 
 
 def key_lines(path: str) -> dict[str, int]:
-    """Dotted key -> 1-based line of each key in a YAML mapping file (for error messages)."""
+    """Dotted key -> 1-based line of each key in a YAML mapping file (for error messages).
+    A key set twice in one mapping is a ValueError naming both lines (YAML keeps the last, silently)."""
     with open(path) as f:
         root = yaml.compose(f)
     out: dict[str, int] = {}
 
     def walk(node, prefix: str) -> None:
         if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
             for k, v in node.value:
-                key = f"{prefix}{k.value}"
-                out.setdefault(key, k.start_mark.line + 1)
+                key, line = f"{prefix}{k.value}", k.start_mark.line + 1
+                if key in seen:
+                    raise ValueError(f"{path}:{line}: {key}: set twice (first at line {seen[key]})")
+                seen[key] = line
+                out.setdefault(key, line)
                 walk(v, key + ".")
 
     walk(root, "")

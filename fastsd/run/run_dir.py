@@ -20,7 +20,7 @@ from ..config import TrainConfig, to_dict, to_yaml
 from ..model.dist import Dist
 from . import checkpoint as ckpt
 
-__all__ = ["LOGS", "RunLog", "prepare_run_dir", "rollout_rows", "step_row", "uninterrupted", "interrupted"]
+__all__ = ["StoppedAfterStep", "LOGS", "RunLog", "prepare_run_dir", "rollout_rows", "step_row", "uninterrupted", "interrupted"]
 
 
 class RunLog:
@@ -141,13 +141,21 @@ def uninterrupted():
     finally:
         signal.signal(signal.SIGINT, previous)
     if caught:
-        raise KeyboardInterrupt
+        raise StoppedAfterStep
 
 
-def interrupted(cfg: TrainConfig) -> str:
-    """What to tell a user whose Ctrl-C stopped the run: where the last checkpoint is, and how to go on."""
+class StoppedAfterStep(KeyboardInterrupt):
+    """A Ctrl-C held back by `uninterrupted`, raised once the step's logs (and its checkpoint, if
+    one was due) were written."""
+
+
+def interrupted(cfg: TrainConfig, after_step: bool = False) -> str:
+    """What to tell a user whose Ctrl-C stopped the run: what became of the step in progress,
+    where the last checkpoint is, and how to go on. `after_step`: the Ctrl-C came while a step
+    was being written, and the step was written whole (`StoppedAfterStep`)."""
     last = ckpt.latest_checkpoint(cfg.run_dir)
-    head = "[fastsd] stopped by Ctrl-C: the step in progress was abandoned (nothing of it was written)."
+    head = ("[fastsd] stopped by Ctrl-C once the step's logs (and its checkpoint, if one was due) were written."
+            if after_step else "[fastsd] stopped by Ctrl-C: the step in progress was abandoned (nothing of it was written).")
     if last is None:
         return (f"{head}\n[fastsd] no checkpoint in {cfg.run_dir} yet (checkpoint.every={cfg.checkpoint.every}"
                 f"{': only the last step saves one' if not cfg.checkpoint.every else ''}); "

@@ -106,7 +106,7 @@ def update(cfg, d: Dist, policy, teacher, opt, sched, tok, rollouts, step: int) 
             (finite,) = d.all_sum(float(torch.isfinite(loss.detach()).all()))
             if finite < d.world:
                 opt.zero_grad(set_to_none=True)
-                raise NonFiniteLossError(f"step {step}: non-finite loss in micro-batch {i}; "
+                raise NonFiniteLossError(f"step {step + 1}: non-finite loss in micro-batch {i + 1}; "
                                          "the step was stopped before the optimizer step, parameters unchanged")
             loss.backward()
     finally:
@@ -117,7 +117,7 @@ def update(cfg, d: Dist, policy, teacher, opt, sched, tok, rollouts, step: int) 
     norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     if not math.isfinite(norm):
         opt.zero_grad(set_to_none=True)
-        raise NonFiniteLossError(f"step {step}: non-finite gradient norm; parameters unchanged")
+        raise NonFiniteLossError(f"step {step + 1}: non-finite gradient norm; parameters unchanged")
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)

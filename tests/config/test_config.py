@@ -213,3 +213,21 @@ def test_cli_dry_run_prints_resolved_config_and_errors_exit_2():
     bad = run("--dry-run", "optim.lr=oops")
     assert bad.returncode == 2 and "optim.lr" in bad.stderr
     assert TrainConfig().run_dir  # a default run directory exists
+
+
+def test_a_key_set_twice_in_a_yaml_file_is_an_error_naming_both_lines(tmp_path):
+    """YAML keeps the last of two equal keys without a word: optim: {lr: 1e-4, lr: 1} trained at 1."""
+    f = tmp_path / "run.yaml"
+    f.write_text("steps: 3\noptim:\n  lr: 1.0e-4\n  lr: 1\n")
+    with pytest.raises(ValueError, match=rf"{f}:4: optim.lr: set twice \(first at line 3\)"):
+        load_config(str(f))
+    f.write_text("optim: {lr: 1.0e-4}\noptim: {lr: 1}\n")
+    with pytest.raises(ValueError, match=rf"{f}:2: optim: set twice \(first at line 1\)"):
+        load_config(str(f))
+
+
+def test_quoted_overrides_are_unquoted_for_every_type():
+    """templates.student="Q: {question}" kept its quotes while optim.lr="1e-4" was refused."""
+    cfg = load_config(overrides=[r'templates.student="Q: {question}\n"', "optim.lr='1e-4'", 'run_dir="runs/a b"'])
+    assert cfg.templates.student == "Q: {question}\n" and cfg.optim.lr == 1e-4 and cfg.run_dir == "runs/a b"
+    assert load_config(overrides=['templates.student=Q: "{question}"']).templates.student == 'Q: "{question}"'
