@@ -10,7 +10,10 @@ from ..feedback.critic_prompt import load_prompt
 from ..feedback.prompts import TEMPLATE_FIELDS, check_template
 from .tree import TrainConfig
 
-__all__ = ["check"]
+__all__ = ["LORA_FROM_PATH", "check"]
+
+# What an adapter loaded from model.lora.path brings with it (its adapter_config.json).
+LORA_FROM_PATH = ("r", "alpha", "dropout", "target_modules")
 
 
 def _check_answers(cfg: TrainConfig) -> None:
@@ -121,6 +124,12 @@ def _check_lora(cfg: TrainConfig) -> None:
         raise ValueError(f"model.lora.dropout: must be in [0, 1), got {lo.dropout}")
     if not lo.target_modules or not all(t.strip() for t in lo.target_modules):
         raise ValueError(f"model.lora.target_modules: expected module names, got {lo.target_modules}")
+    if lo.path:  # the adapter's own config sets these: said, as other unused options are
+        default = type(lo)()
+        set_here = [f"model.lora.{k}={getattr(lo, k)}" for k in LORA_FROM_PATH if getattr(lo, k) != getattr(default, k)]
+        if set_here:
+            logging.getLogger("fastsd").warning("model.lora.path sets the adapter's r, alpha, dropout and target "
+                                                "modules: %s ignored", ", ".join(set_here))
     heads = sorted({"lm_head", "embed_tokens"} & {t.rsplit(".", 1)[-1] for t in lo.target_modules})
     if heads and (lo.r or lo.path):
         raise ValueError(f"model.lora.target_modules: {heads} cannot be adapted: the fused loss reads the "

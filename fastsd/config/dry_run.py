@@ -14,6 +14,7 @@ import textwrap
 import yaml
 
 from . import tree as config_mod
+from .check import LORA_FROM_PATH
 from .load import to_dict
 from .tree import TrainConfig
 
@@ -73,6 +74,8 @@ def ignored(cfg: TrainConfig, device_type: str = "cpu") -> dict[str, str]:
         out["data.seed"] = out["data.task"] = "no built-in data in this run"
     if device_type != "cuda":
         out["model.liger"] = "CUDA only"
+    if cfg.model.lora.path:
+        out.update({f"model.lora.{k}": "model.lora.path's adapter sets it" for k in LORA_FROM_PATH})
     return out
 
 

@@ -140,7 +140,12 @@ def adapter_active(model: nn.Module, name: str | None):
 
 
 def trainable_summary(model: nn.Module) -> str:
-    """How many parameters train, of how many (tied weights counted once)."""
-    train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """How many parameters train, of how many: the model and its trained adapter, tied weights
+    counted once; the frozen teacher adapters held beside it (ema, initial) count in neither,
+    as peft counts one adapter."""
+    teachers = ({id(p) for name, ps in adapter_params(model).items() if name != "default" for p in ps.values()}
+                if is_lora(model) else set())
+    params = [p for p in model.parameters() if id(p) not in teachers]
+    train = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
     return f"{train:,} of {total:,} parameters train ({100 * train / max(total, 1):.2f}%)"

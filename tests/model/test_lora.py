@@ -139,6 +139,30 @@ def test_initial_teacher_is_the_base_model_bit_for_bit(which, qwen3, caplog):
             assert torch.equal(p, base_sd[name.replace(".base_layer", "")]), name
 
 
+def test_the_trainable_count_leaves_the_teacher_adapter_out(caplog):
+    """teacher=ema holds a frozen copy of the adapter: it counted in the total (22.13% where peft
+    says 28.42% for the same adapter)."""
+    with caplog.at_level(logging.INFO, logger="fastsd"):
+        cfg, policy, teacher, tok, opt, sched = built(*LORA, "teacher=ema")
+    n_adapter = sum(p.numel() for p in adapter_params(policy.lm)["default"].values())
+    n_base = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR).parameters())
+    assert "ema" in adapter_params(policy.lm)
+    assert f"{n_adapter:,} of {n_base + n_adapter:,} parameters train" in caplog.text
+
+
+def test_lora_keys_an_adapter_path_sets_are_said_to_be_ignored(tmp_path, caplog):
+    """model.lora.r=8 with model.lora.path trains the adapter's own r: --dry-run printed r: 8."""
+    from fastsd.config.dry_run import annotated_yaml
+
+    with caplog.at_level(logging.WARNING, logger="fastsd"):
+        cfg = load_config(overrides=["model.lora.r=8", "model.lora.dropout=0.1", f"model.lora.path={tmp_path}"])
+    assert "model.lora.r=8, model.lora.dropout=0.1 ignored" in caplog.text
+    lines = annotated_yaml(cfg).splitlines()
+    assert "    r: 8  # ignored: model.lora.path's adapter sets it" in lines
+    assert any(line.startswith("    target_modules: [q_proj") and line.endswith("# ignored: model.lora.path's adapter sets it")
+               for line in lines)
+
+
 def test_current_and_ema_teachers_are_adapters():
     cfg, policy, teacher, tok, opt, sched = built(*LORA, "model.lora.dropout=0.5", "teacher=current")
     assert teacher.adapter == "default" and set(adapters(policy)) == {"default"}
