@@ -167,9 +167,35 @@ def teacher_text(templates, tok, condition: str, question: str, context: str) ->
 CRITIQUE_PLACEHOLDER = "[the critic's step-aligned critique of this rollout]"
 
 
+def _check_no_chat_markup(cfg, tok) -> None:
+    """Under a chat template a template is the user turn's text: one that already holds the chat
+    template's own markup (a special token it renders, such as `<|im_start|>`) would be wrapped
+    a second time. ValueError naming the key."""
+    if not uses_chat(cfg.templates, tok):
+        return
+    content = "FASTSD_PROBE"
+    try:
+        probe = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - rendering the real prompts says what is wrong with the template
+        return
+    wrapper = str(probe).replace(content, "")
+    tokens = set(tok.all_special_tokens) | set(getattr(tok, "get_added_vocab", dict)())
+    markup = [t for t in tokens if t.strip() and t in wrapper]
+    sides = ["student", *([cfg.condition] if cfg.condition in CONDITIONS else []), "student_system", "teacher_system"]
+    for key in sides:
+        text = getattr(cfg.templates, key)
+        found = sorted((m for m in markup if m in text), key=text.index)  # the first in the text
+        if found:
+            raise ValueError(f"templates.{key}: holds {found[0]!r}, markup of the tokenizer's chat template, which "
+                             f"wraps the template a second time (templates.chat={cfg.templates.chat}): write the "
+                             "turn's text only, or set templates.chat=off to send the template as it is")
+
+
 def example_prompts(cfg, tok, example) -> dict[str, str | None]:
     """{"student": ..., "teacher": ...}: what each side reads for `example` (a `data.Example`) under
-    `cfg`, before the response; the teacher's is None for grpo, and a critique is a placeholder."""
+    `cfg`, before the response; the teacher's is None for grpo, and a critique is a placeholder.
+    Checks first that no template holds the chat template's own markup."""
+    _check_no_chat_markup(cfg, tok)
     out = {"student": student_text(cfg.templates, tok, example.question), "teacher": None}
     if cfg.condition in CONDITIONS:
         context = example.reference_solution if cfg.condition == "reference" else CRITIQUE_PLACEHOLDER

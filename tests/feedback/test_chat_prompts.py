@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from fastsd import cli
 from fastsd.config import load_config, to_yaml
 from fastsd.feedback import feedback
-from fastsd.feedback.prompts import encode, fill, student_text, teacher_text
+from fastsd.feedback.prompts import encode, example_prompts, fill, student_text, teacher_text
 from fastsd.model.batch import build_batch
 from fastsd.model.load import DEFAULT_MODEL_DIR
 from fastsd.rollout import Rollout
@@ -103,6 +103,20 @@ def test_chat_template_errors_name_the_key(tok):
     cfg = cfg_for("templates.teacher_system=hello")
     with pytest.raises(ValueError, match="templates.teacher_chat_kwargs: the tokenizer's chat template failed"):
         teacher_text(cfg.templates, broken, "critique", "q", "c")
+
+
+def test_a_template_holding_the_chat_markup_is_refused_before_it_is_wrapped_again(tok):
+    """With templates.chat=auto a hand-written Qwen turn was wrapped a second time, in silence."""
+    turn = "<|im_start|>user\nQ: {question}<|im_end|>\n<|im_start|>assistant\n"
+    example = Example("1+1", "2", "1+1=2")
+    with pytest.raises(ValueError, match=r"templates.student: holds '<\|im_start\|>', markup of the tokenizer's chat"):
+        example_prompts(cfg_for(f"templates.student={turn}"), tok, example)
+    with pytest.raises(ValueError, match=r"templates.reference: holds '<\|im_start\|>'"):
+        example_prompts(cfg_for("condition=reference", "templates.reference=<|im_start|>R:{reference} {question}"), tok,
+                        example)
+    plain = example_prompts(cfg_for(f"templates.student={turn}", "templates.chat=off"), tok, example)
+    assert plain["student"] == turn.replace("{question}", "1+1")  # sent as written
+    assert example_prompts(cfg_for(), tok, example)["student"].count("<|im_start|>user") == 1
 
 
 def test_the_teacher_scores_exactly_the_sampled_tokens(tok):
