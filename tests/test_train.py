@@ -177,6 +177,26 @@ def test_a_finished_run_rerun_with_eval_off_says_there_is_nothing_to_do(tmp_path
     assert "(the run is complete; eval=off: nothing to do)" in out and "evaluating it again" not in out
 
 
+@pytest.mark.parametrize("condition", ["critique", "grpo"])
+def test_counters_are_ints_whatever_the_process_count(condition):
+    """Sums over ranks come back as floats (a float64 all-reduce): critique_failed was 0 with one
+    process and 0.0 under torchrun."""
+    from types import SimpleNamespace
+
+    class TwoRanks(Dist):  # the all-reduce's return type, without the processes
+        def all_sum(self, *values):
+            return [float(v) for v in values]
+
+    cfg = load_config(overrides=[f"condition={condition}"])
+    roll = SimpleNamespace(critique_error="unparsable" if condition == "critique" else None, reward=0.0,
+                           trained=False, parsed=SimpleNamespace(answer=None), response=[1, 2])
+    upd = {"divergence": None, "gap": 0.0, "grad_norm": 0.0}
+    for d in (Dist(), TwoRanks()):
+        row, _ = run_dir_mod.step_row(cfg, d, 1, [roll, roll], upd, 1e-4, [0.0, 1.0, 2.0, 3.0])
+        key = "critique_failed" if condition == "critique" else "zero_variance_rollouts"
+        assert row[key] == 2 and type(row[key]) is int, (type(d).__name__, row[key])
+
+
 def test_resume_cuts_the_logs_back_to_the_checkpoint(tmp_path, capsys):
     """A run killed after step 3 but before its checkpoint: the resumed run writes step 3 (and the
     final evaluation) again, so the logs must not hold them twice."""

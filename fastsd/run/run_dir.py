@@ -100,6 +100,7 @@ def step_row(cfg: TrainConfig, d: Dist, step: int, rolls: list, upd: dict, lr: f
     after rollout, feedback and update."""
     t0, t1, t2, t3 = times
     failed = Counter(r.critique_error for r in rolls if r.critique_error)
+    # Counts come back as floats from more than one process (a float64 all-reduce): logged as ints.
     n_roll, reward_sum, usable, zero_var, no_answer, resp_tokens, n_failed = d.all_sum(
         len(rolls), sum(r.reward for r in rolls), sum(r.trained for r in rolls),
         sum(not r.trained for r in rolls) if cfg.condition == "grpo" else 0,
@@ -109,13 +110,13 @@ def step_row(cfg: TrainConfig, d: Dist, step: int, rolls: list, upd: dict, lr: f
            "no_answer": no_answer / n, "gap": upd["gap"], "grad_norm": upd["grad_norm"], "lr": lr,
            "tok_s": resp_tokens / (t3 - t0), "time_rollout": t1 - t0, "time_feedback": t2 - t1, "time_update": t3 - t2}
     if cfg.condition == "grpo":
-        row["zero_variance_rollouts"] = zero_var
+        row["zero_variance_rollouts"] = int(zero_var)
     said = None
     if cfg.condition == "critique":
-        row["critique_failed"] = n_failed
+        row["critique_failed"] = n_failed = int(n_failed)
         if n_failed:
             why = ", ".join(f"{k} {reason}" for reason, k in failed.most_common(3))
-            said = (f"[fastsd] step {step}: {n_failed:.0f} of {n_roll:.0f} critiques failed, "
+            said = (f"[fastsd] step {step}: {n_failed} of {n_roll:.0f} critiques failed, "
                     f"those rollouts get no loss (rank {d.rank}: {why or 'none'})")
     return row, said
 
