@@ -56,12 +56,13 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
     for line in said:
         runlog.say(f"[fastsd] {line}")
 
-    def evaluation(step: int) -> dict:
-        """Evaluate now: the metrics, logged with the time it took."""
-        t0 = time.perf_counter()
-        result = evaluate(cfg, d, policy, tok, ready.held, progress=runlog.eval_progress(step, len(ready.held)))
+    def evaluation(step: int) -> tuple[dict, list[dict]]:
+        """Evaluate now: the metrics with the time it took, and the samples they came from."""
+        t0, samples = time.perf_counter(), []
+        result = evaluate(cfg, d, policy, tok, ready.held, progress=runlog.eval_progress(step, len(ready.held)),
+                          samples=samples)
         runlog.say(f"[fastsd] eval at step {step}: {fmt_eval(result)}, {time.perf_counter() - t0:.0f} s")
-        return {"eval": result, "time_eval": time.perf_counter() - t0}
+        return {"eval": result, "time_eval": time.perf_counter() - t0}, samples
 
     def save(step: int) -> None:
         ckpt.save_checkpoint(cfg.run_dir, step, model=policy.lm, tokenizer=tok, optimizer=opt, scheduler=sched,
@@ -69,9 +70,11 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
 
     try:
         if state["first_eval"] is None and cfg.eval.enabled:
-            first = evaluation(state["step"])
+            first, samples = evaluation(state["step"])
             state["first_eval"] = first["eval"]
-            runlog.metrics({"step": state["step"], **first})
+            row = {"step": state["step"], **first}
+            runlog.evals(row, samples)
+            runlog.metrics(row)
         last_eval = state["first_eval"]
         for step in range(state["step"], cfg.steps):
             times = [time.perf_counter()]
@@ -86,12 +89,16 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
             row, failures = step_row(cfg, d, step + 1, rolls, upd, lr, times)
             if failures:
                 runlog.say(failures)
+            samples = None
             if cfg.eval.enabled and cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < cfg.steps:
-                row.update(evaluation(step + 1))
+                fields, samples = evaluation(step + 1)
+                row.update(fields)
                 last_eval = row["eval"]
             rows = [r for part in d.gather_objects(rollout_rows(rolls, tok)) for r in part]
             with uninterrupted():  # from here on the step counts: its logs and checkpoint are written whole
                 state["step"] = step + 1
+                if samples is not None:
+                    runlog.evals(row, samples)
                 runlog.metrics(row)
                 runlog.rollouts(step + 1, rows)
                 runlog.progress(step + 1, row)
@@ -99,9 +106,11 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
                 if step + 1 == cfg.steps or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
                     save(step + 1)
         if state["step"] >= cfg.steps and cfg.eval.enabled:
-            final = evaluation(state["step"])
+            final, samples = evaluation(state["step"])
             last_eval = final["eval"]
-            runlog.metrics({"step": state["step"], **final, "final": True})
+            row = {"step": state["step"], **final, "final": True}
+            runlog.evals(row, samples)
+            runlog.metrics(row)
     finally:
         runlog.close()
         if getattr(policy, "vllm", None) is not None:

@@ -80,7 +80,8 @@ def _example(question: str, known: dict[str, Example], task: str) -> Example:
 
 
 def read_rollouts(path: str, step: int | None, cfg, tok) -> list[Rollout]:
-    """Rollouts from a run's rollouts.jsonl (the response text re-encoded)."""
+    """Rollouts from a run's rollouts.jsonl: the token ids as trained where the run logged them,
+    else (runs logged before) the prompt rendered again and the response text re-encoded."""
     train, held = load_data(cfg)
     known = {ex.question: ex for ex in train + held}
     out = []
@@ -93,8 +94,9 @@ def read_rollouts(path: str, step: int | None, cfg, tok) -> list[Rollout]:
         except (KeyError, ValueError) as e:
             raise ValueError(f"{path}:{line_no}: cannot find the question's answer ({e})") from None
         parsed = parse_response(row["response"])
-        out.append(Rollout(ex, encode(tok, student_prompt(ex.question, cfg.templates.student)),
-                           encode(tok, row["response"]), parsed, reward(parsed, ex.answer), len(out)))
+        prompt = row.get("prompt_ids") or encode(tok, student_prompt(ex.question, cfg.templates.student))
+        response = row["response_ids"] if "response_ids" in row else encode(tok, row["response"])
+        out.append(Rollout(ex, prompt, response, parsed, reward(parsed, ex.answer), len(out)))
     if not out:
         raise ValueError(f"--rollouts: no rollouts in {path}" + (f" at step {step}" if step is not None else ""))
     return out

@@ -97,12 +97,14 @@ def _totals(scores: list[tuple[int, bool, bool]], k: int) -> dict:
             "maj@k": sum(s[2] for s in scores) / n, "k": k, "questions": n}
 
 
-def evaluate(cfg, d, policy, tok, held, progress=None) -> dict:
+def evaluate(cfg, d, policy, tok, held, progress=None, samples: list | None = None) -> dict:
     """avg@k, pass@k, maj@k on the held-out questions. Every evaluation draws the same random
     numbers (its own seeded stream, so the training stream is untouched): evaluations of
     different checkpoints are a paired comparison, not two independent draws. Each rank grades
     its own questions; the per-question scores are gathered. `progress` is called as
-    progress(batches_done, batches) as the samples are drawn (`rollout.sample`)."""
+    progress(batches_done, batches) as the samples are drawn (`rollout.sample`). `samples`, if
+    given, is extended (on every rank) with one row per question: its truth, and each sample's
+    response text, parsed answer and verdict, from which the metrics can be computed again."""
     from ..rollout import rollout
 
     mine = held[d.rank::d.world]
@@ -112,6 +114,13 @@ def evaluate(cfg, d, policy, tok, held, progress=None) -> dict:
     answers = [[r.parsed.answer for r in rolls[i * cfg.eval.k:(i + 1) * cfg.eval.k]] for i in range(len(mine))]
     grader = make_grader(cfg.grader)
     scores = [_score_question(row, ex.answer, grader) for row, ex in zip(answers, mine)]
+    if samples is not None:
+        k = cfg.eval.k
+        rows = [{"question": ex.question, "truth": ex.answer,
+                 "responses": [tok.decode(r.response, skip_special_tokens=True) for r in rolls[i * k:(i + 1) * k]],
+                 "answers": answers[i], "correct": [grader.equal(a, str(ex.answer).strip()) for a in answers[i]]}
+                for i, ex in enumerate(mine)]
+        samples.extend(r for part in d.gather_objects(rows) for r in part)
     return _totals([s for part in d.gather_objects(scores) for s in part], cfg.eval.k)
 
 

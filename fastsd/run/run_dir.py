@@ -24,7 +24,7 @@ __all__ = ["StoppedAfterStep", "LOGS", "RunLog", "prepare_run_dir", "rollout_row
 
 
 class RunLog:
-    """metrics.jsonl, rollouts.jsonl, and a progress bar (terminal) or heartbeat lines."""
+    """metrics.jsonl, rollouts.jsonl, evals.jsonl, and a progress bar (terminal) or heartbeat lines."""
 
     def __init__(self, cfg: TrainConfig, d: Dist, first_step: int):
         self.cfg, self.on = cfg, d.main
@@ -47,6 +47,16 @@ class RunLog:
         with open(f"{self.dir}/rollouts.jsonl", "a") as f:
             for r in rows:
                 f.write(json.dumps({"step": step, **r}) + "\n")
+
+    def evals(self, row: dict, samples: list[dict]) -> None:
+        """The samples of the evaluation in metrics row `row`, one line per question, marked with
+        its step (and `final`) so that a resume cuts them back with it."""
+        if not self.on:
+            return
+        mark = {"step": row["step"], **({"final": True} if row.get("final") else {})}
+        with open(f"{self.dir}/evals.jsonl", "a") as f:
+            for r in samples:
+                f.write(json.dumps({**mark, **r}) + "\n")
 
     def progress(self, step: int, row: dict) -> None:
         if not self.on:
@@ -168,14 +178,19 @@ def interrupted(cfg: TrainConfig, after_step: bool = False) -> str:
 
 def rollout_rows(rolls: list, tok) -> list[dict]:
     """One row per rollout; `prompt` and `teacher_prompt` are what each side read before the
-    response, decoded from the ids the model saw (chat template and special tokens included)."""
-    return [{"question": r.example.question, "prompt": tok.decode(r.prompt),
-             "response": tok.decode(r.response, skip_special_tokens=True), "reward": r.reward,
-             "context": r.context, "teacher_prompt": None if r.teacher_prompt is None else tok.decode(r.teacher_prompt),
-             "trained": r.trained, **({"critique_error": r.critique_error} if r.critique_error else {})} for r in rolls]
+    response, decoded from the ids the model saw (chat template and special tokens included);
+    `response` is the text the answer was parsed from; the `*_ids` are the token ids as trained;
+    `truth` and `answer` are what the reward compared."""
+    return [{"question": r.example.question, "truth": r.example.answer, "prompt": tok.decode(r.prompt),
+             "response": tok.decode(r.response, skip_special_tokens=True), "answer": r.parsed.answer,
+             "reward": r.reward, "context": r.context,
+             "teacher_prompt": None if r.teacher_prompt is None else tok.decode(r.teacher_prompt),
+             "trained": r.trained, **({"critique_error": r.critique_error} if r.critique_error else {}),
+             "prompt_ids": list(r.prompt), "response_ids": list(r.response),
+             "teacher_prompt_ids": None if r.teacher_prompt is None else list(r.teacher_prompt)} for r in rolls]
 
 
-LOGS = ("metrics.jsonl", "rollouts.jsonl")
+LOGS = ("metrics.jsonl", "rollouts.jsonl", "evals.jsonl")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
