@@ -4,7 +4,7 @@
 (`fastsd.config.load_config`) and before any weights are read or anything is written:
 
 - resume: `resume=never` on a run directory that holds checkpoints, a `resume` path that is no
-  complete checkpoint;
+  complete checkpoint, a key the checkpoint fixes changed on resume (`FIXED_ON_RESUME`);
 - model.path: a transformers config is there (the weights load later);
 - data.path, data.eval_path: every line, through the loader training uses (`fastsd.tasks.data.load_data`);
 - templates: the student and teacher prompts rendered for the first training question, through
@@ -23,7 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import TrainConfig
+import yaml
+
+from ..config import TrainConfig, to_dict
 from ..feedback.critic import ArithCritic, Critic
 from ..feedback.prompts import example_prompts
 from ..model.dist import Dist
@@ -58,13 +60,57 @@ def preflight(cfg: TrainConfig, d: Dist) -> Ready:
     return Ready(train, held, resume, critic)
 
 
+# Keys a resumed run cannot honour, because the checkpoint holds what they made: the key, and why.
+# Every other key changed on resume takes effect (the optimizer's through `build.resume_optim`).
+FIXED_ON_RESUME = {
+    "seed": "the checkpoint's random state goes on; the seed only started it",
+    "model.path": "the checkpoint's weights were trained from it (it is also the initial teacher and LoRA's base)",
+    "model.lora.r": "the checkpoint's adapter has its shape",
+    "model.lora.alpha": "the checkpoint's adapter was trained at its scale",
+    "model.lora.target_modules": "the checkpoint's adapter adapts those modules",
+    "model.lora.path": "the checkpoint's adapter started from it",
+}
+
+
 def _resume(cfg: TrainConfig) -> Path | None:
     resume = ckpt.resolve_resume(cfg.resume, cfg.run_dir)
     earlier = ckpt.latest_checkpoint(cfg.run_dir) if cfg.resume == "never" else None
     if earlier is not None:
         raise ValueError(f"resume: never, but run_dir {cfg.run_dir} holds an earlier run's checkpoints "
                          f"(latest {earlier}); continue it with resume=auto, or choose another run_dir")
+    if resume is not None:
+        _fixed_on_resume(cfg, resume)
     return resume
+
+
+def _fixed_on_resume(cfg: TrainConfig, resume: Path) -> None:
+    """A key the checkpoint fixes, changed since the run that saved it (its run directory's
+    config.yaml), is refused, naming the key and why, rather than logged as changed and ignored."""
+    saved = resume.parent.parent / "config.yaml"
+    try:
+        old = yaml.safe_load(saved.read_text())
+    except (OSError, yaml.YAMLError):
+        return  # no record of what the checkpoint's run used: nothing to compare
+    if not isinstance(old, dict):
+        return
+    new, missing = to_dict(cfg), object()
+
+    def get(tree: dict, key: str):
+        for part in key.split("."):
+            tree = tree.get(part, missing) if isinstance(tree, dict) else missing
+        return tree
+
+    was, then = get(old, "teacher.kind"), get(old, "condition")
+    if (cfg.teacher.kind == "ema" and cfg.condition != "grpo" and missing not in (was, then)
+            and (was != "ema" or then == "grpo")):
+        raise ValueError(f"teacher.kind: ema, but the run that saved {resume} had condition={then} teacher={was} "
+                         f"({saved}), so it holds no ema teacher to go on from; resume with that teacher, or start a "
+                         "new run_dir")
+    for key, why in FIXED_ON_RESUME.items():
+        was, now = get(old, key), get(new, key)
+        if was is not missing and was != now:
+            raise ValueError(f"{key}: {was!r} in the run that saved {resume} ({saved}), {now!r} now: a resumed run "
+                             f"cannot change it ({why}); set it back, or start a new run_dir")
 
 
 def _model_config(cfg: TrainConfig) -> Path:

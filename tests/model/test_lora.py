@@ -228,8 +228,15 @@ def test_lora_run_resumes_bitwise_and_exports_peft_and_merged(tmp_path):
     assert err <= 2e-5 * peft_logits.abs().max(), err
     assert "lora" not in " ".join(merged.state_dict())
 
-    with pytest.raises(ValueError, match="saved with LoRA .* set model.lora"):
+    # Resumed without LoRA: refused before the model loads, from the run's config.yaml ...
+    with pytest.raises(ValueError, match=r"^model.lora.r: 8 in the run that saved .* 0 now: a resumed run cannot"):
         train(config(tmp_path / "a", "teacher=ema", "steps=3"), Dist())
+    # ... and by the checkpoint itself where no config.yaml says how it was made
+    import shutil
+
+    alone = shutil.copytree(ca, tmp_path / "elsewhere" / "checkpoints" / ca.name)
+    with pytest.raises(ValueError, match="saved with LoRA .* set model.lora"):
+        train(config(tmp_path / "c2", "teacher=ema", "steps=3", f"resume={alone}"), Dist())
 
 
 def test_qwen3_stand_in_trains_with_lora_end_to_end(tmp_path, qwen3):

@@ -11,6 +11,7 @@ import pytest
 
 from fastsd import cli
 from fastsd import train as train_mod
+from fastsd.config import load_config
 from fastsd.tasks.data import builtin_split
 
 SMALL = ["steps=1", "questions_per_step=2", "eval.k=2", "data.eval_size=2", "data.train_size=16",
@@ -106,3 +107,24 @@ def test_missing_model_and_resume_never_are_found_before_anything_is_written(tmp
     (run_dir / "checkpoints" / "step_00000001").mkdir(parents=True)
     (run_dir / "checkpoints" / "step_00000001" / "COMPLETE").write_text("")
     assert "resume: never, but run_dir" in fails(capsys, run_dir, "resume=never")
+
+
+@pytest.mark.parametrize("change, message", [
+    ("seed=1", r"^seed: 0 in the run that saved .*, 1 now: a resumed run cannot change it \(the checkpoint's random"),
+    ("model.lora.r=4", r"^model.lora.r: 0 in the run that saved"),
+    ("teacher=ema", r"^teacher.kind: ema, but the run that saved .* had condition=critique teacher=initial"),
+])
+def test_a_key_the_checkpoint_fixes_is_refused_on_resume_before_the_model_loads(tmp_path, change, message, monkeypatch):
+    """A changed seed was logged as changed, then the checkpoint's random state ran on; a LoRA
+    rank or an ema teacher failed only once the model had loaded."""
+    from fastsd.model import Dist
+    from fastsd.run import build
+    from fastsd.train import train
+
+    run = [f"run_dir={tmp_path}", "steps=1", "eval=off", "questions_per_step=2", "rollout.max_new_tokens=16"]
+    train(load_config(overrides=run), Dist())
+    with monkeypatch.context() as m:
+        m.setattr(build, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model loaded"))
+        with pytest.raises(ValueError, match=message):
+            train(load_config(overrides=[*run, "steps=2", change]), Dist())
+    train(load_config(overrides=[*run, "steps=2", "optim.lr=1e-4", "eval.k=3"]), Dist())  # these take effect
