@@ -1,9 +1,8 @@
-"""The trainer end to end on the CPU: conditions, teacher freezing, resume, FSDP2 parity, NaN stop,
-malformed output."""
+"""The trainer end to end on the CPU: conditions, teacher freezing, FSDP2 parity, NaN stop,
+malformed output (resume and the run directory: test_resume.py)."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from fsdp_train_worker import fixed_rollouts
+from runs import SMALL, config, read_jsonl, train_rows
 from transformers import AutoModelForCausalLM
 
 from fastsd import cli
@@ -35,21 +35,6 @@ from fastsd.update import NonFiniteLossError, update
 from fastsd.update import step as step_mod
 
 REPO = Path(__file__).resolve().parents[1]
-# A few tiny steps: 2 questions per step, short responses, 2 eval samples of 2 questions.
-SMALL = ["steps=2", "questions_per_step=2", "eval.k=2", "data.eval_size=2", "data.train_size=16",
-         "rollout.max_new_tokens=40", "optim.micro_batch=2"]
-
-
-def config(run_dir, *overrides):
-    return load_config(overrides=[*SMALL, f"run_dir={run_dir}", *overrides])
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def train_rows(run_dir) -> list[dict]:
-    return [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "reward" in r]
 
 
 def params(module) -> dict[str, torch.Tensor]:
@@ -116,7 +101,7 @@ def test_condition_runs_end_to_end(tmp_path, overrides):
                                                           initial.state_dict().values()))
 
 
-# ---------------------------------------------------------------- teacher, resume
+# ---------------------------------------------------------------- teacher, metrics
 
 def test_initial_teacher_stays_frozen_while_the_student_changes():
     cfg = load_config(overrides=["optim.warmup_steps=0", "optim.lr=1e-3"])
@@ -132,70 +117,6 @@ def test_initial_teacher_stays_frozen_while_the_student_changes():
     assert all(torch.equal(v, initial[k]) for k, v in teacher.lm.state_dict().items())
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     assert sum(not torch.equal(v, before[k]) for k, v in policy.lm.state_dict().items()) > 10
-
-
-def test_resume_gives_the_same_next_step(tmp_path):
-    train(config(tmp_path / "a", "steps=3"), Dist())
-    train(config(tmp_path / "b", "steps=2"), Dist())
-    train(config(tmp_path / "b", "steps=3"), Dist())  # resume=auto: from step 2's checkpoint
-    a, b = train_rows(tmp_path / "a"), train_rows(tmp_path / "b")
-    assert [r["step"] for r in b] == [1, 2, 3]
-    for key in ("loss", "gap", "grad_norm", "reward"):
-        assert b[2][key] == pytest.approx(a[2][key], rel=1e-5, abs=1e-7), key
-    responses = lambda d: [r["response"] for r in read_jsonl(d / "rollouts.jsonl") if r["step"] == 3]  # noqa: E731
-    assert responses(tmp_path / "b") == responses(tmp_path / "a")  # RNG state restored
-    a_sd = AutoModelForCausalLM.from_pretrained(latest_checkpoint(tmp_path / "a") / "hf").state_dict()
-    b_sd = AutoModelForCausalLM.from_pretrained(latest_checkpoint(tmp_path / "b") / "hf").state_dict()
-    assert all(torch.allclose(v, b_sd[k], rtol=0, atol=1e-6) for k, v in a_sd.items())
-
-
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-@pytest.mark.parametrize("condition", ["grpo", "reference", "critique"])
-def test_stopping_and_the_checkpoint_schedule_never_change_the_numbers(tmp_path, condition, lora):
-    """Straight, stopped after step 2 and resumed, and checkpointed every step: the same losses,
-    gradient norms, rewards and rollouts (token ids), bit for bit, for every condition, full
-    fine-tuning and LoRA."""
-    common = ["eval=off", f"condition={condition}", *(["rollout.group_size=2"] if condition == "grpo" else []),
-              *(["model.lora.r=4"] if lora else [])]
-    train(config(tmp_path / "straight", *common, "steps=2"), Dist())
-    train(config(tmp_path / "resumed", *common, "steps=1"), Dist())
-    train(config(tmp_path / "resumed", *common, "steps=2"), Dist())
-    train(config(tmp_path / "every", *common, "steps=2", "checkpoint.every=1"), Dist())
-    runs = {name: train_rows(tmp_path / name) for name in ("straight", "resumed", "every")}
-    keys = ("loss", "gap", "grad_norm", "reward", "usable", "lr")
-    want = [[r[k] for k in keys] for r in runs["straight"]]
-    assert len(want) == 2 and all([[r[k] for k in keys] for r in rows] == want for rows in runs.values()), runs
-    ids = {name: [(r["step"], r["prompt_ids"], r["response_ids"], r["teacher_prompt_ids"])
-                  for r in read_jsonl(tmp_path / name / "rollouts.jsonl")] for name in runs}
-    assert ids["resumed"] == ids["straight"] == ids["every"]
-
-
-def test_the_logged_lr_is_the_rate_each_step_trained_at(tmp_path):
-    """Warm-up then linear decay over 3 steps: factors 0.5, 1, 0.5 (the schedule is stepped after
-    each optimizer step, so reading it after the update logged the next step's rate)."""
-    train(config(tmp_path, "steps=3", "eval=off", "optim.lr=1e-3", "optim.warmup_steps=1",
-                 "optim.schedule=linear"), Dist())
-    assert [r["lr"] for r in train_rows(tmp_path)] == pytest.approx([5e-4, 1e-3, 5e-4], rel=1e-12)
-
-
-def test_a_resumed_run_trains_with_the_changed_optimizer_settings(tmp_path):
-    """lr, betas, weight decay and the schedule changed on resume take effect (they were logged
-    as changed, recorded in config.yaml, and then the checkpoint's own were used)."""
-    train(config(tmp_path, "steps=1", "eval=off", "optim.lr=1e-3", "optim.warmup_steps=0"), Dist())
-    train(config(tmp_path, "steps=3", "eval=off", "optim.lr=6e-4", "optim.warmup_steps=0", "optim.betas=[0.5,0.6]",
-                 "optim.weight_decay=0.1", "optim.schedule=linear"), Dist())
-    assert [r["lr"] for r in train_rows(tmp_path)] == pytest.approx([1e-3, 4e-4, 2e-4], rel=1e-12)
-    groups = torch.load(latest_checkpoint(tmp_path) / "trainer_state.pt", weights_only=True)["optimizer"]["param_groups"]
-    assert all(tuple(g["betas"]) == (0.5, 0.6) and g["weight_decay"] == 0.1 and g["initial_lr"] == 6e-4
-               for g in groups)
-
-
-def test_a_finished_run_rerun_with_eval_off_says_there_is_nothing_to_do(tmp_path, capsys):
-    train(config(tmp_path, "steps=1", "eval=off"), Dist())
-    capsys.readouterr()
-    train(config(tmp_path, "steps=1", "eval=off"), Dist())
-    out = capsys.readouterr().out
-    assert "(the run is complete; eval=off: nothing to do)" in out and "evaluating it again" not in out
 
 
 @pytest.mark.parametrize("condition", ["critique", "grpo"])
@@ -216,50 +137,6 @@ def test_counters_are_ints_whatever_the_process_count(condition):
         row, _ = run_dir_mod.step_row(cfg, d, 1, [roll, roll], upd, 1e-4, [0.0, 1.0, 2.0, 3.0])
         key = "critique_failed" if condition == "critique" else "zero_variance_rollouts"
         assert row[key] == 2 and type(row[key]) is int, (type(d).__name__, row[key])
-
-
-def test_resume_cuts_the_logs_back_to_the_checkpoint(tmp_path, capsys):
-    """A run killed after step 3 but before its checkpoint: the resumed run writes step 3 (and the
-    final evaluation) again, so the logs must not hold them twice."""
-    run = config(tmp_path, "steps=3", "checkpoint.every=2", "checkpoint.keep=3")
-    train(run, Dist())
-    import shutil
-
-    shutil.rmtree(latest_checkpoint(tmp_path))  # step 3's checkpoint never happened
-    assert latest_checkpoint(tmp_path).name.endswith("2")
-    train(run, Dist())
-    assert "metrics.jsonl: cut back to step 2" in capsys.readouterr().out
-    metrics = read_jsonl(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in metrics if "reward" in r] == [1, 2, 3]
-    assert sum(bool(r.get("final")) for r in metrics) == 1
-    assert [r["step"] for r in read_jsonl(tmp_path / "rollouts.jsonl")] == [1, 1, 2, 2, 3, 3]
-    train(run, Dist())  # complete: evaluated again, still one final row
-    assert "the run is complete" in capsys.readouterr().out
-    assert sum(bool(r.get("final")) for r in read_jsonl(tmp_path / "metrics.jsonl")) == 1
-
-
-def test_run_dir_of_an_earlier_run(tmp_path, capsys):
-    train(config(tmp_path, "steps=1"), Dist())
-    with pytest.raises(ValueError, match="resume: never, but run_dir"):  # would mix two runs
-        train(config(tmp_path, "steps=1", "resume=never"), Dist())
-    train(config(tmp_path, "steps=2", "optim.lr=1e-4"), Dist())  # resumed with a changed config: said, kept
-    out = capsys.readouterr().out
-    assert "config changed since the checkpoint" in out and "optim.lr: 0.0002 -> 0.0001" in out
-    assert load_config(str(tmp_path / "config.before_step_1.yaml")).optim.lr == 2e-4
-    assert load_config(str(tmp_path / "config.yaml")).optim.lr == 1e-4
-    train(config(tmp_path, "steps=2", "optim.lr=1e-4", f"resume={latest_checkpoint(tmp_path)}"), Dist())
-    assert "config changed" not in capsys.readouterr().out  # how to resume is not what runs
-    fresh = tmp_path / "fresh"  # logs but no checkpoint (killed before the first, twice): moved aside
-    fresh.mkdir()
-    for attempt in ("a", "b"):
-        (fresh / "metrics.jsonl").write_text(f'{{"step": 0, "attempt": "{attempt}"}}\n')
-        prepare = run_dir_mod.prepare_run_dir(config(fresh, "steps=1"), None, 0)
-        assert any("metrics.jsonl moved to" in line for line in prepare)
-    assert "a" in (fresh / "metrics.jsonl.old").read_text() and "b" in (fresh / "metrics.jsonl.old.1").read_text()
-    (fresh / "metrics.jsonl").write_text('[]\n{"step": 1}\n{"step": 2, "eval": 1}\n{"step": 2, "final": true}\n')
-    (fresh / "config.yaml").write_text("- not a mapping\n")
-    prepare = run_dir_mod.prepare_run_dir(config(fresh, "steps=2"), fresh / "checkpoints/x", 1)
-    assert read_jsonl(fresh / "metrics.jsonl") == [{"step": 1}] and any("config changed" in x for x in prepare)
 
 
 def test_missing_model_and_empty_held_out_file_name_the_key(tmp_path):

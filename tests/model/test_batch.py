@@ -1,6 +1,5 @@
 """Response positions line up between student and teacher sequences."""
 
-import torch
 
 from fastsd.model.batch import build_batch
 
