@@ -3,9 +3,15 @@ changes nothing, changed settings take effect, and the logs say what ran."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from runs import config, read_jsonl, train_rows
+from runs import SMALL, config, read_jsonl, train_rows
 from transformers import AutoModelForCausalLM
 
 from fastsd.config import load_config
@@ -13,6 +19,8 @@ from fastsd.model.dist import Dist
 from fastsd.run import run_dir as run_dir_mod
 from fastsd.run.checkpoint import latest_checkpoint
 from fastsd.train import train
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_resume_gives_the_same_next_step(tmp_path):
@@ -84,8 +92,6 @@ def test_resume_cuts_the_logs_back_to_the_checkpoint(tmp_path, capsys):
     final evaluation) again, so the logs must not hold them twice."""
     run = config(tmp_path, "steps=3", "checkpoint.every=2", "checkpoint.keep=3")
     train(run, Dist())
-    import shutil
-
     shutil.rmtree(latest_checkpoint(tmp_path))  # step 3's checkpoint never happened
     assert latest_checkpoint(tmp_path).name.endswith("2")
     train(run, Dist())
@@ -121,3 +127,27 @@ def test_run_dir_of_an_earlier_run(tmp_path, capsys):
     (fresh / "config.yaml").write_text("- not a mapping\n")
     prepare = run_dir_mod.prepare_run_dir(config(fresh, "steps=2"), fresh / "checkpoints/x", 1)
     assert read_jsonl(fresh / "metrics.jsonl") == [{"step": 1}] and any("config changed" in x for x in prepare)
+
+
+def test_two_processes_stopping_and_the_checkpoint_schedule_never_change_the_numbers(tmp_path):
+    """The same under torchrun (2 processes, FSDP2, gloo): every rank's random state and shard
+    restored, every rank's rollouts logged."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(name: str, *overrides: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "fastsd.cli", *SMALL, "eval=off", f"run_dir={tmp_path / name}", *overrides]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    run("straight", "steps=2")
+    run("every", "steps=2", "checkpoint.every=1")
+    shutil.copytree(tmp_path / "every", tmp_path / "resumed")  # as if stopped before step 2's checkpoint:
+    shutil.rmtree(latest_checkpoint(tmp_path / "resumed"))  # the logs are cut back and step 2 runs again
+    run("resumed", "steps=2", "checkpoint.every=1")
+    keys = ("loss", "gap", "grad_norm", "reward", "usable", "lr")
+    rows = {name: [[r[k] for k in keys] for r in train_rows(tmp_path / name)] for name in ("straight", "resumed", "every")}
+    assert len(rows["straight"]) == 2 and rows["resumed"] == rows["straight"] == rows["every"], rows
+    ids = {name: [(r["step"], r["prompt_ids"], r["response_ids"]) for r in read_jsonl(tmp_path / name / "rollouts.jsonl")]
+           for name in rows}
+    assert len(ids["straight"]) == 4 and ids["resumed"] == ids["straight"] == ids["every"]
