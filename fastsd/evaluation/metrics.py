@@ -84,10 +84,15 @@ def score_samples(answers: list[list[str | None]], truths: list[str], grader=Non
     return _totals([_score_question(row, truth, grader) for row, truth in zip(answers, truths)], k)
 
 
-def _score_question(row: list[str | None], truth, grader) -> tuple[int, bool, bool]:
-    """(correct samples, passed, majority right) of one question."""
+def _hits(row: list[str | None], truth, grader) -> list[bool]:
+    """Which of one question's sample answers are right."""
     truth = str(truth).strip()
-    hits = [grader.equal(a, truth) for a in row]
+    return [grader.equal(a, truth) for a in row]
+
+
+def _score_question(row: list[str | None], truth, grader, hits: list[bool] | None = None) -> tuple[int, bool, bool]:
+    """(correct samples, passed, majority right) of one question (`hits`: its `_hits`, if known)."""
+    hits = _hits(row, truth, grader) if hits is None else hits
     return sum(hits), any(hits), _majority_right(row, hits, grader)
 
 
@@ -113,13 +118,13 @@ def evaluate(cfg, d, policy, tok, held, progress=None, samples: list | None = No
         rolls = rollout(cfg, d, policy, tok, mine, cfg.eval.k, cfg.eval.temperature, progress=progress)
     answers = [[r.parsed.answer for r in rolls[i * cfg.eval.k:(i + 1) * cfg.eval.k]] for i in range(len(mine))]
     grader = make_grader(cfg.grader)
-    scores = [_score_question(row, ex.answer, grader) for row, ex in zip(answers, mine)]
+    hits = [_hits(row, ex.answer, grader) for row, ex in zip(answers, mine)]
+    scores = [_score_question(row, ex.answer, grader, h) for row, ex, h in zip(answers, mine, hits)]
     if samples is not None:
         k = cfg.eval.k
         rows = [{"question": ex.question, "truth": ex.answer,
                  "responses": [tok.decode(r.response, skip_special_tokens=True) for r in rolls[i * k:(i + 1) * k]],
-                 "answers": answers[i], "correct": [grader.equal(a, str(ex.answer).strip()) for a in answers[i]]}
-                for i, ex in enumerate(mine)]
+                 "answers": answers[i], "correct": hits[i]} for i, ex in enumerate(mine)]
         samples.extend(r for part in d.gather_objects(rows) for r in part)
     return _totals([s for part in d.gather_objects(scores) for s in part], cfg.eval.k)
 
