@@ -72,9 +72,7 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
         if state["first_eval"] is None and cfg.eval.enabled:
             first, samples = evaluation(state["step"])
             state["first_eval"] = first["eval"]
-            row = {"step": state["step"], **first}
-            runlog.evals(row, samples)
-            runlog.metrics(row)
+            runlog.metrics({"step": state["step"], **first}, samples)
         last_eval = state["first_eval"]
         for step in range(state["step"], cfg.steps):
             times = [time.perf_counter()]
@@ -97,9 +95,7 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
             rows = [r for part in d.gather_objects(rollout_rows(rolls, tok)) for r in part]
             with uninterrupted():  # from here on the step counts: its logs and checkpoint are written whole
                 state["step"] = step + 1
-                if samples is not None:
-                    runlog.evals(row, samples)
-                runlog.metrics(row)
+                runlog.metrics(row, samples)
                 runlog.rollouts(step + 1, rows)
                 runlog.progress(step + 1, row)
                 # Saved before the final evaluation, so the RNG state is the one the next step would see.
@@ -108,9 +104,7 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
         if state["step"] >= cfg.steps and cfg.eval.enabled:
             final, samples = evaluation(state["step"])
             last_eval = final["eval"]
-            row = {"step": state["step"], **final, "final": True}
-            runlog.evals(row, samples)
-            runlog.metrics(row)
+            runlog.metrics({"step": state["step"], **final, "final": True}, samples)
     finally:
         runlog.close()
         if getattr(policy, "vllm", None) is not None:

@@ -35,9 +35,12 @@ class RunLog:
 
             self.bar = tqdm(total=cfg.steps, initial=first_step, desc=f"fastsd {cfg.condition}", unit="step")
 
-    def metrics(self, row: dict) -> None:
+    def metrics(self, row: dict, samples: list[dict] | None = None) -> None:
+        """A row of metrics.jsonl; with the `samples` of the evaluation in it, evals.jsonl first."""
         if not self.on:
             return
+        if samples is not None:
+            self._evals(row, samples)
         with open(f"{self.dir}/metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -48,11 +51,9 @@ class RunLog:
             for r in rows:
                 f.write(json.dumps({"step": step, **r}) + "\n")
 
-    def evals(self, row: dict, samples: list[dict]) -> None:
+    def _evals(self, row: dict, samples: list[dict]) -> None:
         """The samples of the evaluation in metrics row `row`, one line per question, marked with
         its step (and `final`) so that a resume cuts them back with it."""
-        if not self.on:
-            return
         mark = {"step": row["step"], **({"final": True} if row.get("final") else {})}
         with open(f"{self.dir}/evals.jsonl", "a") as f:
             for r in samples:
