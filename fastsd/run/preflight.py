@@ -33,6 +33,7 @@ from ..model.load import DEFAULT_MODEL_DIR, checkpoint_dir
 from ..tasks.data import Example, key_error, load_data
 from . import checkpoint as ckpt
 from .build import build_critic
+from .run_dir import flat_config
 
 __all__ = ["Ready", "critic_fits", "preflight", "show_prompts", "tokenizer"]
 
@@ -93,21 +94,15 @@ def _fixed_on_resume(cfg: TrainConfig, resume: Path) -> None:
         return  # no record of what the checkpoint's run used: nothing to compare
     if not isinstance(old, dict):
         return
-    new, missing = to_dict(cfg), object()
-
-    def get(tree: dict, key: str):
-        for part in key.split("."):
-            tree = tree.get(part, missing) if isinstance(tree, dict) else missing
-        return tree
-
-    was, then = get(old, "teacher.kind"), get(old, "condition")
+    old, new, missing = flat_config(old), flat_config(to_dict(cfg)), object()
+    was, then = old.get("teacher.kind", missing), old.get("condition", missing)
     if (cfg.teacher.kind == "ema" and cfg.condition != "grpo" and missing not in (was, then)
             and (was != "ema" or then == "grpo")):
         raise ValueError(f"teacher.kind: ema, but the run that saved {resume} had condition={then} teacher={was} "
                          f"({saved}), so it holds no ema teacher to go on from; resume with that teacher, or start a "
                          "new run_dir")
     for key, why in FIXED_ON_RESUME.items():
-        was, now = get(old, key), get(new, key)
+        was, now = old.get(key, missing), new[key]
         if was is not missing and was != now:
             raise ValueError(f"{key}: {was!r} in the run that saved {resume} ({saved}), {now!r} now: a resumed run "
                              f"cannot change it ({why}); set it back, or start a new run_dir")

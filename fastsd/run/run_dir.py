@@ -20,7 +20,7 @@ from ..config import TrainConfig, to_dict, to_yaml
 from ..model.dist import Dist
 from . import checkpoint as ckpt
 
-__all__ = ["StoppedAfterStep", "LOGS", "RunLog", "prepare_run_dir", "rollout_rows", "step_row", "uninterrupted", "interrupted"]
+__all__ = ["StoppedAfterStep", "flat_config", "LOGS", "RunLog", "prepare_run_dir", "rollout_rows", "step_row", "uninterrupted", "interrupted"]
 
 
 class RunLog:
@@ -194,10 +194,11 @@ def rollout_rows(rolls: list, tok) -> list[dict]:
 LOGS = ("metrics.jsonl", "rollouts.jsonl", "evals.jsonl")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
+def flat_config(tree: dict, prefix: str = "") -> dict:
+    """A config tree (`to_dict`, or config.yaml read back) as {dotted key: value}."""
     out = {}
     for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        out.update(flat_config(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
 
@@ -255,8 +256,8 @@ def prepare_run_dir(cfg: TrainConfig, resume: Path | None, step: int) -> list[st
             data = yaml.safe_load(saved.read_text())
         except yaml.YAMLError:
             data = None
-        old = _flat(data) if isinstance(data, dict) else {"config.yaml": "unreadable"}
-        new = _flat(to_dict(cfg))
+        old = flat_config(data) if isinstance(data, dict) else {"config.yaml": "unreadable"}
+        new = flat_config(to_dict(cfg))
         changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
                    if old.get(k) != new.get(k) and k not in ("resume", "run_dir")]  # how, not what
         if changed:
