@@ -24,7 +24,7 @@ import torch
 
 from ..tasks.grading import ExactGrader, make_grader
 
-__all__ = ["majority_vote", "score_samples", "evaluate", "fmt_eval"]
+__all__ = ["answer_hits", "majority_vote", "score_samples", "evaluate", "fmt_eval"]
 
 
 def _classes(answers: list[str | None], grader) -> list[tuple[str, int, int]]:
@@ -84,15 +84,15 @@ def score_samples(answers: list[list[str | None]], truths: list[str], grader=Non
     return _totals([_score_question(row, truth, grader) for row, truth in zip(answers, truths)], k)
 
 
-def _hits(row: list[str | None], truth, grader) -> list[bool]:
+def answer_hits(row: list[str | None], truth, grader) -> list[bool]:
     """Which of one question's sample answers are right."""
     truth = str(truth).strip()
     return [grader.equal(a, truth) for a in row]
 
 
 def _score_question(row: list[str | None], truth, grader, hits: list[bool] | None = None) -> tuple[int, bool, bool]:
-    """(correct samples, passed, majority right) of one question (`hits`: its `_hits`, if known)."""
-    hits = _hits(row, truth, grader) if hits is None else hits
+    """(correct samples, passed, majority right) of one question (`hits`: its `answer_hits`, if known)."""
+    hits = answer_hits(row, truth, grader) if hits is None else hits
     return sum(hits), any(hits), _majority_right(row, hits, grader)
 
 
@@ -118,7 +118,7 @@ def evaluate(cfg, d, policy, tok, held, progress=None, samples: list | None = No
         rolls = rollout(cfg, d, policy, tok, mine, cfg.eval.k, cfg.eval.temperature, progress=progress)
     answers = [[r.parsed.answer for r in rolls[i * cfg.eval.k:(i + 1) * cfg.eval.k]] for i in range(len(mine))]
     grader = make_grader(cfg.grader)
-    hits = [_hits(row, ex.answer, grader) for row, ex in zip(answers, mine)]
+    hits = [answer_hits(row, ex.answer, grader) for row, ex in zip(answers, mine)]
     scores = [_score_question(row, ex.answer, grader, h) for row, ex, h in zip(answers, mine, hits)]
     if samples is not None:
         k = cfg.eval.k

@@ -23,7 +23,7 @@ import yaml
 
 from ..tasks.format import parse_response, reward
 from ..tasks.grading import make_grader
-from .metrics import fmt_eval, score_samples
+from .metrics import answer_hits, fmt_eval, score_samples
 
 __all__ = ["check_run", "main"]
 
@@ -118,7 +118,7 @@ def _check_evals(run_dir: Path, eval_rows: list[dict], fmt: str, grader) -> list
         answers = []
         for q, r in enumerate(rows):
             parsed = [parse_response(text, fmt).answer for text in r["responses"]]
-            verdicts = [grader.equal(a, str(r["truth"]).strip()) for a in parsed]
+            verdicts = answer_hits(parsed, r["truth"], grader)
             if parsed != r["answers"] or verdicts != r["correct"]:
                 bad.append(f"{where}, question {q}: answers or verdicts differ from the responses'")
             answers.append(parsed)
