@@ -61,8 +61,11 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
         t0, samples = time.perf_counter(), []
         result = evaluate(cfg, d, policy, tok, ready.held, progress=runlog.eval_progress(step, len(ready.held)),
                           samples=samples)
-        runlog.say(f"[fastsd] eval at step {step}: {fmt_eval(result)}, {time.perf_counter() - t0:.0f} s")
-        return {"eval": result, "time_eval": time.perf_counter() - t0}, samples
+        took = time.perf_counter() - t0
+        drawn = result["questions"] * result["k"]
+        runlog.say(f"[fastsd] eval at step {step}: {fmt_eval(result)}, {took:.0f} s ({drawn / took:.3g} samples/s)")
+        runlog.evaluated(took)
+        return {"eval": result, "time_eval": took}, samples
 
     def save(step: int) -> None:
         ckpt.save_checkpoint(cfg.run_dir, step, model=policy.lm, tokenizer=tok, optimizer=opt, scheduler=sched,

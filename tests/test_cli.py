@@ -109,7 +109,7 @@ def test_on_a_terminal_evaluation_draws_a_bar_below_the_step_bar(monkeypatch, ca
     log.close()
     out, err = capsys.readouterr()
     assert "[fastsd] eval at step 0: done" in out  # through the bar, not across it
-    assert "\reval at step 0:   0%|" in err and "/3 [" in err  # the bar, under the step bar
+    assert "\reval at step 0:   0%|" in err and "128 questions x 12 samples, 3 batches" in err  # the bar, under the step bar
 
 
 # ---------------------------------------------------------------- Ctrl-C

@@ -183,12 +183,15 @@ class RolloutEngine:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
                  eos_id: int, pad_id: int, stop: list[int] | None = None,
-                 all_done: Callable[[bool], bool] | None = None) -> tuple[list[list[int]], list[list[float]]]:
+                 all_done: Callable[[bool], bool] | None = None,
+                 on_step: Callable[[int], None] | None = None) -> tuple[list[list[int]], list[list[float]]]:
+        """Sample a response to each prompt (see the module docstring); `on_step(t)`, if given, is
+        called after the t-th new token of every row is drawn."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prompts: expected at least one prompt, each with at least one token")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
-        args = (prompts, max_new_tokens, temperature, top_p, eos_id, pad_id, stop or [], all_done)
+        args = (prompts, max_new_tokens, temperature, top_p, eos_id, pad_id, stop or [], all_done, on_step)
         try:
             return self._generate(*args)
         except _CompileFailed as e:  # start over eagerly, with a clean cache
@@ -196,7 +199,7 @@ class RolloutEngine:
             self.compile, self._step = False, self._decode
             return self._generate(*args)
 
-    def _generate(self, prompts, max_new_tokens, temperature, top_p, eos_id, pad_id, stop, all_done):
+    def _generate(self, prompts, max_new_tokens, temperature, top_p, eos_id, pad_id, stop, all_done, on_step):
         device = next(self.lm.parameters()).device
         self._refresh_weights(device)
         n = len(prompts)
@@ -228,6 +231,8 @@ class RolloutEngine:
             tokens[:, t] = tok
             logps[:, t] = torch.where(done, 0.0, lp)
             done = done | (tok == eos_id)
+            if on_step is not None:
+                on_step(t + 1)
             if len(stop_t) and t + 1 >= len(stop_t):
                 done = done | (tokens[:, t + 1 - len(stop_t):t + 1] == stop_t).all(-1)
             if t + 1 == max_new_tokens:

@@ -11,11 +11,28 @@ cuts the response afterwards.
 from __future__ import annotations
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 from ..model.batch import pad
 from ..model.dist import Dist
 from .engine import RolloutEngine, cut_at_eos, cut_at_stop
 from .vllm_engine import hf_weights
+
+
+class _Steps(BaseStreamer):
+    """Tells `on_step(t)` each time `generate` has decoded its t-th new token (it hands a
+    streamer the prompt first, then each new token)."""
+
+    def __init__(self, on_step):
+        self.on_step, self.calls = on_step, 0
+
+    def put(self, value) -> None:
+        if self.calls:
+            self.on_step(self.calls)
+        self.calls += 1
+
+    def end(self) -> None:
+        pass
 
 
 def _engine(policy) -> RolloutEngine:
@@ -37,7 +54,8 @@ def sample(policy, prompts: list[list[int]], *, eos_id: int, pad_id: int, temper
     """Sample one response per prompt from `policy.lm` (a Policy, possibly an FSDP root) with
     `engine` ("vllm", "fastsd" or "generate"); `stop`: token ids that also end a response (vllm
     matches `stop_text` on the decoded text instead). `progress`, if given, is called as
-    progress(batches_done, batches) before the first batch and after each."""
+    progress(batches_done, batches) before the first batch, after each, and within one after each
+    decode step (`batches_done` then fractional, below the batch's end until it is done)."""
     if engine == "vllm":  # vLLM batches by itself: one call
         if progress is not None:
             progress(0, 1)
@@ -61,11 +79,12 @@ def sample(policy, prompts: list[list[int]], *, eos_id: int, pad_id: int, temper
             progress(0, n_calls)
         for c in range(n_calls):
             chunk = prompts[c * batch_size:(c + 1) * batch_size] or prompts[:1] or [[pad_id]]
+            on_step = None if progress is None else (lambda t, c=c: progress(c + t / (max_new_tokens + 1), n_calls))
             if engine == "fastsd":
                 with policy.compute():
                     rows, _ = _engine(policy).generate(
                         chunk, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                        eos_id=eos_id, pad_id=pad_id, stop=stop,
+                        eos_id=eos_id, pad_id=pad_id, stop=stop, on_step=on_step,
                         all_done=(lambda mine: d.all_sum(float(not mine))[0] == 0) if d.enabled else None)
             else:
                 ids, attn = (t.to(device) for t in pad(chunk, pad_id, left=True))
@@ -73,7 +92,7 @@ def sample(policy, prompts: list[list[int]], *, eos_id: int, pad_id: int, temper
                     gen = lm.generate(
                         input_ids=ids, attention_mask=attn, do_sample=True, temperature=temperature,
                         top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
-                        pad_token_id=pad_id, synced_gpus=d.enabled,
+                        pad_token_id=pad_id, synced_gpus=d.enabled, streamer=_Steps(on_step) if on_step else None,
                     )
                 rows = [cut_at_stop(cut_at_eos(row.tolist(), eos_id, pad_id), stop)
                         for row in gen[:, ids.shape[1]:].cpu()]

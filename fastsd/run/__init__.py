@@ -3,7 +3,8 @@ run directory's logs and its checkpoints.
 
     preflight.py           `preflight` (entry point): every check that needs no model, first
     build.py               models, optimizer and critic from the config
-    run_dir.py             config.yaml, metrics.jsonl, rollouts.jsonl; log lines, progress bars, Ctrl-C
+    run_dir.py             config.yaml, metrics.jsonl, rollouts.jsonl; log lines, Ctrl-C
+    progress.py            the step bar or heartbeat lines, and each evaluation's progress
     checkpoint.py          resumable checkpoints (one process or FSDP2): what is saved and loaded
     checkpoint_files.py    the checkpoint folders on disk: found, published atomically, pruned
     adapter_checkpoint.py  the LoRA pieces of a checkpoint

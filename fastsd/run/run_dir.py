@@ -1,5 +1,5 @@
 """The run directory: config.yaml, metrics.jsonl, rollouts.jsonl made to agree with the run
-about to start (fresh or resumed), the run's log lines and progress bars, and what a Ctrl-C
+about to start (fresh or resumed), the run's log lines (progress: `fastsd.run.progress`), and what a Ctrl-C
 leaves behind."""
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -19,21 +18,20 @@ import yaml
 from ..config import TrainConfig, to_dict, to_yaml
 from ..model.dist import Dist
 from . import checkpoint as ckpt
+from .progress import Progress
 
 __all__ = ["StoppedAfterStep", "flat_config", "LOGS", "RunLog", "prepare_run_dir", "rollout_rows", "step_row", "uninterrupted", "interrupted"]
 
 
 class RunLog:
-    """metrics.jsonl, rollouts.jsonl, evals.jsonl, and a progress bar (terminal) or heartbeat lines."""
+    """metrics.jsonl, rollouts.jsonl, evals.jsonl, log lines and progress (`fastsd.run.progress`)."""
 
     def __init__(self, cfg: TrainConfig, d: Dist, first_step: int):
         self.cfg, self.on = cfg, d.main
         self.dir = cfg.run_dir
-        self.bar = None
-        if self.on and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=cfg.steps, initial=first_step, desc=f"fastsd {cfg.condition}", unit="step")
+        self.shown = Progress(cfg, d.main, first_step)
+        self.say, self.eval_progress, self.evaluated = self.shown.write, self.shown.eval_progress, self.shown.evaluated
+        self.progress, self.close = self.shown.step, self.shown.close
 
     def metrics(self, row: dict, samples: list[dict] | None = None) -> None:
         """A row of metrics.jsonl; with the `samples` of the evaluation in it, evals.jsonl first."""
@@ -58,50 +56,6 @@ class RunLog:
         with open(f"{self.dir}/evals.jsonl", "a") as f:
             for r in samples:
                 f.write(json.dumps({**mark, **r}) + "\n")
-
-    def progress(self, step: int, row: dict) -> None:
-        if not self.on:
-            return
-        short = {k: row[k] for k in ("loss", "reward", "usable", "tok_s") if row.get(k) is not None}
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix({k: f"{v:.3g}" for k, v in short.items()})
-        elif step % self.cfg.log_every == 0 or step == self.cfg.steps:
-            print(f"[fastsd] step {step}/{self.cfg.steps} " + " ".join(f"{k}={v:.4g}" for k, v in short.items()), flush=True)
-
-    def say(self, text: str) -> None:
-        if self.on and self.bar is not None:
-            self.bar.write(text)
-        elif self.on:
-            print(text, flush=True)
-
-    def eval_progress(self, step: int, questions: int):
-        """The `progress` callback of one evaluation (rank 0; None elsewhere): a bar under the
-        step bar on a terminal, else a line when it starts and one per batch of samples."""
-        if not self.on:
-            return None
-        k, t0, bar = self.cfg.eval.k, time.perf_counter(), None
-
-        def report(done: int, total: int) -> None:
-            nonlocal bar
-            if self.bar is not None:
-                if bar is None:
-                    from tqdm import tqdm
-
-                    bar = tqdm(total=total, desc=f"eval at step {step}", unit="batch", leave=False)
-                bar.update(done - bar.n)
-                if done == total:
-                    bar.close()
-            elif done == 0:
-                self.say(f"[fastsd] eval at step {step}: {questions} questions x {k} samples, {total} batches")
-            else:
-                self.say(f"[fastsd] eval at step {step}: batch {done}/{total} done ({time.perf_counter() - t0:.0f} s)")
-
-        return report
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def step_row(cfg: TrainConfig, d: Dist, step: int, rolls: list, upd: dict, lr: float,
