@@ -9,6 +9,8 @@
 Data, templates and the critic are checked before the model loads. Ctrl-C stops the run (exit
 code 130) and says where the last checkpoint is; the same command resumes from it. With the
 default checkpoint.every=0 only the last step saves one: set checkpoint.every=N to resume mid-run.
+SIGTERM and SIGHUP (a scheduler, a closed terminal) stop it too and save the last completed step
+within checkpoint.stop_timeout seconds (exit code 143 / 129; 3 when that step could not be saved).
 """
 
 from __future__ import annotations
@@ -57,7 +59,13 @@ def _main(argv: list[str] | None) -> int:
         _run(cfg, parser)
     except KeyboardInterrupt as e:  # Ctrl-C: the step in progress is abandoned, or was written whole
         from .run.run_dir import StoppedAfterStep, interrupted
+        from .run.stop import Stopped, stopped_message
 
+        if isinstance(e, Stopped):  # SIGTERM or SIGHUP: what was kept decides the code
+            text, code = stopped_message(cfg, e)
+            if os.environ.get("RANK", "0") == "0":
+                print(text, file=sys.stderr, flush=True)
+            return code
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal
             print(interrupted(cfg, isinstance(e, StoppedAfterStep)), file=sys.stderr, flush=True)
         return 130

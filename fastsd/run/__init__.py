@@ -7,6 +7,7 @@ run directory's logs and its checkpoints.
     checkpoint.py          resumable checkpoints (one process or FSDP2): what is saved and loaded
     checkpoint_files.py    the checkpoint folders on disk: found, published atomically, pruned
     adapter_checkpoint.py  the LoRA pieces of a checkpoint
+    stop.py                SIGTERM and SIGHUP: stop at a consistent point, save the last completed step
 """
 
 # Nothing imported here: its modules range from the stdlib alone (checkpoint_files) to the whole
