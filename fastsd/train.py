@@ -22,6 +22,7 @@ from .model import Dist
 from .rollout import rollout
 from .run import checkpoint as ckpt
 from .run.build import build_models, build_optim, resume_optim
+from .run.lock import RunDirLock
 from .run.preflight import preflight
 from .run.run_dir import RunLog, prepare_run_dir, rollout_rows, step_row, uninterrupted
 from .run.stop import Stopped, StopSignals, keep_last_step
@@ -39,12 +40,13 @@ def _rng_seed(cfg: TrainConfig, d: Dist) -> None:
 def train(cfg: TrainConfig, d: Dist) -> dict:
     """Run the job in `cfg`; returns the final evaluation (and the first, if this run made it;
     None for both with eval=off). A SIGTERM or SIGHUP raises `fastsd.run.stop.Stopped`."""
-    with StopSignals(d, cfg.checkpoint.stop_timeout) as stop:
-        return _train(cfg, d, stop)
+    with StopSignals(d, cfg.checkpoint.stop_timeout) as stop, RunDirLock(cfg, d) as lock:
+        return _train(cfg, d, stop, lock)
 
 
-def _train(cfg: TrainConfig, d: Dist, stop: StopSignals) -> dict:
+def _train(cfg: TrainConfig, d: Dist, stop: StopSignals, lock: RunDirLock) -> dict:
     ready = preflight(cfg, d)  # data, templates, critic: before the model loads or a file is written
+    lock.take()  # one writer per run directory, from here on
     _rng_seed(cfg, d)
     policy, teacher, tok = build_models(cfg, d)
     opt, sched = build_optim(cfg, policy)

@@ -8,6 +8,7 @@ run directory's logs and its checkpoints.
     checkpoint_files.py    the checkpoint folders on disk: found, published atomically, pruned
     adapter_checkpoint.py  the LoRA pieces of a checkpoint
     stop.py                SIGTERM and SIGHUP: stop at a consistent point, save the last completed step
+    lock.py                one writer per run directory: run.lock, taken before the model loads
 """
 
 # Nothing imported here: its modules range from the stdlib alone (checkpoint_files) to the whole
