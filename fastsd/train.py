@@ -56,7 +56,7 @@ def _train(cfg: TrainConfig, d: Dist, stop: StopSignals, lock: RunDirLock) -> di
     if ready.resume is not None:
         state = ckpt.load_checkpoint(ready.resume, model=policy.lm, optimizer=opt, scheduler=sched, teacher=saved_teacher)
         resume_optim(cfg, opt, sched)  # a changed lr, betas, decay or schedule is the one trained with
-    said = prepare_run_dir(cfg, ready.resume, state["step"]) if d.main else []  # the run's first write
+    said = prepare_run_dir(cfg, ready.resume, state["step"], ready.damaged) if d.main else []  # the run's first write
     runlog = RunLog(cfg, d, state["step"])
     if ready.resume is not None:
         done = ("" if state["step"] < cfg.steps else " (the run is complete: evaluating it again)"

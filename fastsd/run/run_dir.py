@@ -213,16 +213,18 @@ def _aside(path: Path, name: str) -> Path:
     return free
 
 
-def prepare_run_dir(cfg: TrainConfig, resume: Path | None, step: int) -> list[str]:
+def prepare_run_dir(cfg: TrainConfig, resume: Path | None, step: int, damaged: list = ()) -> list[str]:
     """Make run_dir agree with the run about to start (rank 0 only); returns what it did, to log.
 
     Resuming at `step`: rows the logs hold for later steps (and the final evaluation), which the
     run will write again, are cut. Starting afresh: earlier logs and config are moved to *.old. A
     config that differs from the saved one is saved; the old one is kept as
-    config.before_step_N.yaml."""
+    config.before_step_N.yaml. `damaged`: (checkpoint, why) that resume=auto passed over, moved
+    aside to *.damaged (out of the way of resume and pruning; never deleted)."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    said = []
+    said = [f"checkpoint {path.name} is damaged ({why}): moved to {_aside(path, path.name + '.damaged').name}, "
+            f"resumed from the one before it" for path, why in damaged]
     saved = run_dir / "config.yaml"
     if resume is None:
         for path in (*(run_dir / name for name in LOGS), saved):
