@@ -237,22 +237,31 @@ def prepare_run_dir(cfg: TrainConfig, resume: Path | None, step: int, damaged: l
         path = run_dir / name
         if not path.exists():
             continue
-        keep, cut = [], 0
-        with open(path) as f:
-            for line in f:
+        keep, cut, damaged = [], 0, []
+        with open(path, errors="surrogateescape") as f:
+            for number, line in enumerate(f, 1):
                 try:
                     row = json.loads(line)
-                except json.JSONDecodeError:  # torn by a kill mid-write
+                except (json.JSONDecodeError, UnicodeDecodeError):  # torn by a kill mid-write, or garbled
                     row = None
-                if isinstance(row, dict) and row.get("step", 0) <= step and not row.get("final"):
+                if not isinstance(row, dict):
+                    damaged.append(json.dumps({"line": number, "text": line}) + "\n")
+                elif row.get("step", 0) <= step and not row.get("final"):
                     keep.append(line)
                 else:
                     cut += 1
-        if cut:
+        if damaged:  # kept beside, with their line numbers: never dropped in silence
+            with open(run_dir / f"{name}.damaged", "a") as f:
+                f.writelines(damaged)
+            lines = ", ".join(str(json.loads(d)["line"]) for d in damaged[:10]) + (", ..." if len(damaged) > 10 else "")
+            said.append(f"{name}: {len(damaged)} damaged line(s) (line {lines}: not a JSON object) moved to "
+                        f"{name}.damaged with their line numbers; the rows they held are not written again")
+        if cut or damaged:
             tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(keep))
+            tmp.write_text("".join(keep), errors="surrogateescape")
             os.replace(tmp, path)
-            said.append(f"{name}: cut back to step {step} ({cut} rows, written again as the run goes on)")
+        if cut:
+            said.append(f"{name}: cut back to step {step} ({cut} rows of later steps, written again as the run goes on)")
     if saved.exists():
         try:
             data = yaml.safe_load(saved.read_text())
