@@ -74,6 +74,7 @@ def _main(argv: list[str] | None) -> int:
 
 def _run(cfg, parser: argparse.ArgumentParser) -> None:
     from .model import dist
+    from .run.lock import WriteFailed
     from .train import train
     from .update import NonFiniteLossError
 
@@ -85,6 +86,8 @@ def _run(cfg, parser: argparse.ArgumentParser) -> None:
     except ValueError as e:  # user errors found before or while loading models or data
         parser.exit(2, f"fastsd-train: error: {e}\n")
     except NonFiniteLossError as e:  # nothing of this step was applied; the last checkpoint is intact
+        parser.exit(1, f"fastsd-train: error: {e}\n")
+    except WriteFailed as e:  # a full disk: the message names the path and what was kept
         parser.exit(1, f"fastsd-train: error: {e}\n")
     finally:
         dist.teardown(d, failed=failed)

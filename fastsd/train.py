@@ -22,7 +22,7 @@ from .model import Dist
 from .rollout import rollout
 from .run import checkpoint as ckpt
 from .run.build import build_models, build_optim, resume_optim
-from .run.lock import RunDirLock
+from .run.lock import RunDirLock, WriteFailed
 from .run.preflight import preflight
 from .run.run_dir import RunLog, prepare_run_dir, rollout_rows, step_row, uninterrupted
 from .run.stop import Stopped, StopSignals, keep_last_step
@@ -74,8 +74,12 @@ def _train(cfg: TrainConfig, d: Dist, stop: StopSignals, lock: RunDirLock) -> di
         return {"eval": result, "time_eval": time.perf_counter() - t0}, samples
 
     def save(step: int, rng: dict | None = None):
-        return ckpt.save_checkpoint(cfg.run_dir, step, model=policy.lm, tokenizer=tok, optimizer=opt, scheduler=sched,
-                                    state=dict(state), keep=cfg.checkpoint.keep, teacher=saved_teacher, rng=rng)
+        try:
+            return ckpt.save_checkpoint(cfg.run_dir, step, model=policy.lm, tokenizer=tok, optimizer=opt,
+                                        scheduler=sched, state=dict(state), keep=cfg.checkpoint.keep,
+                                        teacher=saved_teacher, rng=rng)
+        except (OSError, RuntimeError) as e:  # a full disk: torch.save says RuntimeError, naming no path
+            raise WriteFailed(cfg.run_dir, f"checkpoint {ckpt.CHECKPOINTS}/step_{step:08d} in {cfg.run_dir}", e) from e
 
     rng = None  # the random state the step in progress started from: a stop signal's checkpoint holds it
 

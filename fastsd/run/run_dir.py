@@ -41,23 +41,29 @@ class RunLog:
             return
         if samples is not None:
             self._evals(row, samples)
-        with open(f"{self.dir}/metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self._append("metrics.jsonl", [row])
 
     def rollouts(self, step: int, rows: list[dict]) -> None:
         if not self.on:
             return
-        with open(f"{self.dir}/rollouts.jsonl", "a") as f:
-            for r in rows:
-                f.write(json.dumps({"step": step, **r}) + "\n")
+        self._append("rollouts.jsonl", [{"step": step, **r} for r in rows])
+
+    def _append(self, name: str, rows: list[dict]) -> None:
+        """Rows appended to run_dir/name; a failed write (a full disk) names the file and what was kept."""
+        path = f"{self.dir}/{name}"
+        try:
+            with open(path, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+        except OSError as e:
+            from .lock import WriteFailed
+
+            raise WriteFailed(self.dir, path, e) from e
 
     def _evals(self, row: dict, samples: list[dict]) -> None:
         """The samples of the evaluation in metrics row `row`, one line per question, marked with
         its step (and `final`) so that a resume cuts them back with it."""
         mark = {"step": row["step"], **({"final": True} if row.get("final") else {})}
-        with open(f"{self.dir}/evals.jsonl", "a") as f:
-            for r in samples:
-                f.write(json.dumps({**mark, **r}) + "\n")
+        self._append("evals.jsonl", [{**mark, **r} for r in samples])
 
     def progress(self, step: int, row: dict) -> None:
         if not self.on:
