@@ -9,6 +9,8 @@
 Data, templates and the critic are checked before the model loads. Ctrl-C stops the run (exit
 code 130) and says where the last checkpoint is; the same command resumes from it. With the
 default checkpoint.every=0 only the last step saves one: set checkpoint.every=N to resume mid-run.
+SIGTERM and SIGHUP (a scheduler, a closed terminal) stop it too and save the last completed step
+within checkpoint.stop_timeout seconds (exit code 143 / 129; 3 when that step could not be saved).
 """
 
 from __future__ import annotations
@@ -57,7 +59,13 @@ def _main(argv: list[str] | None) -> int:
         _run(cfg, parser)
     except KeyboardInterrupt as e:  # Ctrl-C: the step in progress is abandoned, or was written whole
         from .run.run_dir import StoppedAfterStep, interrupted
+        from .run.stop import Stopped, stopped_message
 
+        if isinstance(e, Stopped):  # SIGTERM or SIGHUP: what was kept decides the code
+            text, code = stopped_message(cfg, e)
+            if os.environ.get("RANK", "0") == "0":
+                print(text, file=sys.stderr, flush=True)
+            return code
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal
             print(interrupted(cfg, isinstance(e, StoppedAfterStep)), file=sys.stderr, flush=True)
         return 130
@@ -66,6 +74,7 @@ def _main(argv: list[str] | None) -> int:
 
 def _run(cfg, parser: argparse.ArgumentParser) -> None:
     from .model import dist
+    from .run.lock import WriteFailed
     from .train import train
     from .update import NonFiniteLossError
 
@@ -77,6 +86,8 @@ def _run(cfg, parser: argparse.ArgumentParser) -> None:
     except ValueError as e:  # user errors found before or while loading models or data
         parser.exit(2, f"fastsd-train: error: {e}\n")
     except NonFiniteLossError as e:  # nothing of this step was applied; the last checkpoint is intact
+        parser.exit(1, f"fastsd-train: error: {e}\n")
+    except WriteFailed as e:  # a full disk: the message names the path and what was kept
         parser.exit(1, f"fastsd-train: error: {e}\n")
     finally:
         dist.teardown(d, failed=failed)

@@ -4,7 +4,8 @@ One code path for one process and for torchrun (FSDP2). What can be checked with
 checked first (`fastsd.run.preflight`); each stage of a step has its room: `fastsd.rollout`,
 `fastsd.feedback`, `fastsd.update`; what a run is built from is in `fastsd.run.build`, the run
 directory's bookkeeping in `fastsd.run.run_dir`. A Ctrl-C abandons the step in progress; a
-step's logs and checkpoint are written whole (`run_dir.uninterrupted`).
+step's logs and checkpoint are written whole (`run_dir.uninterrupted`). SIGTERM and SIGHUP
+take the same path and then save the last completed step (`fastsd.run.stop`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from .model import Dist
 from .rollout import rollout
 from .run import checkpoint as ckpt
 from .run.build import build_models, build_optim, resume_optim
+from .run.lock import RunDirLock, WriteFailed
 from .run.preflight import preflight
 from .run.run_dir import RunLog, prepare_run_dir, rollout_rows, step_row, uninterrupted
+from .run.stop import Stopped, StopSignals, keep_last_step
 from .tasks.data import step_questions
 from .update import update
 
@@ -36,8 +39,14 @@ def _rng_seed(cfg: TrainConfig, d: Dist) -> None:
 
 def train(cfg: TrainConfig, d: Dist) -> dict:
     """Run the job in `cfg`; returns the final evaluation (and the first, if this run made it;
-    None for both with eval=off)."""
+    None for both with eval=off). A SIGTERM or SIGHUP raises `fastsd.run.stop.Stopped`."""
+    with StopSignals(d, cfg.checkpoint.stop_timeout) as stop, RunDirLock(cfg, d) as lock:
+        return _train(cfg, d, stop, lock)
+
+
+def _train(cfg: TrainConfig, d: Dist, stop: StopSignals, lock: RunDirLock) -> dict:
     ready = preflight(cfg, d)  # data, templates, critic: before the model loads or a file is written
+    lock.take()  # one writer per run directory, from here on
     _rng_seed(cfg, d)
     policy, teacher, tok = build_models(cfg, d)
     opt, sched = build_optim(cfg, policy)
@@ -47,7 +56,7 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
     if ready.resume is not None:
         state = ckpt.load_checkpoint(ready.resume, model=policy.lm, optimizer=opt, scheduler=sched, teacher=saved_teacher)
         resume_optim(cfg, opt, sched)  # a changed lr, betas, decay or schedule is the one trained with
-    said = prepare_run_dir(cfg, ready.resume, state["step"]) if d.main else []  # the run's first write
+    said = prepare_run_dir(cfg, ready.resume, state["step"], ready.damaged) if d.main else []  # the run's first write
     runlog = RunLog(cfg, d, state["step"])
     if ready.resume is not None:
         done = ("" if state["step"] < cfg.steps else " (the run is complete: evaluating it again)"
@@ -67,9 +76,15 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
         runlog.evaluated(took)
         return {"eval": result, "time_eval": took}, samples
 
-    def save(step: int) -> None:
-        ckpt.save_checkpoint(cfg.run_dir, step, model=policy.lm, tokenizer=tok, optimizer=opt, scheduler=sched,
-                             state=dict(state), keep=cfg.checkpoint.keep, teacher=saved_teacher)
+    def save(step: int, rng: dict | None = None):
+        try:
+            return ckpt.save_checkpoint(cfg.run_dir, step, model=policy.lm, tokenizer=tok, optimizer=opt,
+                                        scheduler=sched, state=dict(state), keep=cfg.checkpoint.keep,
+                                        teacher=saved_teacher, rng=rng)
+        except (OSError, RuntimeError) as e:  # a full disk: torch.save says RuntimeError, naming no path
+            raise WriteFailed(cfg.run_dir, f"checkpoint {ckpt.CHECKPOINTS}/step_{step:08d} in {cfg.run_dir}", e) from e
+
+    rng = None  # the random state the step in progress started from: a stop signal's checkpoint holds it
 
     try:
         if state["first_eval"] is None and cfg.eval.enabled:
@@ -78,12 +93,17 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
             runlog.metrics({"step": state["step"], **first}, samples)
         last_eval = state["first_eval"]
         for step in range(state["step"], cfg.steps):
+            rng = ckpt.rng_state()
+            stop.poll()  # torchrun: the ranks agree on a stop signal at these points
             times = [time.perf_counter()]
             questions = step_questions(ready.train, cfg, step)[d.rank::d.world]
             rolls = rollout(cfg, d, policy, tok, questions, cfg.group_size, cfg.rollout.temperature)
             times.append(time.perf_counter())
+            stop.poll()
             feedback(cfg, tok, rolls, ready.critic)
             times.append(time.perf_counter())
+            stop.poll()
+            stop.hold()  # from the update on, the step is finished and written before a stop signal acts
             lr = sched.get_last_lr()[0]  # this step's rate: update() steps the schedule
             upd = update(cfg, d, policy, teacher, opt, sched, tok, rolls, step)
             times.append(time.perf_counter())
@@ -104,10 +124,15 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
                 # Saved before the final evaluation, so the RNG state is the one the next step would see.
                 if step + 1 == cfg.steps or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
                     save(step + 1)
+            stop.poll(after_step=True)
         if state["step"] >= cfg.steps and cfg.eval.enabled:
             final, samples = evaluation(state["step"])
             last_eval = final["eval"]
             runlog.metrics({"step": state["step"], **final, "final": True}, samples)
+    except Stopped as e:  # the step in progress abandoned before its update, or written whole
+        start = None if e.after_step else rng  # after the step: the random state is the next step's
+        keep_last_step(e, stop, cfg, state["step"], lambda s: save(s, start))
+        raise
     finally:
         runlog.close()
         if getattr(policy, "vllm", None) is not None:

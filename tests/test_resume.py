@@ -105,6 +105,23 @@ def test_resume_cuts_the_logs_back_to_the_checkpoint(tmp_path, capsys):
     assert sum(bool(r.get("final")) for r in read_jsonl(tmp_path / "metrics.jsonl")) == 1
 
 
+def test_a_damaged_log_line_is_moved_aside_with_its_line_number_never_dropped(tmp_path):
+    """A garbled line in the middle of metrics.jsonl and a torn last line of rollouts.jsonl, on
+    resume at step 2: moved to *.damaged with their line numbers, and the message says their rows
+    are not written again (it said they were)."""
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"step": 1}\n{"step": 2, "lo\xffss": \n{"step": 3}\n')
+    (tmp_path / "rollouts.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "resp')
+    said = run_dir_mod.prepare_run_dir(config(tmp_path, "steps=3"), tmp_path / "checkpoints/x", 2)
+    assert read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 1}]
+    assert read_jsonl(tmp_path / "rollouts.jsonl") == [{"step": 1}, {"step": 2}]
+    assert read_jsonl(tmp_path / "metrics.jsonl.damaged") == [{"line": 2, "text": '{"step": 2, "lo\udcffss": \n'}]
+    assert read_jsonl(tmp_path / "rollouts.jsonl.damaged") == [{"line": 3, "text": '{"step": 3, "resp'}]
+    assert ("metrics.jsonl: 1 damaged line(s) (line 2: not a JSON object) moved to metrics.jsonl.damaged with their "
+            "line numbers; the rows they held are not written again") in said
+    assert "metrics.jsonl: cut back to step 2 (1 rows of later steps, written again as the run goes on)" in said
+    assert not any("rollouts.jsonl: cut back" in line for line in said)
+
+
 def test_run_dir_of_an_earlier_run(tmp_path, capsys):
     train(config(tmp_path, "steps=1"), Dist())
     with pytest.raises(ValueError, match="resume: never, but run_dir"):  # would mix two runs

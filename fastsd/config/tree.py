@@ -240,6 +240,8 @@ class CheckpointConfig:
     """Save every N optimizer steps (0: only at the end)."""
     keep: int = 2
     """Keep the last K complete checkpoints."""
+    stop_timeout: float = 20.0
+    """Seconds from a SIGTERM/SIGHUP within which the last completed step is saved (0: no save on a stop)."""
 
 
 @dataclass

@@ -7,7 +7,10 @@ run directory's logs and its checkpoints.
     progress.py            the step bar or heartbeat lines, and each evaluation's progress
     checkpoint.py          resumable checkpoints (one process or FSDP2): what is saved and loaded
     checkpoint_files.py    the checkpoint folders on disk: found, published atomically, pruned
+    checkpoint_check.py    a checkpoint read back before a resume: its damaged file; resume=auto falls back
     adapter_checkpoint.py  the LoRA pieces of a checkpoint
+    stop.py                SIGTERM and SIGHUP: stop at a consistent point, save the last completed step
+    lock.py                one writer per run directory: run.lock, taken before the model loads
 """
 
 # Nothing imported here: its modules range from the stdlib alone (checkpoint_files) to the whole

@@ -45,7 +45,7 @@ from ..model.lora import is_lora
 from .adapter_checkpoint import ADAPTER, gather_adapters, load_adapters, write_adapters
 from .checkpoint_files import COMPLETE, complete, fsync, is_complete, make_tmp, prune, seal
 
-__all__ = ["COMPLETE", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "resolve_resume"]
+__all__ = ["COMPLETE", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "resolve_resume", "rng_state"]
 
 log = logging.getLogger("fastsd")
 
@@ -117,7 +117,8 @@ def _untie(sd: dict, module: nn.Module) -> dict:
     return {k: v.contiguous() for k, v in sd.items()}
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
+    """This rank's random state: what a checkpoint saves to go on with the same draws."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
              "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
@@ -174,10 +175,12 @@ def _write_shared(tmp: Path, model, tokenizer, model_sd: dict, trainer: dict, te
 # ---------------------------------------------------------------- public API
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model, tokenizer, optimizer: torch.optim.Optimizer,
-                    scheduler, state: dict, teacher: nn.Module | None = None, keep: int) -> Path:
+                    scheduler, state: dict, teacher: nn.Module | None = None, keep: int,
+                    rng: dict | None = None) -> Path:
     """Write checkpoint `step` of `model` (a transformers PreTrainedModel or a peft model of one,
     FSDP2-sharded or not) and return its final path; then keep only the last `keep` complete
-    checkpoints. A `teacher` that is `model` itself (LoRA: its teacher adapter lives in the model)
+    checkpoints. `rng`: the random state to save (`rng_state()` taken earlier), else the current one.
+    A `teacher` that is `model` itself (LoRA: its teacher adapter lives in the model)
     adds nothing. See the module docstring for the layout and the atomic-write scheme. Every rank
     must call it."""
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
@@ -185,7 +188,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model, tokenizer, 
     if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
         raise ValueError(f"keep: expected an int >= 1, got {keep!r}")
     rank, world = _rank(), dist.get_world_size() if spans_processes() else 1
-    rng = _rng_state()
+    rng = rng_state() if rng is None else rng
     stepped = bool(optimizer.state)
     teacher = None if teacher is model else teacher
     # collective; LoRA: only the adapters (the base is model.path, frozen)

@@ -4,7 +4,8 @@
 (`fastsd.config.load_config`) and before any weights are read or anything is written:
 
 - resume: `resume=never` on a run directory that holds checkpoints, a `resume` path that is no
-  complete checkpoint, a key the checkpoint fixes changed on resume (`FIXED_ON_RESUME`);
+  complete checkpoint or holds a damaged file (`resume=auto` passes over damaged ones,
+  `fastsd.run.checkpoint_check`), a key the checkpoint fixes changed on resume (`FIXED_ON_RESUME`);
 - model.path: a transformers config is there (the weights load later);
 - data.path, data.eval_path: every line, through the loader training uses (`fastsd.tasks.data.load_data`);
 - templates: the student and teacher prompts rendered for the first training question, through
@@ -20,7 +21,7 @@ A failure leaves no new file or directory behind: nothing here creates one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -33,6 +34,7 @@ from ..model.load import DEFAULT_MODEL_DIR, checkpoint_dir
 from ..tasks.data import Example, key_error, load_data
 from . import checkpoint as ckpt
 from .build import build_critic
+from .checkpoint_check import pick_resume
 from .run_dir import flat_config
 
 __all__ = ["Ready", "critic_fits", "preflight", "show_prompts", "tokenizer"]
@@ -46,11 +48,12 @@ class Ready:
     held: list[Example]
     resume: Path | None
     critic: Critic | None
+    damaged: list[tuple[Path, str]] = field(default_factory=list)  # newer checkpoints resume=auto passed over
 
 
 def preflight(cfg: TrainConfig, d: Dist) -> Ready:
     """Run every check that needs no model (module docstring); ValueError naming the key on failure."""
-    resume = _resume(cfg)
+    resume, damaged = _resume(cfg)
     _model_config(cfg)
     train, held = load_data(cfg)
     _templates(cfg, train[0])
@@ -58,7 +61,7 @@ def preflight(cfg: TrainConfig, d: Dist) -> Ready:
     if cfg.rollout.engine == "vllm" and cfg.vllm_unusable() is not None:
         raise ValueError(f"rollout.engine: vllm: {cfg.vllm_unusable()}")
     critic = build_critic(cfg, d)  # critic=http: asks /v1/models now
-    return Ready(train, held, resume, critic)
+    return Ready(train, held, resume, critic, damaged)
 
 
 # Keys a resumed run cannot honour, because the checkpoint holds what they made: the key, and why.
@@ -73,15 +76,15 @@ FIXED_ON_RESUME = {
 }
 
 
-def _resume(cfg: TrainConfig) -> Path | None:
-    resume = ckpt.resolve_resume(cfg.resume, cfg.run_dir)
+def _resume(cfg: TrainConfig) -> tuple[Path | None, list[tuple[Path, str]]]:
+    resume, damaged = pick_resume(cfg)
     earlier = ckpt.latest_checkpoint(cfg.run_dir) if cfg.resume == "never" else None
     if earlier is not None:
         raise ValueError(f"resume: never, but run_dir {cfg.run_dir} holds an earlier run's checkpoints "
                          f"(latest {earlier}); continue it with resume=auto, or choose another run_dir")
     if resume is not None:
         _fixed_on_resume(cfg, resume)
-    return resume
+    return resume, damaged
 
 
 def _fixed_on_resume(cfg: TrainConfig, resume: Path) -> None:

@@ -39,23 +39,29 @@ class RunLog:
             return
         if samples is not None:
             self._evals(row, samples)
-        with open(f"{self.dir}/metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self._append("metrics.jsonl", [row])
 
     def rollouts(self, step: int, rows: list[dict]) -> None:
         if not self.on:
             return
-        with open(f"{self.dir}/rollouts.jsonl", "a") as f:
-            for r in rows:
-                f.write(json.dumps({"step": step, **r}) + "\n")
+        self._append("rollouts.jsonl", [{"step": step, **r} for r in rows])
+
+    def _append(self, name: str, rows: list[dict]) -> None:
+        """Rows appended to run_dir/name; a failed write (a full disk) names the file and what was kept."""
+        path = f"{self.dir}/{name}"
+        try:
+            with open(path, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+        except OSError as e:
+            from .lock import WriteFailed
+
+            raise WriteFailed(self.dir, path, e) from e
 
     def _evals(self, row: dict, samples: list[dict]) -> None:
         """The samples of the evaluation in metrics row `row`, one line per question, marked with
         its step (and `final`) so that a resume cuts them back with it."""
         mark = {"step": row["step"], **({"final": True} if row.get("final") else {})}
-        with open(f"{self.dir}/evals.jsonl", "a") as f:
-            for r in samples:
-                f.write(json.dumps({**mark, **r}) + "\n")
+        self._append("evals.jsonl", [{**mark, **r} for r in samples])
 
 
 def step_row(cfg: TrainConfig, d: Dist, step: int, rolls: list, upd: dict, lr: float,
@@ -167,16 +173,18 @@ def _aside(path: Path, name: str) -> Path:
     return free
 
 
-def prepare_run_dir(cfg: TrainConfig, resume: Path | None, step: int) -> list[str]:
+def prepare_run_dir(cfg: TrainConfig, resume: Path | None, step: int, damaged: list = ()) -> list[str]:
     """Make run_dir agree with the run about to start (rank 0 only); returns what it did, to log.
 
     Resuming at `step`: rows the logs hold for later steps (and the final evaluation), which the
     run will write again, are cut. Starting afresh: earlier logs and config are moved to *.old. A
     config that differs from the saved one is saved; the old one is kept as
-    config.before_step_N.yaml."""
+    config.before_step_N.yaml. `damaged`: (checkpoint, why) that resume=auto passed over, moved
+    aside to *.damaged (out of the way of resume and pruning; never deleted)."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    said = []
+    said = [f"checkpoint {path.name} is damaged ({why}): moved to {_aside(path, path.name + '.damaged').name}, "
+            f"resumed from the one before it" for path, why in damaged]
     saved = run_dir / "config.yaml"
     if resume is None:
         for path in (*(run_dir / name for name in LOGS), saved):
@@ -189,22 +197,31 @@ def prepare_run_dir(cfg: TrainConfig, resume: Path | None, step: int) -> list[st
         path = run_dir / name
         if not path.exists():
             continue
-        keep, cut = [], 0
-        with open(path) as f:
-            for line in f:
+        keep, cut, damaged = [], 0, []
+        with open(path, errors="surrogateescape") as f:
+            for number, line in enumerate(f, 1):
                 try:
                     row = json.loads(line)
-                except json.JSONDecodeError:  # torn by a kill mid-write
+                except (json.JSONDecodeError, UnicodeDecodeError):  # torn by a kill mid-write, or garbled
                     row = None
-                if isinstance(row, dict) and row.get("step", 0) <= step and not row.get("final"):
+                if not isinstance(row, dict):
+                    damaged.append(json.dumps({"line": number, "text": line}) + "\n")
+                elif row.get("step", 0) <= step and not row.get("final"):
                     keep.append(line)
                 else:
                     cut += 1
-        if cut:
+        if damaged:  # kept beside, with their line numbers: never dropped in silence
+            with open(run_dir / f"{name}.damaged", "a") as f:
+                f.writelines(damaged)
+            lines = ", ".join(str(json.loads(d)["line"]) for d in damaged[:10]) + (", ..." if len(damaged) > 10 else "")
+            said.append(f"{name}: {len(damaged)} damaged line(s) (line {lines}: not a JSON object) moved to "
+                        f"{name}.damaged with their line numbers; the rows they held are not written again")
+        if cut or damaged:
             tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(keep))
+            tmp.write_text("".join(keep), errors="surrogateescape")
             os.replace(tmp, path)
-            said.append(f"{name}: cut back to step {step} ({cut} rows, written again as the run goes on)")
+        if cut:
+            said.append(f"{name}: cut back to step {step} ({cut} rows of later steps, written again as the run goes on)")
     if saved.exists():
         try:
             data = yaml.safe_load(saved.read_text())
