@@ -85,6 +85,10 @@ class DataConfig:
     """Built-in task: long (9-12 operands, a reference in two-operation steps; the shipped model's)
     or short (3-5 operands, a regrouped reference; the task before 2026-12-01). See
     fastsd/tasks/arith.py."""
+    too_long: Literal["error", "skip"] = "error"
+    """A question whose rendered prompt plus rollout.max_new_tokens is past the model's positions
+    (max_position_embeddings): error stops before the model loads, naming file and line; skip
+    leaves such questions out, with a warning that counts them."""
 
 
 @dataclass

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from ..config import TrainConfig
 
 __all__ = ["Example", "KEYS", "load_data", "load_examples", "load_jsonl", "load_parquet", "builtin_split", "step_questions",
-           "key_error"]
+           "key_error", "record_places"]
 
 KEYS = ("question", "answer", "reference_solution")
 
@@ -229,6 +229,20 @@ def step_questions(train: list[Example], cfg, step: int) -> list[Example]:
             random.Random(cfg.seed * 100_003 + epoch).shuffle(orders[epoch])
         out.append(train[orders[epoch][i]])
     return out
+
+
+def record_places(path: str, indices: list[int]) -> list[str]:
+    """Where the records of `load_examples(path)` at `indices` are: 'PATH:LINE' in a jsonl file (blank
+    lines are skipped when loading), 'PATH (row N)' in a parquet file, 'builtin (question N)' for
+    the built-in task."""
+    if path == "builtin" or path.lower().endswith(".parquet"):
+        return [f"{path} ({'question' if path == 'builtin' else 'row'} {i + 1})" for i in indices]
+    try:
+        with open(path, "rb") as f:
+            lines = [n for n, raw in enumerate(f, start=1) if raw.strip()]
+        return [f"{path}:{lines[i]}" for i in indices]
+    except (OSError, IndexError):
+        return [f"{path} (question {i + 1})" for i in indices]
 
 
 def key_error(key: str, e: ValueError) -> ValueError:
