@@ -43,6 +43,9 @@ def check(cfg: TrainConfig) -> None:
     for key, value in nonneg.items():
         if value < 0:
             raise ValueError(f"{key}: must be >= 0, got {value}")
+    for key, value in {"seed": cfg.seed, "data.seed": cfg.data.seed}.items():
+        if not 0 <= value < 2**31:  # torch, numpy and vLLM seed from it, with an offset per rank added
+            raise ValueError(f"{key}: must be in [0, 2**31), got {value}")
     if cfg.data.path == "builtin" and cfg.data.train_size < 1:
         raise ValueError(f"data.train_size: must be >= 1, got {cfg.data.train_size}")
     if cfg.data.eval_path == "builtin" and cfg.data.eval_size < 1:
