@@ -17,6 +17,7 @@ import torch
 from .config import TrainConfig
 from .evaluation import evaluate, fmt_eval
 from .feedback import feedback
+from .feedback.conditions import FailedSteps
 from .model import Dist
 from .rollout import rollout
 from .run import checkpoint as ckpt
@@ -74,6 +75,7 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
             state["first_eval"] = first["eval"]
             runlog.metrics({"step": state["step"], **first}, samples)
         last_eval = state["first_eval"]
+        failed_steps = FailedSteps(cfg)
         for step in range(state["step"], cfg.steps):
             times = [time.perf_counter()]
             questions = step_questions(ready.train, cfg, step)[d.rank::d.world]
@@ -98,9 +100,13 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
                 runlog.metrics(row, samples)
                 runlog.rollouts(step + 1, rows)
                 runlog.progress(step + 1, row)
+                stop = failed_steps.after(step + 1, row, rolls)  # critic.max_failed_steps reached: an error
                 # Saved before the final evaluation, so the RNG state is the one the next step would see.
-                if step + 1 == cfg.steps or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
+                if (stop is not None or step + 1 == cfg.steps
+                        or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0)):
                     save(step + 1)
+            if stop is not None:
+                raise stop
         if state["step"] >= cfg.steps and cfg.eval.enabled:
             final, samples = evaluation(state["step"])
             last_eval = final["eval"]
