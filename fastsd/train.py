@@ -18,6 +18,7 @@ import torch
 from .config import TrainConfig
 from .evaluation import evaluate, fmt_eval
 from .feedback import feedback
+from .feedback.conditions import FailedSteps
 from .model import Dist
 from .rollout import rollout
 from .run import checkpoint as ckpt
@@ -92,6 +93,7 @@ def _train(cfg: TrainConfig, d: Dist, stop: StopSignals, lock: RunDirLock) -> di
             state["first_eval"] = first["eval"]
             runlog.metrics({"step": state["step"], **first}, samples)
         last_eval = state["first_eval"]
+        failed_steps = FailedSteps(cfg)
         for step in range(state["step"], cfg.steps):
             rng = ckpt.rng_state()
             stop.poll()  # torchrun: the ranks agree on a stop signal at these points
@@ -121,9 +123,13 @@ def _train(cfg: TrainConfig, d: Dist, stop: StopSignals, lock: RunDirLock) -> di
                 runlog.metrics(row, samples)
                 runlog.rollouts(step + 1, rows)
                 runlog.progress(step + 1, row)
+                failed = failed_steps.after(step + 1, row, rolls)  # critic.max_failed_steps reached: an error
                 # Saved before the final evaluation, so the RNG state is the one the next step would see.
-                if step + 1 == cfg.steps or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
+                if (failed is not None or step + 1 == cfg.steps
+                        or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0)):
                     save(step + 1)
+            if failed is not None:
+                raise failed
             stop.poll(after_step=True)
         if state["step"] >= cfg.steps and cfg.eval.enabled:
             final, samples = evaluation(state["step"])

@@ -11,10 +11,13 @@ its user message); the reply is `fastsd.feedback.critic.ArithCritic`'s critique 
 Fault injection, for testing clients (`--fault`; applied to the first `--fail-first N` attempts of
 each distinct request, or to every attempt with N = 0):
     hang        never answer (until the server stops)
-    status      answer with HTTP `--status` (e.g. 429, 500, 400)
+    status      answer with HTTP `--status` (e.g. 429, 500, 400); a 429 or 503 carries
+                `Retry-After: --retry-after` (seconds or an HTTP date)
     reset       read the request, then reset the connection (TCP RST)
     malformed   answer 200 with a body that is not JSON
     misaligned  a critique whose steps do not line up with the attempt's (an extra first step)
+    huge        the right critique in a body padded with 2 MB of JSON whitespace (Content-Length says so)
+    endless     answer 200 with a chunked body that never ends (until the client hangs up)
 `--think` wraps each reply in a <think>...</think> block first, as reasoning models do.
 
 `--mode math` answers for any data (LaTeX answers, free-form or tagged responses) instead of the
@@ -29,6 +32,7 @@ It judges nothing: it is a stand-in that exercises the whole pipeline, not a cri
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -44,7 +48,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from fastsd.feedback.critic import ArithCritic, Critique
 from fastsd.tasks.format import format_steps, parse_response
 
-FAULTS = ("none", "hang", "status", "reset", "malformed", "misaligned")
+FAULTS = ("none", "hang", "status", "reset", "malformed", "misaligned", "huge", "endless")
 MODES = ("arith", "math")
 _SECTION = {name: re.compile(rf"<{name}>\n?(.*?)\n?</{name}>", re.S)
             for name in ("question", "correct_answer", "student_attempt")}
@@ -92,7 +96,7 @@ class CriticServer(ThreadingHTTPServer):
         super().__init__((host, port), _Handler)
         self.model, self.fault, self.status, self.fail_first = model, fault, status, fail_first
         self.latency, self.think, self.api_key = latency, think, api_key
-        self.retry_after = "0"  # the Retry-After header of a 429
+        self.retry_after = "0"  # the Retry-After header of a 429 or 503
         self.last_authorization: str | None = None
         self.last_body: dict | None = None
         self.critic = ArithCritic()
@@ -153,7 +157,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
-        if code == 429:
+        if code in (429, 503):
             self.send_header("Retry-After", self.server.retry_after)
         self.end_headers()
         self.wfile.write(payload)
@@ -217,7 +221,9 @@ class _Handler(BaseHTTPRequestHandler):
         srv.last_body = body
         if srv.latency:
             srv.stopping.wait(srv.latency)
-        if srv.fault in ("hang", "status", "reset", "malformed") and srv._faulty(body):
+        if srv.fault in ("hang", "status", "reset", "malformed", "endless") and srv._faulty(body):
+            if srv.fault == "endless":
+                return self._endless()
             if srv.fault == "hang":
                 self._hang()
                 return None
@@ -233,12 +239,30 @@ class _Handler(BaseHTTPRequestHandler):
             text = srv.reply_text(body)
         except (ValueError, KeyError, StopIteration) as e:
             return self._error(400, f"not a fastsd critique request: {e}")
-        self._send(200, json.dumps({
+        payload = json.dumps({
             "id": f"chatcmpl-{srv.stats['requests']}", "object": "chat.completion", "created": int(time.time()),
             "model": srv.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-        }).encode())
+        }).encode()
+        if srv.fault == "huge" and srv._faulty(body):
+            payload += b" " * (2 << 20)
+        self._send(200, payload)
         return None
+
+    def _endless(self) -> None:
+        """A 200 whose chunked body never ends, until the client hangs up or the server stops."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for chunk in itertools.chain([b'{"choices": ['], itertools.repeat(b" " * 65536)):
+                if self.server.stopping.is_set():
+                    break
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        except OSError:
+            pass  # the client hung up
+        self.close_connection = True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--status", type=int, default=500, help="HTTP status for --fault status")
     ap.add_argument("--fail-first", type=int, default=0, metavar="N",
                     help="fault only the first N attempts of each request (0: all)")
+    ap.add_argument("--retry-after", default="0", metavar="S",
+                    help="the Retry-After header of a 429 or 503: seconds or an HTTP date")
     ap.add_argument("--latency", type=float, default=0.0, help="seconds to wait before each answer")
     ap.add_argument("--think", action="store_true", help="prefix each reply with a <think> block")
     ap.add_argument("--mode", choices=MODES, default="arith", help="arith: the built-in critic; math: a scribe "
@@ -268,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         srv = CriticServer(args.port, args.host, model=args.model, fault=args.fault, status=args.status,
                            fail_first=args.fail_first, latency=args.latency, think=args.think, api_key=key,
                            mode=args.mode, first_error=args.first_error)
+        srv.retry_after = args.retry_after
     except OSError as e:
         print(f"critic_server: cannot listen on {args.host}:{args.port}: {e.strerror}", file=sys.stderr)
         return 1

@@ -5,8 +5,10 @@ with the dotted key; options the condition ignores logged as warnings; auto valu
 from __future__ import annotations
 
 import logging
+import re
 
 from ..feedback.critic_prompt import load_prompt
+from ..feedback.critic_transport import bounds
 from ..feedback.prompts import TEMPLATE_FIELDS, check_template
 from .tree import TrainConfig
 
@@ -44,6 +46,9 @@ def check(cfg: TrainConfig) -> None:
     for key, value in nonneg.items():
         if value < 0:
             raise ValueError(f"{key}: must be >= 0, got {value}")
+    for key, value in {"seed": cfg.seed, "data.seed": cfg.data.seed}.items():
+        if not 0 <= value < 2**31:  # torch, numpy and vLLM seed from it, with an offset per rank added
+            raise ValueError(f"{key}: must be in [0, 2**31), got {value}")
     if cfg.data.path == "builtin" and cfg.data.train_size < 1:
         raise ValueError(f"data.train_size: must be >= 1, got {cfg.data.train_size}")
     if cfg.data.eval_path == "builtin" and cfg.data.eval_size < 1:
@@ -77,10 +82,13 @@ def check(cfg: TrainConfig) -> None:
     if r.vllm_kv_cache_gib is not None and not r.vllm_kv_cache_gib > 0:
         raise ValueError(f"rollout.vllm_kv_cache_gib: must be > 0 (or null), got {r.vllm_kv_cache_gib}")
     c = cfg.critic
-    for name in ("timeout", "step_timeout", "concurrency", "max_tokens"):
-        if not getattr(c, name) > 0:
-            raise ValueError(f"critic.{name}: must be > 0, got {getattr(c, name)}")
-    for name in ("retries", "backoff"):
+    for name in ("timeout", "step_timeout", "concurrency", "max_tokens", "max_reply_bytes"):
+        if getattr(c, name) is not None and not getattr(c, name) > 0:
+            raise ValueError(f"critic.{name}: must be > 0{'' if name in ('concurrency', 'max_tokens') else ' (or null)'}, "
+                             f"got {getattr(c, name)}")
+    c.timeout, c.step_timeout, c.max_reply_bytes = bounds(c)  # resolved here, so the saved config says what ran
+    _check_api_key_env(c.api_key_env)
+    for name in ("retries", "backoff", "max_failed_steps"):
         if getattr(c, name) < 0:
             raise ValueError(f"critic.{name}: must be >= 0, got {getattr(c, name)}")
     if c.kind == "http" and not c.base_url.startswith(("http://", "https://")):
@@ -99,6 +107,23 @@ def check(cfg: TrainConfig) -> None:
         logging.getLogger("fastsd").warning("condition=%s ignores %s", cfg.condition, text)
     _check_templates(cfg)
     _check_critic_prompt(cfg)
+
+
+# An environment variable's name, as a shell writes one; and the openings of common API keys.
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_KEY_PREFIXES = ("sk-", "sk_", "hf_", "gsk_", "xai-", "pk-", "rk-", "ghp_", "glpat-", "AKIA", "AIza")
+
+
+def _check_api_key_env(name: str) -> None:
+    """critic.api_key_env names a variable; a value that looks like a key itself is refused without
+    being shown (it is in no message, and no config.yaml is written for a config that fails here)."""
+    if not name:
+        return
+    long_token = len(name) >= 32 and "_" not in name and any(ch.isdigit() for ch in name)
+    if not _ENV_NAME.fullmatch(name) or name.startswith(_KEY_PREFIXES) or long_token:
+        raise ValueError(f"critic.api_key_env: the value ({len(name)} characters, not shown) looks like an API key, "
+                         "not the name of an environment variable; put the key in a variable (export "
+                         "FASTSD_CRITIC_API_KEY=...) and name the variable here, or leave the default")
 
 
 def _check_templates(cfg: TrainConfig) -> None:

@@ -28,6 +28,8 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> T
             raise ValueError(f"--config: cannot read {path}: {e.strerror}") from None
         except yaml.YAMLError as e:
             raise ValueError(f"--config: {path} is not valid YAML: {e}") from None
+        except ValueError as e:  # an integer of more digits than Python reads
+            raise ValueError(f"--config: {path}: a value YAML cannot read ({e})") from None
         if not isinstance(data, dict):
             raise ValueError(f"--config: {path} must hold a mapping of keys to values")
         lines = key_lines(path)

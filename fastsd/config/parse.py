@@ -64,11 +64,13 @@ def coerce(key: str, value, hint):
         if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string: parse numbers ourselves
             try:
                 parsed = hint(value.strip())
-            except ValueError:
-                raise ValueError(f"{key}: expected {hint.__name__}, got {value!r}") from None
+            except ValueError:  # not a number, or more digits than Python reads
+                raise ValueError(f"{key}: expected {hint.__name__}, got {_shown(value)}") from None
         ok = isinstance(parsed, int) if hint is int else isinstance(parsed, (int, float))
         if not ok or isinstance(parsed, bool):
             raise ValueError(f"{key}: expected {hint.__name__}, got {value!r}")
+        if hint is int and not -2**63 <= parsed < 2**63:  # every int key feeds a 64-bit counter or seed
+            raise ValueError(f"{key}: {_shown(parsed)} is out of range (at most a 64-bit integer)")
         if hint is float and not math.isfinite(parsed):
             raise ValueError(f"{key}: expected a finite number, got {value!r}")
         return hint(parsed)
@@ -79,10 +81,46 @@ def coerce(key: str, value, hint):
     raise AssertionError(f"unhandled type {hint} for {key}")
 
 
-def unknown(what: str, name: str, known) -> ValueError:
-    close = difflib.get_close_matches(name.rsplit(".", 1)[-1], list(known), n=1)
-    hint = f" (did you mean {name.rsplit('.', 1)[0] + '.' if '.' in name else ''}{close[0]}?)" if close else ""
-    return ValueError(f"{name}: unknown config {what}{hint}")
+def _shown(value) -> str:
+    """`value` for an error message, a long one cut (a number of 5000 digits is not repeated)."""
+    text = repr(value) if isinstance(value, str) else str(value) if isinstance(value, int) else repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
+
+
+def _closest(word: str, known) -> str | None:
+    """The name of `known` that `word` most likely meant: a close spelling (difflib), else one that
+    holds it or that it holds, at least 3 characters long ("url" -> "base_url", "critic_model" -> "model")."""
+    known = list(known)
+    close = difflib.get_close_matches(word, known, n=1)
+    if close:
+        return close[0]
+    w = word.lower()
+    holds = [k for k in known if min(len(w), len(k)) >= 3 and (w in k or k in w)]
+    return max(holds, key=lambda k: difflib.SequenceMatcher(None, w, k).ratio(), default=None)
+
+
+def _dotted(node, prefix: str = ""):
+    """Every key of the tree under `node`, dotted."""
+    for name, value in ((f.name, getattr(node, f.name)) for f in dataclasses.fields(node)):
+        yield from _dotted(value, f"{prefix}{name}.") if dataclasses.is_dataclass(value) else [prefix + name]
+
+
+def unknown(what: str, name: str, known, root=None) -> ValueError:
+    """ValueError for the unknown `name`, with a "did you mean": the keys of other sections with
+    that very name (`lr` -> optim.lr), else a name of its own section (`known`) like it, else a key
+    of any section (`root`, the whole tree) whose name is like it (`critic.max_retries` -> critic.retries)."""
+    section, _, word = name.rpartition(".")
+    keys = list(_dotted(root)) if root is not None else []
+    same = [k for k in keys if k.rsplit(".", 1)[-1] == word]
+    close = _closest(word, known)
+    if same:
+        guess = " or ".join(same)
+    elif close:
+        guess = f"{section + '.' if section else ''}{close}"
+    else:
+        last = _closest(word, [k.rsplit(".", 1)[-1] for k in keys])
+        guess = next((k for k in keys if k.rsplit(".", 1)[-1] == last), None) if last else None
+    return ValueError(f"{name}: unknown config {what}{f' (did you mean {guess}?)' if guess else ''}")
 
 
 def set_key(cfg, dotted: str, value) -> list[str]:
@@ -94,11 +132,11 @@ def set_key(cfg, dotted: str, value) -> list[str]:
         child = getattr(node, part, None) if part in fields_of(node) else None
         if not dataclasses.is_dataclass(child):
             sections = [k for k in fields_of(node) if dataclasses.is_dataclass(getattr(node, k))]
-            raise unknown("section", ".".join(path), sections)
+            raise unknown("section", ".".join(path), sections, cfg)
         node = child
     name = parts[-1]
     if name not in fields_of(node):
-        raise unknown("key", dotted, fields_of(node))
+        raise unknown("key", dotted, fields_of(node), cfg)
     current = getattr(node, name)
     if dataclasses.is_dataclass(current):
         if isinstance(value, dict):

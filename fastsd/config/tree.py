@@ -85,6 +85,10 @@ class DataConfig:
     """Built-in task: long (9-12 operands, a reference in two-operation steps; the shipped model's)
     or short (3-5 operands, a regrouped reference; the task before 2026-12-01). See
     fastsd/tasks/arith.py."""
+    too_long: Literal["error", "skip"] = "error"
+    """A question whose rendered prompt plus rollout.max_new_tokens is past the model's positions
+    (max_position_embeddings): error stops before the model loads, naming file and line; skip
+    leaves such questions out, with a warning that counts them."""
 
 
 @dataclass
@@ -180,20 +184,28 @@ class CriticConfig:
     """http: the served model name; empty asks {base_url}/models and takes the only one listed."""
     api_key_env: str = "FASTSD_CRITIC_API_KEY"
     """http: name of the environment variable holding the API key (sent as a bearer token if set)."""
-    timeout: float = 300.0
-    """http: seconds one request may take, reply included."""
-    step_timeout: float = 1800.0
-    """http: seconds all critiques of one optimizer step may take, retries included; past it the
-    rest fail (their rollouts get no loss)."""
+    timeout: float | None = None
+    """http: seconds one request may take, reply included; null: 30 + max_tokens / 40 (235 s at
+    8192 tokens), set when the config loads."""
+    step_timeout: float | None = None
+    """http: seconds all critiques of one optimizer step may take, retries and Retry-After waits
+    included; past it the rest fail (their rollouts get no loss); null: twice timeout."""
     concurrency: int = 32
     """http: requests in flight at once, per process (the server batches them)."""
     retries: int = 4
-    """http: retries after a connection error, timeout, 408, 429 or 5xx (other 4xx are final)."""
+    """http: retries after a connection error, timeout, 408, 429 or 5xx (other 4xx are final); a
+    Retry-After header (seconds or an HTTP date) is waited for, within step_timeout."""
     backoff: float = 1.0
     """http: first retry delay in seconds; doubles per retry (at most 32x), with jitter."""
     max_tokens: int = 8192
     """http: reply length limit, thinking included (reasoning critics such as QwQ may need more;
     a reply cut off here counts as invalid)."""
+    max_reply_bytes: int | None = None
+    """http: largest reply body read, in bytes; a larger one fails its critique; null: 64 KiB + 32
+    bytes per max_tokens (320 KiB at 8192), set when the config loads."""
+    max_failed_steps: int = 3
+    """http or builtin: after this many consecutive steps in which every critique failed, the run
+    stops (exit 2) with the last step's reasons, after saving a checkpoint; 0: never."""
     prompt_file: str = ""
     """http: a text file with the critic's instructions (empty: the built-in faithful-scribe ones for
     the response format). Without fields it is the system message, before fastsd's user message;

@@ -5,6 +5,9 @@ reward's group advantage (grpo); the prompts and chat templates of both sides; t
     prompts.py        student and teacher prompts: templates and the tokenizer's chat template
     critic.py         the critic interface and the built-in task's exact critic
     http_critic.py    a frozen LLM critic behind an OpenAI-compatible server
+    critic_transport.py  its requests: concurrent, retried (Retry-After), bounded in time and size
+    critic_reply.py   its reply checked against the student's steps and made a critique
+    critic_cache.py   its validated replies cached on disk by request
     critic_prompt.py  what the HTTP critic is asked, and the critique the teacher reads (format=free)
 """
 

@@ -2,6 +2,7 @@
 run directory's logs and its checkpoints.
 
     preflight.py           `preflight` (entry point): every check that needs no model, first
+    prompt_fit.py          questions whose prompt plus max_new_tokens is past the model's positions
     build.py               models, optimizer and critic from the config
     run_dir.py             config.yaml, metrics.jsonl, rollouts.jsonl; log lines, Ctrl-C
     progress.py            the step bar or heartbeat lines, and each evaluation's progress

@@ -10,6 +10,8 @@
 - data.path, data.eval_path: every line, through the loader training uses (`fastsd.tasks.data.load_data`);
 - templates: the student and teacher prompts rendered for the first training question, through
   the functions training renders them with;
+- length: every question's prompt plus rollout.max_new_tokens within the model's positions
+  (`fastsd.run.prompt_fit`: an error, or under data.too_long=skip the question left out);
 - fit: `critic=builtin` (the built-in arithmetic task's own critic) on questions that are not
   that task's is an error naming `critic.kind`;
 - critic reachability: the http critic asks `{base_url}/models` when it is built, so it is built
@@ -31,10 +33,11 @@ from ..feedback.critic import ArithCritic, Critic
 from ..feedback.prompts import example_prompts
 from ..model.dist import Dist
 from ..model.load import DEFAULT_MODEL_DIR, checkpoint_dir
-from ..tasks.data import Example, key_error, load_data
+from ..tasks.data import Example, key_error, load_data, record_places
 from . import checkpoint as ckpt
 from .build import build_critic
 from .checkpoint_check import pick_resume
+from .prompt_fit import fit_positions, model_positions
 from .run_dir import flat_config
 
 __all__ = ["Ready", "critic_fits", "preflight", "show_prompts", "tokenizer"]
@@ -54,9 +57,11 @@ class Ready:
 def preflight(cfg: TrainConfig, d: Dist) -> Ready:
     """Run every check that needs no model (module docstring); ValueError naming the key on failure."""
     resume, damaged = _resume(cfg)
-    _model_config(cfg)
+    model_config = _model_config(cfg)
     train, held = load_data(cfg)
-    _templates(cfg, train[0])
+    tok = tokenizer(cfg)
+    example_prompts(cfg, tok, train[0])  # a template or chat-kwargs error fails here, not at the first step
+    train, held = fit_positions(cfg, tok, model_positions(model_config), train, held)
     critic_fits(cfg, train)
     if cfg.rollout.engine == "vllm" and cfg.vllm_unusable() is not None:
         raise ValueError(f"rollout.engine: vllm: {cfg.vllm_unusable()}")
@@ -111,37 +116,36 @@ def _fixed_on_resume(cfg: TrainConfig, resume: Path) -> None:
                              f"cannot change it ({why}); set it back, or start a new run_dir")
 
 
-def _model_config(cfg: TrainConfig) -> Path:
-    """model.path holds a config transformers can read (the weights are read by build_models);
-    returns the checkpoint's folder."""
+def _model_path(cfg: TrainConfig) -> Path:
+    """The checkpoint's folder of model.path; ValueError naming model.path."""
     try:
         path = checkpoint_dir(DEFAULT_MODEL_DIR if cfg.model.path == "builtin" else cfg.model.path)
     except ValueError as e:
         raise key_error("model.path", e) from None
+    return path
+
+
+def _model_config(cfg: TrainConfig):
+    """model.path's transformers config (the weights are read by build_models); ValueError naming model.path."""
+    path = _model_path(cfg)
     from transformers import AutoConfig
 
     try:
-        AutoConfig.from_pretrained(path, local_files_only=True)
+        return AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"model.path: {path}/config.json cannot be read by transformers ({e})") from None
-    return path
 
 
 def tokenizer(cfg: TrainConfig):
     """The tokenizer of model.path (the weights are not read); ValueError naming model.path."""
-    path = _model_config(cfg)
+    path = _model_path(cfg)
+    _model_config(cfg)
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"model.path: cannot load the tokenizer of {path} ({e})") from None
-
-
-def _templates(cfg: TrainConfig, ex: Example) -> None:
-    """Render the prompts of `ex` the way a step does (through the chat template where one is
-    used), so that a template or chat-kwargs error fails here, not at the first step."""
-    example_prompts(cfg, tokenizer(cfg), ex)
 
 
 def critic_fits(cfg: TrainConfig, train: list[Example]) -> None:
@@ -156,21 +160,8 @@ def critic_fits(cfg: TrainConfig, train: list[Example]) -> None:
         except ValueError as e:
             raise ValueError(
                 f"critic.kind: critic=builtin is the built-in arithmetic task's own critic, but "
-                f"{_where(cfg.data.path, i)} is not one of that task's questions ({e}); for other data use "
+                f"{record_places(cfg.data.path, [i])[0]} is not one of that task's questions ({e}); for other data use "
                 f"critic=http with a critic server (critic.base_url, docs/critic.md)") from None
-
-
-def _where(path: str, index: int) -> str:
-    """'PATH:LINE' of the index-th record of a jsonl file (blank lines are skipped when loading),
-    'PATH (row N)' of a parquet file's."""
-    if path.lower().endswith(".parquet"):
-        return f"{path} (row {index + 1})"
-    try:
-        with open(path, "rb") as f:
-            lines = [n for n, raw in enumerate(f, start=1) if raw.strip()]
-        return f"{path}:{lines[index]}"
-    except (OSError, IndexError):
-        return f"{path} (question {index + 1})"
 
 
 def show_prompts(cfg) -> str:

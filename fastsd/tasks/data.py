@@ -14,7 +14,10 @@ the columns `data.fields.*` names (defaults in brackets; e.g. OpenMathReasoning'
 A path ending in .parquet is read with pyarrow (only the three columns); anything else as jsonl.
 Other keys and columns are ignored, blank jsonl lines skipped. Anything else raises
 ValueError("PATH:LINE: ...") for jsonl and ValueError("PATH: row N: ...") for parquet (N counts
-from 1), naming the `data.fields.*` key of a field that is missing or bad.
+from 1), naming the `data.fields.*` key of a field that is missing or bad. That includes what
+JSON lets through but a run cannot use: a key given twice in one record (JSON keeps the last in
+silence), a text with invalid Unicode (a lone surrogate such as "\ud800", which no tokenizer
+encodes) and an integer longer than Python reads (`sys.get_int_max_str_digits()`, 4300 digits).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import math
 import os
 import random
+import sys
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -36,7 +40,7 @@ if TYPE_CHECKING:
     from ..config import TrainConfig
 
 __all__ = ["Example", "KEYS", "load_data", "load_examples", "load_jsonl", "load_parquet", "builtin_split", "step_questions",
-           "key_error"]
+           "key_error", "record_places"]
 
 KEYS = ("question", "answer", "reference_solution")
 
@@ -70,6 +74,47 @@ def _answer_text(value) -> str | None:
     return None
 
 
+class _Refused(ValueError):
+    """A record JSON accepts but a run cannot use (a duplicate key, an integer too long to read)."""
+
+
+class _LongInt:
+    """An integer literal past Python's int-string limit, kept as its length until the record
+    around it names its key."""
+
+    def __init__(self, digits: str):
+        self.digits = len(digits.lstrip("-"))
+
+
+def _parse_int(text: str):
+    try:
+        return int(text)
+    except ValueError:  # past sys.get_int_max_str_digits()
+        return _LongInt(text)
+
+
+def _object(pairs: list) -> dict:
+    """json's object_pairs_hook: a dict, refusing a key given twice and an integer too long to read."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Refused(f"key {key!r} appears twice in the record (JSON would keep the last in silence)")
+        if isinstance(value, _LongInt):
+            raise _Refused(f"{key!r} is an integer of {value.digits} digits, longer than Python reads "
+                           f"({sys.get_int_max_str_digits()}, sys.set_int_max_str_digits); write it as a string")
+        out[key] = value
+    return out
+
+
+def _unicode_error(text: str) -> str | None:
+    """Why `text` cannot be encoded as UTF-8 (a lone surrogate), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"invalid Unicode: a lone surrogate {text[e.start]!r} at character {e.start + 1}"
+    return None
+
+
 def _columns(fields) -> dict[str, str]:
     """Field -> column name, from a `data.fields` config (None: the defaults)."""
     return {key: (getattr(fields, key) if fields is not None else key) for key in KEYS}
@@ -96,6 +141,9 @@ def _example(record, where: str, columns: dict[str, str], need_reference: bool) 
             raise ValueError(f"{where}: {col!r} must be {kind}, got {type(value).__name__} {value!r} ({named})")
         if not text.strip():
             raise ValueError(f"{where}: {col!r} is empty ({named})")
+        bad = _unicode_error(text)
+        if bad:
+            raise ValueError(f"{where}: {col!r} holds {bad} ({named})")
         out[key] = text
     return Example(**out)
 
@@ -128,9 +176,13 @@ def load_jsonl(path: str | os.PathLike, fields=None, need_reference: bool = True
             if not line.strip():
                 continue
             try:
-                record = json.loads(line.rstrip("\r\n"))  # else an error at the end reads "column 1"
-            except json.JSONDecodeError as e:
+                record = json.loads(line.rstrip("\r\n"), object_pairs_hook=_object, parse_int=_parse_int)
+            except json.JSONDecodeError as e:  # (the rstrip: else an error at the end reads "column 1")
                 raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            except _Refused as e:
+                raise ValueError(f"{where}: {e}") from None
+            if isinstance(record, _LongInt):
+                raise ValueError(f"{where}: expected a JSON object, got an integer of {record.digits} digits")
             examples.append(_example(record, where, columns, need_reference))
     return examples
 
@@ -177,6 +229,20 @@ def step_questions(train: list[Example], cfg, step: int) -> list[Example]:
             random.Random(cfg.seed * 100_003 + epoch).shuffle(orders[epoch])
         out.append(train[orders[epoch][i]])
     return out
+
+
+def record_places(path: str, indices: list[int]) -> list[str]:
+    """Where the records of `load_examples(path)` at `indices` are: 'PATH:LINE' in a jsonl file (blank
+    lines are skipped when loading), 'PATH (row N)' in a parquet file, 'builtin (question N)' for
+    the built-in task."""
+    if path == "builtin" or path.lower().endswith(".parquet"):
+        return [f"{path} ({'question' if path == 'builtin' else 'row'} {i + 1})" for i in indices]
+    try:
+        with open(path, "rb") as f:
+            lines = [n for n, raw in enumerate(f, start=1) if raw.strip()]
+        return [f"{path}:{lines[i]}" for i in indices]
+    except (OSError, IndexError):
+        return [f"{path} (question {i + 1})" for i in indices]
 
 
 def key_error(key: str, e: ValueError) -> ValueError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -97,7 +98,9 @@ def test_options_the_condition_ignores_are_said(overrides, key, caplog):
 
 
 def test_a_huge_integer_is_not_a_float_overflow():
-    assert load_config(overrides=["seed=1" + "0" * 400]).seed == 10**400
+    # Read as the integer it is (no float overflow), then refused as out of range, naming the key (issue 25).
+    with pytest.raises(ValueError, match=r"^seed: 10000000000000000000\.\.\. \(401 characters\) is out of range"):
+        load_config(overrides=["seed=1" + "0" * 400])
 
 
 def test_clip_must_be_positive():
@@ -142,6 +145,49 @@ def test_misspelled_keys_get_a_suggestion():
         load_config(overrides=["optm.lr=1"])
     with pytest.raises(ValueError, match=r"did you mean optim\.weight_decay"):
         load_config(overrides=["optim.wieght_decay=0.1"])
+
+
+
+@pytest.mark.parametrize("override, guess", [
+    ("critic.url=http://x/v1", "critic.base_url"),  # a part of the key's name
+    ("critic.api_key=x", "critic.api_key_env"),
+    ("critic.max_retries=3", "critic.retries"),  # holds the name
+    ("lr=1e-4", "optim.lr"),  # the key of another section with that very name
+    ("critic.lr=1e-4", "optim.lr"),
+    ("temperature=1", "rollout.temperature or loss.temperature or eval.temperature"),
+    ("model.dtyp=float32", "model.dtype"),
+])
+def test_unknown_keys_get_a_suggestion_from_the_whole_tree(override, guess):
+    name = override.split("=")[0]
+    with pytest.raises(ValueError, match=f"^{re.escape(name)}: unknown config key \\(did you mean {re.escape(guess)}\\?\\)$"):
+        load_config(overrides=[override])
+    with pytest.raises(ValueError, match=r"^foo: unknown config key$"):  # no guess rather than a wild one
+        load_config(overrides=["foo=1"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=99999999999999999999999", "seed: 99999999999999999999999 is out of range (at most a 64-bit integer)"),
+    ("steps=99999999999999999999999", "steps: 99999999999999999999999 is out of range"),
+    ("critic.concurrency=-99999999999999999999999", "critic.concurrency: -99999999999999999999999 is out of range"),
+    ("seed=" + "9" * 5000, "seed: expected int, got '9999999999999999999... (5002 characters)"),
+    ("seed=4294967296", "seed: must be in [0, 2**31), got 4294967296"),
+    ("seed=-1", "seed: must be in [0, 2**31), got -1"),
+    ("data.seed=2147483648", "data.seed: must be in [0, 2**31)"),
+])
+def test_integers_out_of_range_name_the_key(override, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        load_config(overrides=[override])
+    assert load_config(overrides=["seed=2147483647", "data.seed=0"]).seed == 2**31 - 1
+
+
+def test_an_integer_out_of_range_in_a_yaml_file_names_its_line(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("steps: 3\nseed: 99999999999999999999999\n")
+    with pytest.raises(ValueError, match=r"run\.yaml:2: seed: 99999999999999999999999 is out of range"):
+        load_config(str(f))
+    f.write_text("steps: 3\nseed: " + "9" * 5000 + "\n")
+    with pytest.raises(ValueError, match=r"^--config: .*run\.yaml: a value YAML cannot read \(Exceeds the limit"):
+        load_config(str(f))
 
 
 def test_errors_from_a_config_file_name_its_line(tmp_path):

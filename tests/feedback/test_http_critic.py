@@ -17,7 +17,7 @@ import torch
 
 from fastsd import train as train_mod
 from fastsd.config import CriticConfig, load_config, to_yaml
-from fastsd.feedback import http_critic
+from fastsd.feedback import critic_transport
 from fastsd.feedback.critic import ArithCritic
 from fastsd.feedback.http_critic import HttpCritic, parse_reply, strip_think
 from fastsd.model.dist import Dist
@@ -186,7 +186,7 @@ def test_backoff_doubles_with_jitter_and_honours_retry_after(serve, monkeypatch)
             slept.append(delay)
         return await real_sleep(0)
 
-    monkeypatch.setattr(http_critic.asyncio, "sleep", record)
+    monkeypatch.setattr(critic_transport.asyncio, "sleep", record)
     HttpCritic(http_cfg(srv.url, retries=4, backoff=0.1)).critique_batch(attempts(1)[:1])
     assert len(slept) == 4
     for i, d in enumerate(slept):

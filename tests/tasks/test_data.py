@@ -62,6 +62,16 @@ GOOD = {"question": "q", "answer": "1", "reference_solution": "r"}
         (json.dumps({**GOOD, "answer": [1]}), "'answer' must be a string or a number, got list"),
         (json.dumps({**GOOD, "answer": float("nan")}), "'answer' must be a string or a number"),
         (json.dumps({**GOOD, "reference_solution": {"a": 1}}), "'reference_solution' must be a string, got dict"),
+        # what JSON accepts but a run cannot use (issue 25)
+        ('{"question": "q", "answer": "4", "answer": "999", "reference_solution": "r"}',
+         "key 'answer' appears twice in the record"),
+        ('{"question": "q", "answer": "4", "reference_solution": "r", "id": 1, "id": 2}', "key 'id' appears twice"),
+        ('{"question": "\\ud800", "answer": "4", "reference_solution": "r"}',
+         "'question' holds invalid Unicode: a lone surrogate '\\ud800' at character 1 (data.fields.question)"),
+        ('{"question": "q", "answer": "4\\udfff", "reference_solution": "r"}', "at character 2 (data.fields.answer)"),
+        ('{"question": "q", "answer": ' + "9" * 5000 + ', "reference_solution": "r"}',
+         "'answer' is an integer of 5000 digits, longer than Python reads"),
+        ("-" + "1" * 5000, "expected a JSON object, got an integer of 5000 digits"),
     ],
 )
 def test_bad_line_names_file_and_line(tmp_path, bad, message):
