@@ -10,6 +10,7 @@ backward recomputes the chunks (the log-prob's torch backend keeps its last chun
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -66,8 +67,22 @@ def _once_differentiable(name: str) -> None:
         raise RuntimeError(f"{name}: not twice differentiable (backward with create_graph=True)")
 
 
+def _autocast_off(fn):
+    """Run a forward/backward with autocast off on the inputs' device: the backends cast
+    explicitly (fp32 logits and softmax math; dX/dW in fp32, rounded to each input's dtype by
+    `finish_grads`), and an autocast matmul would hand them 16-bit products."""
+
+    @functools.wraps(fn)
+    def run(ctx, first, *args):
+        with torch.autocast(first.device.type, enabled=False):
+            return fn(ctx, first, *args)
+
+    return run
+
+
 class FusedDivergenceFunction(torch.autograd.Function):
     @staticmethod
+    @_autocast_off
     def forward(ctx, h_s, w_s, h_t, w_t, rows, num_valid, targets_c, opts):
         # needs_input_grad ignores torch.no_grad(); the caller's grad mode is in opts.
         need_dx = opts["grad_enabled"] and ctx.needs_input_grad[0]
@@ -99,6 +114,7 @@ class FusedDivergenceFunction(torch.autograd.Function):
         return (loss, *outs)
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, grad_loss, *_):
         _once_differentiable("fused_linear_divergence")
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -124,6 +140,7 @@ class FusedDivergenceFunction(torch.autograd.Function):
 
 class FusedLogprobFunction(torch.autograd.Function):
     @staticmethod
+    @_autocast_off
     def forward(ctx, h, w, rows, num_valid, targets_c, opts):
         # torch backend, gradient wanted: the last chunk's softmax is kept for backward (all rows
         # when they fit one chunk)
@@ -139,6 +156,7 @@ class FusedLogprobFunction(torch.autograd.Function):
         return scatter(lp_c, rows)
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, grad_lp):
         _once_differentiable("fused_linear_logprob")
         h, w, rows, num_valid, targets_c = ctx.saved_tensors

@@ -48,8 +48,8 @@ def check_pair(name_h: str, h: torch.Tensor, name_w: str, w: torch.Tensor) -> No
     for name, t in ((name_h, h), (name_w, w)):
         if t.dtype not in _DTYPES:
             raise ValueError(f"{name}: unsupported dtype {t.dtype}; expected one of {_DTYPES}")
-    if h.dtype != w.dtype:
-        raise ValueError(f"{name_h}: dtype {h.dtype} differs from {name_w} dtype {w.dtype}")
+    # h's dtype may differ from w's (16-bit activations over fp32 weights, as torch.autocast
+    # leaves them): the math is fp32 either way, and each gradient comes back in its input's dtype.
     if h.device != w.device:
         raise ValueError(f"{name_h}: device {h.device} differs from {name_w} device {w.device}")
 

@@ -51,8 +51,16 @@ def _grad_rows(c: int, w: torch.Tensor) -> int:
     return c * (2 if w.element_size() == 2 else 1)
 
 
+def _as_weight(h, w):
+    """h in w's dtype: the GEMMs take both operands in the weight's dtype (16-bit activations
+    over fp32 weights, as autocast leaves them, are widened; dX stays fp32 and is rounded to
+    h's own dtype by `finish_grads`)."""
+    return h if h.dtype == w.dtype else h.to(w.dtype)
+
+
 def divergence_chunked(h_s, w_s, h_t, w_t, rows, num_valid, targets_c, *, divergence, beta,
                        temperature, clip, row_scale, chunk_size, need_dx, need_dw):
+    h_s, h_t = _as_weight(h_s, w_s), _as_weight(h_t, w_t)
     N, V = rows.numel(), w_s.shape[0]
     dev, f32 = h_s.device, torch.float32
     C = max(1, min(chunk_size, N))
@@ -85,6 +93,7 @@ def divergence_chunked(h_s, w_s, h_t, w_t, rows, num_valid, targets_c, *, diverg
 
 def logprob_chunked(h, w, rows, num_valid, targets_c, *, temperature, row_scale, chunk_size,
                     need_dx, need_dw):
+    h = _as_weight(h, w)
     N, V = rows.numel(), w.shape[0]
     dev, f32 = h.device, torch.float32
     C = max(1, min(chunk_size, N))
