@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .autograd import FusedDivergenceFunction, FusedLogprobFunction, backend_ops, chunk_rows, compact
-from .checks import BACKENDS, check_options, check_pair, check_rows, check_targets
+from .checks import BACKENDS, check_options, check_pair, check_rows, check_targets, jsd_endpoint
 
 __all__ = [
     "DivergenceOutput",
@@ -76,8 +76,10 @@ def fused_linear_divergence(
 
     p = softmax((hidden @ W.T) / temperature) for both heads. `forward_kl` = KL(p_t || p_s),
     `reverse_kl` = KL(p_s || p_t), `jsd` = beta KL(p_t || M) + (1-beta) KL(p_s || M) with
-    M = (1-beta) p_s + beta p_t. `clip` (forward_kl only) clamps each per-vocabulary summand at
-    max=clip before the sum. `teacher_weight=None` shares `weight`. The teacher never gets a
+    M = (1-beta) p_s + beta p_t, for 0 <= beta <= 1: beta=0 is forward_kl, beta=1 reverse_kl.
+    `clip` clamps each per-vocabulary summand of the divergence (forward_kl p_t (log p_t - log p_s),
+    reverse_kl p_s (log p_s - log p_t), jsd beta p_t (log p_t - log M) + (1-beta) p_s (log p_s -
+    log M)) at max=clip before the sum; a clamped summand passes no gradient. `teacher_weight=None` shares `weight`. The teacher never gets a
     gradient. `mask` [N] bool drops rows before any matmul; "mean" divides by the number of valid
     rows (all masked: 0.0). `chunk_size` is rows per chunk (default: from a 512 MiB workspace,
     environment FASTSD_WORKSPACE_MB). Differentiable once (create_graph=True raises).
@@ -104,6 +106,7 @@ def fused_linear_divergence(
         raise ValueError("teacher_hidden: teacher tensors must be on the student's device")
     check_options(divergence=divergence, beta=beta, temperature=temperature, clip=clip,
                    reduction=reduction, chunk_size=chunk_size)
+    divergence = jsd_endpoint(divergence, beta)
     device = student_hidden.device
     check_rows("mask", mask, n, lead, device)
     check_rows("target_ids", target_ids, n, lead, device)

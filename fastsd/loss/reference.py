@@ -29,23 +29,24 @@ def per_token_divergence(
     lp_s = torch.log_softmax(s_logits_NV / temperature, dim=-1)
     lp_t = torch.log_softmax(t_logits_NV / temperature, dim=-1)
     p_s, p_t = lp_s.exp(), lp_t.exp()
+    if divergence == "jsd" and beta in (0, 1):  # the endpoints are the KLs (TRL's, Liger's convention)
+        divergence = "forward_kl" if beta == 0 else "reverse_kl"
     if divergence == "forward_kl":
         summand = p_t * (lp_t - lp_s)
-        if clip is not None:
-            summand = summand.clamp(max=clip)
-        return summand.sum(-1)
-    if divergence == "reverse_kl":
-        return (p_s * (lp_s - lp_t)).sum(-1)
-    if divergence == "jsd":
+    elif divergence == "reverse_kl":
+        summand = p_s * (lp_s - lp_t)
+    elif divergence == "jsd":
         log_m = torch.logsumexp(
             torch.stack([lp_s + torch.log1p(torch.tensor(-beta, dtype=lp_s.dtype)),
                          lp_t + torch.log(torch.tensor(beta, dtype=lp_s.dtype))]),
             dim=0,
         )
-        kl_t_m = (p_t * (lp_t - log_m)).sum(-1)
-        kl_s_m = (p_s * (lp_s - log_m)).sum(-1)
-        return beta * kl_t_m + (1 - beta) * kl_s_m
-    raise ValueError(f"divergence: unknown {divergence!r}")
+        summand = beta * (p_t * (lp_t - log_m)) + (1 - beta) * (p_s * (lp_s - log_m))
+    else:
+        raise ValueError(f"divergence: unknown {divergence!r}")
+    if clip is not None:  # the pointwise summand; clamp's gradient is 0 where it clamps
+        summand = summand.clamp(max=clip)
+    return summand.sum(-1)
 
 
 def reference_divergence(

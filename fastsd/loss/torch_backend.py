@@ -19,7 +19,10 @@ Per row, and the gradient w.r.t. the student logits z_s (before the 1/temperatur
     forward_kl          sum_v p_t (log p_t - log p_s),  grad p_s - p_t
     forward_kl + clip   grad p_s * sum_v(k_v p_t,v) - k p_t,   k_v = [p_t,v (log p_t,v - log p_s,v) <= clip]
     reverse_kl          KL = sum_v p_s (log p_s - log p_t),  grad p_s * (log p_s - log p_t - KL)
+    reverse_kl + clip   grad p_s * ([kept] (log p_s - log p_t + 1) - A),  A = sum_v [kept] p_s (log p_s - log p_t + 1)
     jsd(beta)           grad (1 - beta) p_s * (log p_s - log M - KL(p_s || M)),  M = (1-beta) p_s + beta p_t
+    jsd + clip          grad (1 - beta) p_s * ([kept] (log p_s - log M) - K),  K = sum_v [kept] p_s (log p_s - log M)
+(kept: the summand <= clip). JSD with beta 0 or 1 arrives as forward or reverse KL.
 """
 
 from __future__ import annotations
@@ -72,10 +75,13 @@ def _row_math(a, b, s, divergence, beta, clip, tgt, grad):
     if tgt is not None:
         lps, lpt = a.gather(1, tgt).squeeze(1), b.gather(1, tgt).squeeze(1)
     if divergence == "jsd":
-        return (*_jsd(a, b, *s, beta, grad), lps, lpt)
+        return (*_jsd(a, b, *s, beta, clip, grad), lps, lpt)
     g = None
     if divergence == "reverse_kl":  # no scratch: b = log p_s - log p_t, a = p_s, b = p_s b
-        loss = torch.sub(a, b, out=b).mul_(a.exp_()).sum(1)
+        torch.sub(a, b, out=b).mul_(a.exp_())
+        if clip is not None:
+            return (*_reverse_clipped(a, b, clip, grad), lps, lpt)
+        loss = b.sum(1)
         if grad:  # p_s (log p_s - log p_t - KL) = b - p_s KL, one fused pass
             g = b.addcmul_(a, loss[:, None], value=-1)
         return loss, g, lps, lpt
@@ -95,15 +101,40 @@ def _row_math(a, b, s, divergence, beta, clip, tgt, grad):
     return loss, g, lps, lpt
 
 
-def _jsd(a, b, ps, pt, log_m, beta, grad):
+def _reverse_clipped(ps, d, clip, grad):
+    """Reverse KL with its summands d = p_s (log p_s - log p_t) clamped at `clip`, in place.
+    A kept summand's gradient in z_s is p_s,j [kept_j] (log p_s,j - log p_t,j + 1) - p_s,j A,
+    A = sum_v [kept_v] p_s,v (log p_s,v - log p_t,v + 1) = sum_v [kept_v] (d_v + p_s,v)."""
+    kept = d <= clip
+    loss = d.clamp_(max=clip).sum(1)
+    if not grad:
+        return loss, None
+    d.add_(ps).masked_fill_(kept.logical_not_(), 0)  # [kept] (d + p_s)
+    return loss, d.addcmul_(ps, d.sum(1)[:, None], value=-1)
+
+
+def _jsd(a, b, ps, pt, log_m, beta, clip, grad):
     """JSD row math in place on a = log p_s, b = log p_t; the other three are scratch. Returns
-    (loss, g): g (in a) is d loss / d z_s over (1 - beta), which goes on the per-row factor."""
+    (loss, g): g (in a) is d loss / d z_s over (1 - beta), which goes on the per-row factor.
+    With `clip`, each summand beta p_t (log p_t - log M) + (1 - beta) p_s (log p_s - log M) is
+    clamped; its derivative in p_s is (1 - beta)(log p_s - log M), so the gradient over (1 - beta)
+    is p_s ([kept] (log p_s - log M) - K), K = sum_v [kept_v] p_s,v (log p_s,v - log M_v)."""
     torch.exp(a, out=ps), torch.exp(b, out=pt)
     torch.mul(ps, 1 - beta, out=log_m).add_(pt, alpha=beta).clamp_(min=_TINY).log_()
-    kl_t = b.sub_(log_m).mul_(pt).sum(1)  # b is free after this
-    kl_s = torch.mul(a.sub_(log_m), ps, out=pt).sum(1)  # a = log p_s - log M
-    g = a.sub_(kl_s[:, None]).mul_(ps) if grad else None
-    return beta * kl_t + (1 - beta) * kl_s, g
+    b.sub_(log_m).mul_(pt)  # b: the teacher's summands p_t (log p_t - log M)
+    torch.mul(a.sub_(log_m), ps, out=pt)  # a = log p_s - log M; pt: the student's summands
+    if clip is None:
+        kl_s = pt.sum(1)
+        g = a.sub_(kl_s[:, None]).mul_(ps) if grad else None
+        return beta * b.sum(1) + (1 - beta) * kl_s, g
+    summand = torch.mul(b, beta, out=log_m).add_(pt, alpha=1 - beta)  # log M is free
+    kept = summand <= clip
+    loss = summand.clamp_(max=clip).sum(1)
+    if not grad:
+        return loss, None
+    dropped = kept.logical_not_()
+    k = pt.masked_fill_(dropped, 0).sum(1)
+    return loss, a.masked_fill_(dropped, 0).sub_(k[:, None]).mul_(ps)
 
 
 def _hidden(h, rows, inv_temp):
