@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["BACKENDS", "DIVERGENCES", "REDUCTIONS", "check_options", "check_pair", "check_rows", "check_targets",
-           "jsd_endpoint"]
+           "check_weights", "jsd_endpoint"]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
@@ -79,3 +79,12 @@ def check_targets(target_ids: torch.Tensor, vocab: int, mask: torch.Tensor | Non
     # Hazard: on CUDA this range check is one host synchronisation (a tiny reduction).
     if target_ids.numel() and bool(bad.any()):
         raise ValueError(f"target_ids: id {target_ids[bad][0].item()} outside the vocabulary [0, {vocab})")
+
+
+def check_weights(weights: torch.Tensor | None, n: int, lead: tuple, device) -> None:
+    """Per-token weights: a floating tensor, one per row."""
+    if weights is None:
+        return
+    if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
+        raise ValueError(f"weights: expected a floating-point tensor, got {getattr(weights, 'dtype', type(weights))}")
+    check_rows("weights", weights, n, lead, device)

@@ -62,12 +62,14 @@ def reference_divergence(
     temperature: float = 1.0,
     clip: float | None = None,
     reduction: str = "mean",
+    weights: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> DivergenceOutput:
     """Same contract as `fastsd.fused_linear_divergence`, computed with materialised logits.
 
     Gradients flow (through autograd) into whichever of `student_hidden` and `weight` require
-    them; the computation runs in `dtype` (float64 by default) on upcast copies.
+    them; the computation runs in `dtype` (float64 by default) on upcast copies. `entropy` is
+    always filled.
     """
     w_t = weight if teacher_weight is None else teacher_weight
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1]).to(dtype)
@@ -79,13 +81,15 @@ def reference_divergence(
     )
     valid = torch.ones_like(per_row, dtype=torch.bool) if mask is None else mask.reshape(-1)
     per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
+    weighted = per_row if weights is None else per_row * torch.where(valid, weights.reshape(-1).to(dtype), 0.0)
     if reduction == "none":
-        loss = per_row
+        loss = weighted
     elif reduction == "sum":
-        loss = per_row.sum()
+        loss = weighted.sum()
     else:
-        loss = per_row.sum() / valid.sum().clamp(min=1)
-    out = DivergenceOutput(loss=loss, per_token=per_row.detach())
+        loss = weighted.sum() / valid.sum().clamp(min=1)
+    out = DivergenceOutput(loss=loss, per_token=per_row.detach(),
+                           entropy=torch.where(valid, _entropy(s_logits.detach() / temperature), 0.0))
     if target_ids is not None:
         ids = target_ids.reshape(-1, 1)
         zero = torch.zeros((), dtype=dtype)
@@ -103,12 +107,24 @@ def reference_logprob(
     *,
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    return_entropy: bool = False,
     dtype: torch.dtype = torch.float64,
-) -> torch.Tensor:
+):
     """Same contract as `fastsd.fused_linear_logprob`, with materialised logits."""
     h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
-    logits = h @ weight.to(dtype).T
-    lp = F.log_softmax(logits / temperature, dim=-1).gather(1, target_ids.reshape(-1, 1)).squeeze(1)
-    if mask is not None:
-        lp = torch.where(mask.reshape(-1), lp, torch.zeros_like(lp))
-    return lp
+    logits = h @ weight.to(dtype).T / temperature
+    lp = F.log_softmax(logits, dim=-1).gather(1, target_ids.reshape(-1, 1)).squeeze(1)
+    valid = torch.ones_like(lp, dtype=torch.bool) if mask is None else mask.reshape(-1)
+    if weights is not None:  # masked rows' weights may hold anything (NaN): never multiplied in
+        lp = lp * torch.where(valid, weights.reshape(-1).to(dtype), 0.0)
+    lp = torch.where(valid, lp, torch.zeros_like(lp))
+    if not return_entropy:
+        return lp
+    return lp, torch.where(valid, _entropy(logits.detach()), 0.0)
+
+
+def _entropy(logits_NV: torch.Tensor) -> torch.Tensor:
+    """-sum_v p log p per row, from the definition."""
+    lp = torch.log_softmax(logits_NV, dim=-1)
+    return -(lp.exp() * lp).sum(-1)

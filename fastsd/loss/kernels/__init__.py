@@ -59,7 +59,7 @@ def _as_weight(h, w):
 
 
 def divergence_chunked(h_s, w_s, h_t, w_t, rows, num_valid, targets_c, *, divergence, beta,
-                       temperature, clip, row_scale, chunk_size, need_dx, need_dw):
+                       temperature, clip, row_scale, chunk_size, need_dx, need_dw, entropy=None):
     h_s, h_t = _as_weight(h_s, w_s), _as_weight(h_t, w_t)
     N, V = rows.numel(), w_s.shape[0]
     dev, f32 = h_s.device, torch.float32
@@ -83,7 +83,7 @@ def divergence_chunked(h_s, w_s, h_t, w_t, rows, num_valid, targets_c, *, diverg
             logits(h_t, rows, num_valid, w_t, z_t, c0, c, inv_temp)
             divergence_rows(z_s, z_t, None if g is None else g[c0 - g0:], loss, s_lp, t_lp,
                             targets_c, row_scale, num_valid, c0, c, divergence=divergence,
-                            beta=beta, clip=clip, inv_temp=inv_temp)
+                            beta=beta, clip=clip, inv_temp=inv_temp, entropy=entropy)
         if dx is not None:
             dx_rows(g, w_s, rows, num_valid, dx, g0, gc)
         if dw is not None:
@@ -92,7 +92,7 @@ def divergence_chunked(h_s, w_s, h_t, w_t, rows, num_valid, targets_c, *, diverg
 
 
 def logprob_chunked(h, w, rows, num_valid, targets_c, *, temperature, row_scale, chunk_size,
-                    need_dx, need_dw):
+                    need_dx, need_dw, entropy=None):
     h = _as_weight(h, w)
     N, V = rows.numel(), w.shape[0]
     dev, f32 = h.device, torch.float32
@@ -110,7 +110,7 @@ def logprob_chunked(h, w, rows, num_valid, targets_c, *, temperature, row_scale,
             c = min(C, N - c0)
             logits(h, rows, num_valid, w, z, c0, c, inv_temp)
             logprob_rows(z, None if g is None else g[c0 - g0:], lp, targets_c, row_scale,
-                         num_valid, c0, c, inv_temp=inv_temp)
+                         num_valid, c0, c, inv_temp=inv_temp, entropy=entropy)
         if dx is not None:
             dx_rows(g, w, rows, num_valid, dx, g0, gc)
         if dw is not None:
