@@ -10,6 +10,7 @@ backward recomputes the chunks (the log-prob's torch backend keeps its last chun
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -30,7 +31,8 @@ def backend_ops(backend: str):
     return kernels
 
 
-def chunk_rows(chunk_size: int | None, backend: str, vocab: int, width: int, kind: str, clip=None) -> int:
+def chunk_rows(chunk_size: int | None, backend: str, vocab: int, width: int, kind: str, clip=None,
+               entropy: bool = False) -> int:
     """Rows per chunk: `chunk_size`, or the most whose buffers fit the workspace. The torch
     backend counts every buffer it allocates (`torch_backend.workspace_bytes`); the Triton
     backend counts its fp32 logits only (its gradient buffer adds half again, see docs/loss.md).
@@ -38,7 +40,7 @@ def chunk_rows(chunk_size: int | None, backend: str, vocab: int, width: int, kin
     if chunk_size is not None:
         return int(chunk_size)
     if backend == "torch":
-        return torch_backend.chunk_rows(_WORKSPACE_BYTES, vocab, width, kind, clip)
+        return torch_backend.chunk_rows(_WORKSPACE_BYTES, vocab, width, kind, clip, entropy)
     heads = 1 if kind == "logprob" else 2
     return max(16, _WORKSPACE_BYTES // (4 * heads * vocab) // 16 * 16)
 
@@ -59,6 +61,16 @@ def scatter(values_c: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor |
     return torch.empty_like(values_c).index_copy_(0, rows, values_c)
 
 
+def _entropy_buffer(opts, rows):
+    """[N] fp32 (compact order) for the student's entropy when asked for (zeros: masked rows)."""
+    return torch.zeros(rows.numel(), dtype=torch.float32, device=rows.device) if opts["entropy"] else None
+
+
+def _weighted(values_c, opts):
+    """values_c times the per-token weights (compact order; masked rows 0), if any."""
+    return values_c if opts["weights"] is None else values_c * opts["weights"]
+
+
 def _once_differentiable(name: str) -> None:
     """Backward runs with grad mode on only under create_graph=True. The gradients computed here
     are not differentiable, so a second derivative would silently miss this term: refuse."""
@@ -66,8 +78,22 @@ def _once_differentiable(name: str) -> None:
         raise RuntimeError(f"{name}: not twice differentiable (backward with create_graph=True)")
 
 
+def _autocast_off(fn):
+    """Run a forward/backward with autocast off on the inputs' device: the backends cast
+    explicitly (fp32 logits and softmax math; dX/dW in fp32, rounded to each input's dtype by
+    `finish_grads`), and an autocast matmul would hand them 16-bit products."""
+
+    @functools.wraps(fn)
+    def run(ctx, first, *args):
+        with torch.autocast(first.device.type, enabled=False):
+            return fn(ctx, first, *args)
+
+    return run
+
+
 class FusedDivergenceFunction(torch.autograd.Function):
     @staticmethod
+    @_autocast_off
     def forward(ctx, h_s, w_s, h_t, w_t, rows, num_valid, targets_c, opts):
         # needs_input_grad ignores torch.no_grad(); the caller's grad mode is in opts.
         need_dx = opts["grad_enabled"] and ctx.needs_input_grad[0]
@@ -76,17 +102,22 @@ class FusedDivergenceFunction(torch.autograd.Function):
         # Scalar output: compute the gradient now and scale it by grad_output (and, for "mean",
         # 1 / valid rows) in backward, after the exact fp32 sums: a 1/N folded into the 16-bit
         # logit gradient would push fp16 values into the subnormals at large N.
-        row_scale = torch.ones(rows.numel(), dtype=torch.float32, device=h_s.device) if eager else None
+        # The per-token weights ride on the row factor: each row's gradient is scaled by its weight.
+        row_scale = None
+        if eager:
+            row_scale = (torch.ones(rows.numel(), dtype=torch.float32, device=h_s.device)
+                         if opts["weights"] is None else opts["weights"])
+        entropy = _entropy_buffer(opts, rows)
         loss_c, s_lp, t_lp, dx, dw = opts["ops"].divergence_chunked(
             h_s, w_s, h_t, w_t, rows, num_valid, targets_c, row_scale=row_scale,
-            need_dx=need_dx, need_dw=need_dw, **opts["kw"],
+            need_dx=need_dx, need_dw=need_dw, entropy=entropy, **opts["kw"],
         )
         per_token = scatter(loss_c, rows)
         if opts["reduction"] == "none":
-            loss = per_token.clone()
+            loss = per_token.clone() if opts["weights"] is None else scatter(_weighted(loss_c, opts), rows)
             ctx.save_for_backward(h_s, w_s, h_t, w_t, rows, num_valid)
         else:
-            loss = loss_c.sum()
+            loss = _weighted(loss_c, opts).sum()
             if opts["reduction"] == "mean":
                 loss = loss / num_valid.clamp(min=1).squeeze(0)
         # Eager gradients stay unrounded (fp32) until backward knows grad_output.
@@ -94,11 +125,12 @@ class FusedDivergenceFunction(torch.autograd.Function):
         ctx.dtypes = (h_s.dtype, w_s.dtype)
         ctx.opts, ctx.eager = opts, eager
         ctx.num_valid = num_valid if eager else None
-        outs = (per_token, scatter(s_lp, rows), scatter(t_lp, rows))
+        outs = (per_token, scatter(s_lp, rows), scatter(t_lp, rows), scatter(entropy, rows))
         ctx.mark_non_differentiable(*[t for t in outs if t is not None])
         return (loss, *outs)
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, grad_loss, *_):
         _once_differentiable("fused_linear_divergence")
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -112,7 +144,7 @@ class FusedDivergenceFunction(torch.autograd.Function):
                 scale = scale / ctx.num_valid.clamp(min=1).to(torch.float32)
         else:
             h_s, w_s, h_t, w_t, rows, num_valid = ctx.saved_tensors
-            row_scale = grad_loss.to(torch.float32)[rows].contiguous()
+            row_scale = _weighted(grad_loss.to(torch.float32)[rows], ctx.opts).contiguous()
             _, _, _, dx, dw = ops.divergence_chunked(
                 h_s, w_s, h_t, w_t, rows, num_valid, None, row_scale=row_scale,
                 need_dx=need_dx, need_dw=need_dw, **ctx.opts["kw"],
@@ -124,25 +156,33 @@ class FusedDivergenceFunction(torch.autograd.Function):
 
 class FusedLogprobFunction(torch.autograd.Function):
     @staticmethod
+    @_autocast_off
     def forward(ctx, h, w, rows, num_valid, targets_c, opts):
         # torch backend, gradient wanted: the last chunk's softmax is kept for backward (all rows
         # when they fit one chunk)
         keep = [] if (opts["ops"] is torch_backend and opts["grad_enabled"]
                       and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])) else None
+        entropy = _entropy_buffer(opts, rows)
         lp_c, _, _ = opts["ops"].logprob_chunked(
             h, w, rows, num_valid, targets_c, row_scale=None, need_dx=False, need_dw=False,
-            **opts["kw"], **({} if keep is None else {"keep": keep}),
+            entropy=entropy, **opts["kw"], **({} if keep is None else {"keep": keep}),
         )
         ctx.kept = keep[0] if keep else None
         ctx.save_for_backward(h, w, rows, num_valid, targets_c)
         ctx.opts = opts
-        return scatter(lp_c, rows)
+        lp = scatter(_weighted(lp_c, opts), rows)
+        if entropy is None:
+            return lp
+        entropy = scatter(entropy, rows)
+        ctx.mark_non_differentiable(entropy)
+        return lp, entropy
 
     @staticmethod
-    def backward(ctx, grad_lp):
+    @_autocast_off
+    def backward(ctx, grad_lp, *_):
         _once_differentiable("fused_linear_logprob")
         h, w, rows, num_valid, targets_c = ctx.saved_tensors
-        row_scale = grad_lp.to(torch.float32)[rows].contiguous()
+        row_scale = _weighted(grad_lp.to(torch.float32)[rows], ctx.opts).contiguous()
         ops = ctx.opts["ops"]
         if ctx.kept is not None:
             # released here, not with the graph (a caller may hold the output for long); the

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["BACKENDS", "DIVERGENCES", "REDUCTIONS", "check_options", "check_pair", "check_rows", "check_targets"]
+__all__ = ["BACKENDS", "DIVERGENCES", "REDUCTIONS", "check_options", "check_pair", "check_rows", "check_targets",
+           "check_weights", "jsd_endpoint"]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
@@ -25,15 +26,20 @@ def check_options(logprob=False, *, divergence="forward_kl", beta=0.5, temperatu
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if not temperature > 0:
         raise ValueError(f"temperature: must be > 0, got {temperature}")
-    if clip is not None:
-        if divergence != "forward_kl":
-            raise ValueError(f"clip: only supported with divergence='forward_kl', got {divergence!r}")
-        if not clip > 0:
-            raise ValueError(f"clip: must be > 0 (or None), got {clip}")
-    if divergence == "jsd" and not 0 < beta < 1:
-        raise ValueError(f"beta: jsd needs 0 < beta < 1, got {beta}")
+    if clip is not None and not clip > 0:
+        raise ValueError(f"clip: must be > 0 (or None), got {clip}")
+    if divergence == "jsd" and not 0 <= beta <= 1:
+        raise ValueError(f"beta: jsd needs 0 <= beta <= 1, got {beta}")
     if chunk_size is not None and not chunk_size >= 1:
         raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
+
+
+def jsd_endpoint(divergence: str, beta: float) -> str:
+    """JSD at beta = 0 is KL(p_t || p_s) and at beta = 1 KL(p_s || p_t) (TRL's and Liger's
+    convention; the mixture's limit would be 0): the divergence that computes it."""
+    if divergence == "jsd" and beta in (0, 1):
+        return "forward_kl" if beta == 0 else "reverse_kl"
+    return divergence
 
 
 def check_pair(name_h: str, h: torch.Tensor, name_w: str, w: torch.Tensor) -> None:
@@ -48,8 +54,8 @@ def check_pair(name_h: str, h: torch.Tensor, name_w: str, w: torch.Tensor) -> No
     for name, t in ((name_h, h), (name_w, w)):
         if t.dtype not in _DTYPES:
             raise ValueError(f"{name}: unsupported dtype {t.dtype}; expected one of {_DTYPES}")
-    if h.dtype != w.dtype:
-        raise ValueError(f"{name_h}: dtype {h.dtype} differs from {name_w} dtype {w.dtype}")
+    # h's dtype may differ from w's (16-bit activations over fp32 weights, as torch.autocast
+    # leaves them): the math is fp32 either way, and each gradient comes back in its input's dtype.
     if h.device != w.device:
         raise ValueError(f"{name_h}: device {h.device} differs from {name_w} device {w.device}")
 
@@ -73,3 +79,12 @@ def check_targets(target_ids: torch.Tensor, vocab: int, mask: torch.Tensor | Non
     # Hazard: on CUDA this range check is one host synchronisation (a tiny reduction).
     if target_ids.numel() and bool(bad.any()):
         raise ValueError(f"target_ids: id {target_ids[bad][0].item()} outside the vocabulary [0, {vocab})")
+
+
+def check_weights(weights: torch.Tensor | None, n: int, lead: tuple, device) -> None:
+    """Per-token weights: a floating tensor, one per row."""
+    if weights is None:
+        return
+    if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
+        raise ValueError(f"weights: expected a floating-point tensor, got {getattr(weights, 'dtype', type(weights))}")
+    check_rows("weights", weights, n, lead, device)

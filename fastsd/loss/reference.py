@@ -29,23 +29,24 @@ def per_token_divergence(
     lp_s = torch.log_softmax(s_logits_NV / temperature, dim=-1)
     lp_t = torch.log_softmax(t_logits_NV / temperature, dim=-1)
     p_s, p_t = lp_s.exp(), lp_t.exp()
+    if divergence == "jsd" and beta in (0, 1):  # the endpoints are the KLs (TRL's, Liger's convention)
+        divergence = "forward_kl" if beta == 0 else "reverse_kl"
     if divergence == "forward_kl":
         summand = p_t * (lp_t - lp_s)
-        if clip is not None:
-            summand = summand.clamp(max=clip)
-        return summand.sum(-1)
-    if divergence == "reverse_kl":
-        return (p_s * (lp_s - lp_t)).sum(-1)
-    if divergence == "jsd":
+    elif divergence == "reverse_kl":
+        summand = p_s * (lp_s - lp_t)
+    elif divergence == "jsd":
         log_m = torch.logsumexp(
             torch.stack([lp_s + torch.log1p(torch.tensor(-beta, dtype=lp_s.dtype)),
                          lp_t + torch.log(torch.tensor(beta, dtype=lp_s.dtype))]),
             dim=0,
         )
-        kl_t_m = (p_t * (lp_t - log_m)).sum(-1)
-        kl_s_m = (p_s * (lp_s - log_m)).sum(-1)
-        return beta * kl_t_m + (1 - beta) * kl_s_m
-    raise ValueError(f"divergence: unknown {divergence!r}")
+        summand = beta * (p_t * (lp_t - log_m)) + (1 - beta) * (p_s * (lp_s - log_m))
+    else:
+        raise ValueError(f"divergence: unknown {divergence!r}")
+    if clip is not None:  # the pointwise summand; clamp's gradient is 0 where it clamps
+        summand = summand.clamp(max=clip)
+    return summand.sum(-1)
 
 
 def reference_divergence(
@@ -61,12 +62,14 @@ def reference_divergence(
     temperature: float = 1.0,
     clip: float | None = None,
     reduction: str = "mean",
+    weights: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> DivergenceOutput:
     """Same contract as `fastsd.fused_linear_divergence`, computed with materialised logits.
 
     Gradients flow (through autograd) into whichever of `student_hidden` and `weight` require
-    them; the computation runs in `dtype` (float64 by default) on upcast copies.
+    them; the computation runs in `dtype` (float64 by default) on upcast copies. `entropy` is
+    always filled.
     """
     w_t = weight if teacher_weight is None else teacher_weight
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1]).to(dtype)
@@ -78,13 +81,15 @@ def reference_divergence(
     )
     valid = torch.ones_like(per_row, dtype=torch.bool) if mask is None else mask.reshape(-1)
     per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
+    weighted = per_row if weights is None else per_row * torch.where(valid, weights.reshape(-1).to(dtype), 0.0)
     if reduction == "none":
-        loss = per_row
+        loss = weighted
     elif reduction == "sum":
-        loss = per_row.sum()
+        loss = weighted.sum()
     else:
-        loss = per_row.sum() / valid.sum().clamp(min=1)
-    out = DivergenceOutput(loss=loss, per_token=per_row.detach())
+        loss = weighted.sum() / valid.sum().clamp(min=1)
+    out = DivergenceOutput(loss=loss, per_token=per_row.detach(),
+                           entropy=torch.where(valid, _entropy(s_logits.detach() / temperature), 0.0))
     if target_ids is not None:
         ids = target_ids.reshape(-1, 1)
         zero = torch.zeros((), dtype=dtype)
@@ -102,12 +107,24 @@ def reference_logprob(
     *,
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    return_entropy: bool = False,
     dtype: torch.dtype = torch.float64,
-) -> torch.Tensor:
+):
     """Same contract as `fastsd.fused_linear_logprob`, with materialised logits."""
     h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
-    logits = h @ weight.to(dtype).T
-    lp = F.log_softmax(logits / temperature, dim=-1).gather(1, target_ids.reshape(-1, 1)).squeeze(1)
-    if mask is not None:
-        lp = torch.where(mask.reshape(-1), lp, torch.zeros_like(lp))
-    return lp
+    logits = h @ weight.to(dtype).T / temperature
+    lp = F.log_softmax(logits, dim=-1).gather(1, target_ids.reshape(-1, 1)).squeeze(1)
+    valid = torch.ones_like(lp, dtype=torch.bool) if mask is None else mask.reshape(-1)
+    if weights is not None:  # masked rows' weights may hold anything (NaN): never multiplied in
+        lp = lp * torch.where(valid, weights.reshape(-1).to(dtype), 0.0)
+    lp = torch.where(valid, lp, torch.zeros_like(lp))
+    if not return_entropy:
+        return lp
+    return lp, torch.where(valid, _entropy(logits.detach()), 0.0)
+
+
+def _entropy(logits_NV: torch.Tensor) -> torch.Tensor:
+    """-sum_v p log p per row, from the definition."""
+    lp = torch.log_softmax(logits_NV, dim=-1)
+    return -(lp.exp() * lp).sum(-1)

@@ -19,7 +19,10 @@ Per row, and the gradient w.r.t. the student logits z_s (before the 1/temperatur
     forward_kl          sum_v p_t (log p_t - log p_s),  grad p_s - p_t
     forward_kl + clip   grad p_s * sum_v(k_v p_t,v) - k p_t,   k_v = [p_t,v (log p_t,v - log p_s,v) <= clip]
     reverse_kl          KL = sum_v p_s (log p_s - log p_t),  grad p_s * (log p_s - log p_t - KL)
+    reverse_kl + clip   grad p_s * ([kept] (log p_s - log p_t + 1) - A),  A = sum_v [kept] p_s (log p_s - log p_t + 1)
     jsd(beta)           grad (1 - beta) p_s * (log p_s - log M - KL(p_s || M)),  M = (1-beta) p_s + beta p_t
+    jsd + clip          grad (1 - beta) p_s * ([kept] (log p_s - log M) - K),  K = sum_v [kept] p_s (log p_s - log M)
+(kept: the summand <= clip). JSD with beta 0 or 1 arrives as forward or reverse KL.
 """
 
 from __future__ import annotations
@@ -34,26 +37,34 @@ _TINY = torch.finfo(F32).tiny  # log M where both p underflow: finite, and times
 _SCRATCH = {"forward_kl": 1, "reverse_kl": 0, "jsd": 3, "logprob": 0}  # [C, V] fp32 scratch buffers
 
 
-def _row_bytes(vocab: int, width: int, kind: str, clip) -> int:
+def _row_bytes(vocab: int, width: int, kind: str, clip, entropy: bool = False) -> int:
     heads = 1 if kind == "logprob" else 2
-    per_elem = 4 * (heads + _SCRATCH[kind]) + (clip is not None)  # clip: a bool mask
+    # clip: a bool mask; entropy: one more fp32 scratch buffer
+    per_elem = 4 * (heads + _SCRATCH[kind] + bool(entropy)) + (clip is not None)
     # [c, D] fp32: the hidden states per head and the dX product; the log-prob's W[targets]
     return per_elem * vocab + 3 * width * 4
 
 
-def workspace_bytes(chunk: int, vocab: int, width: int, kind: str, clip: float | None = None) -> int:
+def workspace_bytes(chunk: int, vocab: int, width: int, kind: str, clip: float | None = None,
+                    entropy: bool = False) -> int:
     """Peak bytes one call allocates beyond its inputs, the fp32 gradient accumulators (dX [N, D],
     dW [V, D]) and, for 16-bit weights, fp32 copies of the weights ([V, D] per head): the [C, V]
     buffers above and three [C, D] fp32 ones (the hidden states per head and the chunk's dX
     product; for the log-prob its hidden states, dX product and the target rows of W).
-    `kind`: a divergence or "logprob"."""
-    return chunk * _row_bytes(vocab, width, kind, clip)
+    `kind`: a divergence or "logprob"; `entropy`: the student's entropy is computed too."""
+    return chunk * _row_bytes(vocab, width, kind, clip, entropy)
 
 
-def chunk_rows(budget: int, vocab: int, width: int, kind: str, clip: float | None = None) -> int:
+def chunk_rows(budget: int, vocab: int, width: int, kind: str, clip: float | None = None,
+               entropy: bool = False) -> int:
     """Rows per chunk: the largest multiple of 16 whose `workspace_bytes` fits `budget` bytes
     (at least 16, whatever the budget)."""
-    return max(16, budget // _row_bytes(vocab, width, kind, clip) // 16 * 16)
+    return max(16, budget // _row_bytes(vocab, width, kind, clip, entropy) // 16 * 16)
+
+
+def _entropy(lp, buf):
+    """-sum_v p log p per row of the log-probs `lp` [c, V], through the scratch `buf` (same shape)."""
+    return torch.exp(lp, out=buf).mul_(lp).sum(1).neg_()
 
 
 def _log_softmax_(a):
@@ -62,20 +73,26 @@ def _log_softmax_(a):
     return torch.log_softmax(a, 1, out=a)
 
 
-def _row_math(a, b, s, divergence, beta, clip, tgt, grad):
+def _row_math(a, b, s, divergence, beta, clip, tgt, grad, ent=None):
     """Row math for one chunk, in place. a, b: [C, V] student / teacher logits (divided by the
     temperature); s: the scratch buffers ([C, V] each). Returns (loss [C], lp_s, lp_t (None
     without `tgt`), g): with `grad`, g (one of the [C, V] buffers) holds d loss / d z_s, without
-    the per-row factor, which `_backprop` puts on the [C, D] operands (a [C, V] pass fewer)."""
+    the per-row factor, which `_backprop` puts on the [C, D] operands (a [C, V] pass fewer).
+    `ent`: (scratch [C, V], out [C]) for the student's entropy, or None."""
     _log_softmax_(a), _log_softmax_(b)
+    if ent is not None:
+        ent[1][:] = _entropy(a, ent[0])
     lps = lpt = None
     if tgt is not None:
         lps, lpt = a.gather(1, tgt).squeeze(1), b.gather(1, tgt).squeeze(1)
     if divergence == "jsd":
-        return (*_jsd(a, b, *s, beta, grad), lps, lpt)
+        return (*_jsd(a, b, *s, beta, clip, grad), lps, lpt)
     g = None
     if divergence == "reverse_kl":  # no scratch: b = log p_s - log p_t, a = p_s, b = p_s b
-        loss = torch.sub(a, b, out=b).mul_(a.exp_()).sum(1)
+        torch.sub(a, b, out=b).mul_(a.exp_())
+        if clip is not None:
+            return (*_reverse_clipped(a, b, clip, grad), lps, lpt)
+        loss = b.sum(1)
         if grad:  # p_s (log p_s - log p_t - KL) = b - p_s KL, one fused pass
             g = b.addcmul_(a, loss[:, None], value=-1)
         return loss, g, lps, lpt
@@ -95,15 +112,40 @@ def _row_math(a, b, s, divergence, beta, clip, tgt, grad):
     return loss, g, lps, lpt
 
 
-def _jsd(a, b, ps, pt, log_m, beta, grad):
+def _reverse_clipped(ps, d, clip, grad):
+    """Reverse KL with its summands d = p_s (log p_s - log p_t) clamped at `clip`, in place.
+    A kept summand's gradient in z_s is p_s,j [kept_j] (log p_s,j - log p_t,j + 1) - p_s,j A,
+    A = sum_v [kept_v] p_s,v (log p_s,v - log p_t,v + 1) = sum_v [kept_v] (d_v + p_s,v)."""
+    kept = d <= clip
+    loss = d.clamp_(max=clip).sum(1)
+    if not grad:
+        return loss, None
+    d.add_(ps).masked_fill_(kept.logical_not_(), 0)  # [kept] (d + p_s)
+    return loss, d.addcmul_(ps, d.sum(1)[:, None], value=-1)
+
+
+def _jsd(a, b, ps, pt, log_m, beta, clip, grad):
     """JSD row math in place on a = log p_s, b = log p_t; the other three are scratch. Returns
-    (loss, g): g (in a) is d loss / d z_s over (1 - beta), which goes on the per-row factor."""
+    (loss, g): g (in a) is d loss / d z_s over (1 - beta), which goes on the per-row factor.
+    With `clip`, each summand beta p_t (log p_t - log M) + (1 - beta) p_s (log p_s - log M) is
+    clamped; its derivative in p_s is (1 - beta)(log p_s - log M), so the gradient over (1 - beta)
+    is p_s ([kept] (log p_s - log M) - K), K = sum_v [kept_v] p_s,v (log p_s,v - log M_v)."""
     torch.exp(a, out=ps), torch.exp(b, out=pt)
     torch.mul(ps, 1 - beta, out=log_m).add_(pt, alpha=beta).clamp_(min=_TINY).log_()
-    kl_t = b.sub_(log_m).mul_(pt).sum(1)  # b is free after this
-    kl_s = torch.mul(a.sub_(log_m), ps, out=pt).sum(1)  # a = log p_s - log M
-    g = a.sub_(kl_s[:, None]).mul_(ps) if grad else None
-    return beta * kl_t + (1 - beta) * kl_s, g
+    b.sub_(log_m).mul_(pt)  # b: the teacher's summands p_t (log p_t - log M)
+    torch.mul(a.sub_(log_m), ps, out=pt)  # a = log p_s - log M; pt: the student's summands
+    if clip is None:
+        kl_s = pt.sum(1)
+        g = a.sub_(kl_s[:, None]).mul_(ps) if grad else None
+        return beta * b.sum(1) + (1 - beta) * kl_s, g
+    summand = torch.mul(b, beta, out=log_m).add_(pt, alpha=1 - beta)  # log M is free
+    kept = summand <= clip
+    loss = summand.clamp_(max=clip).sum(1)
+    if not grad:
+        return loss, None
+    dropped = kept.logical_not_()
+    k = pt.masked_fill_(dropped, 0).sum(1)
+    return loss, a.masked_fill_(dropped, 0).sub_(k[:, None]).mul_(ps)
 
 
 def _hidden(h, rows, inv_temp):
@@ -156,11 +198,12 @@ def _backprop(g, hc, w32, r, u, inv_temp, dx, dw, first, tgt=None):
 
 
 def divergence_chunked(h_s, w_s, h_t, w_t, rows, num_valid, targets_c, *, divergence, beta,
-                       temperature, clip, row_scale, chunk_size, need_dx, need_dw):
+                       temperature, clip, row_scale, chunk_size, need_dx, need_dw, entropy=None):
     """Returns (loss_c [N], s_lp_c [N] | None, t_lp_c [N] | None, dx | None, dw | None), the
     gradients in fp32 and not yet rounded (see `finish_grads`).
 
     `row_scale` [N] (compact order) is d(output)/d(loss_c); None computes no gradient.
+    `entropy` [N] fp32 (compact order), or None: the student's entropy per valid row written there.
     """
     n, N, V = int(num_valid), rows.numel(), w_s.shape[0]
     dev = h_s.device
@@ -177,6 +220,7 @@ def divergence_chunked(h_s, w_s, h_t, w_t, rows, num_valid, targets_c, *, diverg
     bounds = _even_chunks(n, chunk_size)
     C = bounds[0][1]
     zs, zt, *scratch = (torch.empty(C, V, dtype=F32, device=dev) for _ in range(2 + _SCRATCH[divergence]))
+    e_buf = None if entropy is None else torch.empty(C, V, dtype=F32, device=dev)
     inv_temp = 1.0 / temperature
     factor = (1 - beta) if divergence == "jsd" else 1.0  # the JSD's (1 - beta) rides on the row factor
     for c0, c1 in bounds:
@@ -184,8 +228,9 @@ def divergence_chunked(h_s, w_s, h_t, w_t, rows, num_valid, targets_c, *, diverg
         hs = _logits(h_s, r, ws32, zs[:c], inv_temp)
         _logits(h_t, r, wt32, zt[:c], inv_temp)
         tgt = None if targets_c is None else targets_c[c0:c1, None]
+        ent = None if entropy is None else (e_buf[:c], entropy[c0:c1])
         loss[c0:c1], g, lps, lpt = _row_math(zs[:c], zt[:c], [t[:c] for t in scratch], divergence, beta,
-                                             clip, tgt, grad)
+                                             clip, tgt, grad, ent)
         if tgt is not None:
             s_lp[c0:c1], t_lp[c0:c1] = lps, lpt
         if grad:
@@ -194,13 +239,13 @@ def divergence_chunked(h_s, w_s, h_t, w_t, rows, num_valid, targets_c, *, diverg
 
 
 def logprob_chunked(h, w, rows, num_valid, targets_c, *, temperature, row_scale, chunk_size,
-                    need_dx, need_dw, keep=None):
+                    need_dx, need_dw, keep=None, entropy=None):
     """Returns (lp_c [N], dx [N, D] | None, dw [V, D] | None): log p(target) per compact row.
 
     `keep` (a list, forward only): the last chunk's softmax p is left in the chunk buffer,
     appended to `keep` as (first row, buffer) for `logprob_backward_kept`, so the backward
     needs no logits GEMM for those rows (for all rows when they fit one chunk: 3 GEMMs in all,
-    as eager) and no memory beyond the workspace."""
+    as eager) and no memory beyond the workspace. `entropy`: as in `divergence_chunked`."""
     n, N, V = int(num_valid), rows.numel(), w.shape[0]
     lp = torch.zeros(N, dtype=F32, device=h.device)
     grad = row_scale is not None
@@ -209,12 +254,14 @@ def logprob_chunked(h, w, rows, num_valid, targets_c, *, temperature, row_scale,
         return lp, dx, dw
     bounds = _even_chunks(n, chunk_size)
     z = torch.empty(bounds[0][1], V, dtype=F32, device=h.device)
-    _logprob_rows(h, w.to(F32), rows, targets_c, z, bounds, 1.0 / temperature, row_scale, dx, dw, True, lp, keep)
+    ent = None if entropy is None else (torch.empty_like(z), entropy)
+    _logprob_rows(h, w.to(F32), rows, targets_c, z, bounds, 1.0 / temperature, row_scale, dx, dw, True, lp, keep,
+                  ent)
     return lp, dx, dw
 
 
 def _logprob_rows(h, w32, rows, targets_c, z, bounds, inv_temp, row_scale, dx, dw, writes_dw, lp,
-                  keep=None):
+                  keep=None, ent=None):
     """The compact rows of `bounds` chunk by chunk in z: their log p(target) into `lp` (if
     given), and with `row_scale` their dX rows and dW (the first chunk writes dW if
     `writes_dw`, else all add to it); with `keep`, the last chunk's p stays in z."""
@@ -222,6 +269,8 @@ def _logprob_rows(h, w32, rows, targets_c, z, bounds, inv_temp, row_scale, dx, d
         a, r, tgt = z[:c1 - c0], rows[c0:c1], targets_c[c0:c1]
         hc = _logits(h, r, w32, a, inv_temp)
         picked = _log_softmax_(a).gather(1, tgt[:, None]).squeeze(1)
+        if ent is not None:  # (scratch, out [N])
+            ent[1][c0:c1] = _entropy(a, ent[0][:c1 - c0])
         if lp is not None:
             lp[c0:c1] = picked
         if row_scale is not None:  # d log p(y) / d z = onehot(y) - p

@@ -27,6 +27,12 @@ CASES = [
     ("jsd", None, 0.3, F32, "some", "mean", 2.0, 37, 40, 40, 301, True, False),
     ("jsd", None, 0.8, BF16, "none", "none", 1.0, 29, 40, 56, 257, False, False),
     ("forward_kl", None, 0.5, F16, "some", "mean", 1.0, 37, 40, 40, 301, True, False),
+    ("reverse_kl", 0.01, 0.5, F32, "some", "none", 1.3, 37, 40, 24, 301, False, False),
+    ("reverse_kl", 0.01, 0.5, BF16, "none", "mean", 1.0, 29, 40, 40, 257, True, False),
+    ("jsd", 0.005, 0.3, F32, "some", "sum", 0.8, 37, 40, 40, 301, True, False),
+    ("jsd", 0.005, 0.7, BF16, "some", "none", 1.2, 29, 48, 32, 257, False, False),
+    ("jsd", None, 0.0, F32, "some", "none", 1.0, 29, 40, 40, 257, True, False),  # = forward KL
+    ("jsd", 0.02, 1.0, F32, "none", "mean", 1.3, 29, 40, 24, 257, False, False),  # = reverse KL
     ("forward_kl", None, 0.5, F32, "none", "mean", 1.0, 1, 40, 40, 301, True, False),  # N = 1
     ("forward_kl", None, 0.5, F32, "some", "mean", 1.0, 33, 32, 32, 131, False, True),  # confident
     ("reverse_kl", None, 0.5, F32, "none", "sum", 1.0, 33, 32, 32, 131, False, True),

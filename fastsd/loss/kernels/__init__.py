@@ -51,8 +51,16 @@ def _grad_rows(c: int, w: torch.Tensor) -> int:
     return c * (2 if w.element_size() == 2 else 1)
 
 
+def _as_weight(h, w):
+    """h in w's dtype: the GEMMs take both operands in the weight's dtype (16-bit activations
+    over fp32 weights, as autocast leaves them, are widened; dX stays fp32 and is rounded to
+    h's own dtype by `finish_grads`)."""
+    return h if h.dtype == w.dtype else h.to(w.dtype)
+
+
 def divergence_chunked(h_s, w_s, h_t, w_t, rows, num_valid, targets_c, *, divergence, beta,
-                       temperature, clip, row_scale, chunk_size, need_dx, need_dw):
+                       temperature, clip, row_scale, chunk_size, need_dx, need_dw, entropy=None):
+    h_s, h_t = _as_weight(h_s, w_s), _as_weight(h_t, w_t)
     N, V = rows.numel(), w_s.shape[0]
     dev, f32 = h_s.device, torch.float32
     C = max(1, min(chunk_size, N))
@@ -75,7 +83,7 @@ def divergence_chunked(h_s, w_s, h_t, w_t, rows, num_valid, targets_c, *, diverg
             logits(h_t, rows, num_valid, w_t, z_t, c0, c, inv_temp)
             divergence_rows(z_s, z_t, None if g is None else g[c0 - g0:], loss, s_lp, t_lp,
                             targets_c, row_scale, num_valid, c0, c, divergence=divergence,
-                            beta=beta, clip=clip, inv_temp=inv_temp)
+                            beta=beta, clip=clip, inv_temp=inv_temp, entropy=entropy)
         if dx is not None:
             dx_rows(g, w_s, rows, num_valid, dx, g0, gc)
         if dw is not None:
@@ -84,7 +92,8 @@ def divergence_chunked(h_s, w_s, h_t, w_t, rows, num_valid, targets_c, *, diverg
 
 
 def logprob_chunked(h, w, rows, num_valid, targets_c, *, temperature, row_scale, chunk_size,
-                    need_dx, need_dw):
+                    need_dx, need_dw, entropy=None):
+    h = _as_weight(h, w)
     N, V = rows.numel(), w.shape[0]
     dev, f32 = h.device, torch.float32
     C = max(1, min(chunk_size, N))
@@ -101,7 +110,7 @@ def logprob_chunked(h, w, rows, num_valid, targets_c, *, temperature, row_scale,
             c = min(C, N - c0)
             logits(h, rows, num_valid, w, z, c0, c, inv_temp)
             logprob_rows(z, None if g is None else g[c0 - g0:], lp, targets_c, row_scale,
-                         num_valid, c0, c, inv_temp=inv_temp)
+                         num_valid, c0, c, inv_temp=inv_temp, entropy=entropy)
         if dx is not None:
             dx_rows(g, w, rows, num_valid, dx, g0, gc)
         if dw is not None:
