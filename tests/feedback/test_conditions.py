@@ -200,3 +200,32 @@ def test_a_data_column_is_the_teachers_context(tmp_path):
     assert load_data(load_config(overrides=[f"data={data}"]))[0][0].context is None  # other conditions: not read
     with pytest.raises(ValueError, match="^data.fields.context: condition=context needs"):
         load_config(overrides=["condition=context", f"data={data}"])
+
+
+# ---------------------------------------------------------------- the tools take any condition
+
+def _tool(name):
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path[:1] = []
+
+
+def test_the_tools_take_any_registered_or_user_condition(tmp_path, monkeypatch, capsys):
+    _docs_example(tmp_path, monkeypatch)
+    compare, advantage = _tool("compare_conditions"), _tool("advantage_report")
+    args = compare.parse_args(["--conditions", "peer", "context", "corrected_step:CorrectedStep", "--dry-run"])
+    assert args.conditions == ["peer", "context", "corrected_step:CorrectedStep"]
+    assert advantage.parse_args(["--condition", "peer", "corrected_step:CorrectedStep"]).condition[0] == "peer"
+    for tool, flag, name, message in [(compare, "--conditions", "sft", "unknown condition 'sft'"),
+                                      (advantage, "--condition", "grpo", "grpo has no teacher"),
+                                      (advantage, "--condition", "nope_xyz:A", "cannot import module 'nope_xyz'")]:
+        with pytest.raises(SystemExit):
+            tool.parse_args([flag, name])
+        assert message in capsys.readouterr().err
+    text = compare.dry_run(compare.parse_args(["--conditions", "peer", "corrected_step:CorrectedStep", "grpo"]))
+    question = builtin_split("train", 16, 0)[0].question  # the default data: the first training question
+    assert f"#   Q:{question}\\n\n#   R:[a correct sibling rollout's response]\\n\n" in text
+    assert f"#   Q:{question}\\n\n#   Fix:[condition=corrected_step's context for this rollout]\\n\n" in text
+    assert "# condition=grpo: no teacher" in text
