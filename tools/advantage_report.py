@@ -5,9 +5,11 @@
         --rollouts runs/default/rollouts.jsonl --step 60 --condition critique
     (extra key=value arguments are fastsd-train overrides, e.g. critic=http critic.base_url=...)
 
-For a checkpoint, one or more conditions (critique, reference) and a set of rollouts (sampled now
-from the checkpoint on `--questions` held-out questions at the rollout temperature, or read from
-a run's rollouts.jsonl), computes A_t = log p_teacher(y_t | x, c, y<t) - log p_student(y_t | x, y<t)
+For a checkpoint, one or more conditions with a teacher (critique, reference, peer, context, or a
+user condition module.path:Class) and a set of rollouts (sampled now from the checkpoint on
+`--questions` held-out questions at the rollout temperature, as many per question as the
+conditions need, peer 2; or read from a run's rollouts.jsonl, a question's rollouts of a step
+one group), computes A_t = log p_teacher(y_t | x, c, y<t) - log p_student(y_t | x, y<t)
 for every response token, with the checkpoint as both student and teacher (as `teacher=initial`
 is at step 0), and writes per condition:
 
@@ -45,6 +47,7 @@ from fastsd.evaluation.advantage import (
 from fastsd.feedback import feedback
 from fastsd.feedback.critic import ArithCritic
 from fastsd.feedback.prompts import encode, student_prompt
+from fastsd.feedback.registry import condition_class
 from fastsd.model.dist import Dist
 from fastsd.rollout import Rollout, rollout
 from fastsd.run.build import build_critic, build_models
@@ -58,7 +61,8 @@ CONDITIONS = ("critique", "reference")
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="builtin", help="checkpoint directory (HF format); builtin: the shipped model")
-    ap.add_argument("--condition", nargs="+", choices=CONDITIONS, default=list(CONDITIONS))
+    ap.add_argument("--condition", nargs="+", default=list(CONDITIONS),
+                    help="conditions with a teacher: registered (critique reference peer context) or module.path:Class")
     ap.add_argument("--questions", type=int, default=128, help="held-out questions to sample rollouts for")
     ap.add_argument("--rollouts", help="a run's rollouts.jsonl to analyse instead of sampling")
     ap.add_argument("--step", type=int, help="with --rollouts: only this step's rollouts")
@@ -67,6 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default="runs/advantage")
     ap.add_argument("overrides", nargs="*", help="fastsd-train key=value overrides")
     args = ap.parse_args(argv)
+    for name in args.condition:
+        try:
+            if not condition_class(name, key="--condition").teacher:
+                ap.error(f"--condition: {name} has no teacher, so no A_t")
+        except ValueError as e:
+            ap.error(str(e))
     if args.questions < 1:
         ap.error("--questions: must be >= 1")
     return args
@@ -84,7 +94,7 @@ def read_rollouts(path: str, step: int | None, cfg, tok) -> list[Rollout]:
     else (runs logged before) the prompt rendered again and the response text re-encoded."""
     train, held = load_data(cfg)
     known = {ex.question: ex for ex in train + held}
-    out = []
+    out, groups = [], {}
     for line_no, line in enumerate(Path(path).read_text().splitlines(), start=1):
         row = json.loads(line)
         if step is not None and row.get("step") != step:
@@ -96,7 +106,8 @@ def read_rollouts(path: str, step: int | None, cfg, tok) -> list[Rollout]:
         parsed = parse_response(row["response"])
         prompt = row.get("prompt_ids") or encode(tok, student_prompt(ex.question, cfg.templates.student))
         response = row["response_ids"] if "response_ids" in row else encode(tok, row["response"])
-        out.append(Rollout(ex, prompt, response, parsed, reward(parsed, ex.answer), len(out)))
+        group = groups.setdefault((row.get("step"), ex.question), len(groups))  # a question's rollouts of a step
+        out.append(Rollout(ex, prompt, response, parsed, reward(parsed, ex.answer), group))
     if not out:
         raise ValueError(f"--rollouts: no rollouts in {path}" + (f" at step {step}" if step is not None else ""))
     return out
@@ -217,8 +228,9 @@ def main(argv=None) -> int:
     if args.rollouts:
         rolls = read_rollouts(args.rollouts, args.step, cfg, tok)
     else:
-        _, held = load_data(cfg)
-        rolls = rollout(cfg, d, policy, tok, held, 1, cfg.rollout.temperature)
+        _, held = load_data(cfg)  # per question as many rollouts as a condition needs (peer: 2 or more)
+        k = max(condition_class(c).min_group_size for c in args.condition)
+        rolls = rollout(cfg, d, policy, tok, held, k, cfg.rollout.temperature)
     errors = [first_error(r) for r in rolls]
     right = sum(r.reward == 1 for r in rolls)
     print(f"[advantage] {len(rolls)} rollouts, {right} with the right final answer (reward 1; some of them "

@@ -1,12 +1,15 @@
-"""The paper's comparison on the built-in task: grpo vs reference vs critique, several seeds.
+"""The paper's comparison on the built-in task: grpo vs reference vs critique (or any registered
+condition, or a user condition module.path:Class), several seeds.
 
     python tools/compare_conditions.py --out runs/compare            # 3 conditions x 3 seeds
+    python tools/compare_conditions.py --conditions critique peer --dry-run   # each teacher's prompt; exit
     python tools/compare_conditions.py --out runs/smoke --seeds 0 --steps 2 --eval-every 1 \\
         data.eval_size=4 eval.k=2                                    # extra args: fastsd-train overrides
 
 Every run starts from the same checkpoint (`model.path`, the shipped warm-started tiny model by
 default) with the same budget: `--steps` optimizer steps of `questions_per_step` questions.
-grpo samples 8 rollouts per question, reference and critique 1. Each run is a `fastsd-train`
+Each condition samples its default group size per question (grpo and peer 8, the others 1)
+unless rollout.group_size is given. Each run is a `fastsd-train`
 process in OUT/CONDITION-seedS, checkpointed at every evaluation (so an interrupted comparison
 resumes from its runs' last checkpoints; finished runs are kept), evaluated at step 0, every `--eval-every` steps and at the end (avg@k, pass@k,
 maj@k on the held-out split). Then OUT/results.md (table: mean, standard deviation and range over
@@ -34,7 +37,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/compare", help="directory for the runs and the results")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS))
+    ap.add_argument("--conditions", nargs="+", default=list(CONDITIONS),
+                    help="registered conditions (grpo reference critique peer context) or module.path:Class")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print each condition's student and teacher prompt for the first training question; exit")
     ap.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
     ap.add_argument("--eval-every", type=int, default=30, help="evaluate every N steps (and at 0 and the end)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (each gets cpus / jobs threads)")
@@ -45,7 +51,23 @@ def parse_args(argv=None) -> argparse.Namespace:
             ap.error(f"overrides: expected key=value, got {item!r}")
     if args.steps < 1 or args.eval_every < 1 or args.jobs < 1:
         ap.error("--steps, --eval-every and --jobs must be >= 1")
+    from fastsd.feedback.registry import condition_class
+
+    for name in args.conditions:
+        try:
+            condition_class(name, key="--conditions")
+        except ValueError as e:
+            ap.error(str(e))
     return args
+
+
+def dry_run(args) -> str:
+    """Each condition's prompts for the first training question, as `fastsd-train --dry-run` shows them."""
+    from fastsd.config import load_config
+    from fastsd.run.preflight import show_prompts
+
+    return "".join(f"# condition={c}\n" + show_prompts(load_config(overrides=[*args.overrides, f"condition={c}"]))
+                   for c in args.conditions)
 
 
 def run_command(args, condition: str, seed: int) -> list[str]:
@@ -72,8 +94,10 @@ def cost(run_dir: Path) -> tuple[int, float]:
     """(rollouts sampled per step, minutes of training steps: rollout + feedback + update)."""
     import yaml
 
+    from fastsd.feedback.registry import condition_class
+
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    group = cfg["rollout"]["group_size"] or (8 if cfg["condition"] == "grpo" else 1)
+    group = cfg["rollout"]["group_size"] or condition_class(cfg["condition"]).group_size
     rows = {}  # a resumed run repeats steps after its last checkpoint: the last row of a step counts
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
@@ -188,6 +212,9 @@ def plot(summary: dict, path: Path, k: int | None) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.dry_run:
+        print(dry_run(args), end="")
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

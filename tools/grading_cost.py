@@ -17,7 +17,6 @@ import time
 from fastsd.tasks.grading import MathGrader
 
 
-
 def kinds(rng: random.Random, right: bool) -> tuple[str, str]:
     """One (answer, truth) pair of a random kind, with fresh numbers (so nothing is cached)."""
     a, b, c = rng.randint(1, 999), rng.randint(2, 99), rng.randint(2, 50)

@@ -10,6 +10,7 @@ import re
 from ..feedback.critic_prompt import load_prompt
 from ..feedback.critic_transport import bounds
 from ..feedback.prompts import TEMPLATE_FIELDS, check_template
+from ..feedback.registry import get_condition
 from .tree import TrainConfig
 
 __all__ = ["LORA_FROM_PATH", "check"]
@@ -26,8 +27,7 @@ def _check_answers(cfg: TrainConfig) -> None:
             raise ValueError(f"data.fields.{key}: must name a column, got {getattr(f, key)!r}")
     if f.question == f.answer:
         raise ValueError(f"data.fields.answer: the same column as data.fields.question ({f.answer!r})")
-    if cfg.condition == "reference" and not f.reference_solution.strip():
-        raise ValueError("data.fields.reference_solution: condition=reference needs a column of reference solutions")
+    get_condition(cfg).check()  # a user condition is imported here: before the model loads
     if cfg.format != "steps" and cfg.rollout.stop_at_answer:
         raise ValueError(f"rollout.stop_at_answer: only with format=steps (it stops at </answer>), got format={cfg.format}")
 
@@ -93,16 +93,23 @@ def check(cfg: TrainConfig) -> None:
             raise ValueError(f"critic.{name}: must be >= 0, got {getattr(c, name)}")
     if c.kind == "http" and not c.base_url.startswith(("http://", "https://")):
         raise ValueError(f"critic.base_url: expected http://HOST:PORT/v1 or https://..., got {c.base_url!r}")
-    if cfg.condition == "grpo" and cfg.group_size < 2:
-        raise ValueError(f"rollout.group_size: grpo needs at least 2 rollouts per question, got {cfg.group_size}")
+    cond = get_condition(cfg)
+    if cfg.group_size < cond.min_group_size:
+        raise ValueError(f"rollout.group_size: {cfg.condition} needs at least {cond.min_group_size} rollouts per "
+                         f"question, got {cfg.group_size}")
+    if not 0 <= cfg.loss.pg_weight <= 1:
+        raise ValueError(f"loss.pg_weight: must be in [0, 1], got {cfg.loss.pg_weight}")
+    if cond.teacher and cfg.loss.pg_weight > 0 and cfg.group_size < 2:
+        raise ValueError(f"rollout.group_size: loss.pg_weight > 0 needs group advantages, so at least 2 rollouts "
+                         f"per question, got {cfg.group_size}")
     # Options the condition ignores: said, not refused (tools pass one set of options to every condition).
     unused = []
-    if cfg.condition == "grpo" and cfg.teacher.kind != "initial":
-        unused.append(f"teacher.kind={cfg.teacher.kind} (grpo has no teacher)")
-    if cfg.condition == "grpo" and cfg.loss.kind != "divergence":
-        unused.append(f"loss.kind={cfg.loss.kind} (grpo trains on rewards)")
-    if cfg.condition != "critique" and cfg.critic.kind != "builtin":
-        unused.append(f"critic.kind={cfg.critic.kind} (only condition=critique uses a critic)")
+    if not cond.teacher and cfg.teacher.kind != "initial":
+        unused.append(f"teacher.kind={cfg.teacher.kind} ({cfg.condition} has no teacher)")
+    if not cond.teacher and cfg.loss.kind != "divergence":
+        unused.append(f"loss.kind={cfg.loss.kind} ({cfg.condition} trains on rewards)")
+    if not cond.uses_critic() and cfg.critic.kind != "builtin":
+        unused.append(f"critic.kind={cfg.critic.kind} (condition={cfg.condition} uses no critic)")
     for text in unused:
         logging.getLogger("fastsd").warning("condition=%s ignores %s", cfg.condition, text)
     _check_templates(cfg)

@@ -13,6 +13,8 @@ import textwrap
 
 import yaml
 
+from ..feedback.condition import CONDITION_KEYS
+from ..feedback.registry import get_condition
 from . import tree as config_mod
 from .check import LORA_FROM_PATH
 from .load import to_dict
@@ -41,15 +43,14 @@ def field_docs() -> dict[str, dict[str, str]]:
 def ignored(cfg: TrainConfig, device_type: str = "cpu") -> dict[str, str]:
     """Dotted key (or section) -> why this run does not use it."""
     out: dict[str, str] = {}
-    c = cfg.condition
-    if c == "grpo":
-        out["teacher"] = "grpo has no teacher"
-        out.update({f"loss.{k}": "grpo trains on rewards" for k in ("kind", "divergence", "clip", "beta")})
-        out.update({f"templates.{k}": "grpo has no teacher prompt" for k in ("reference", "critique")})
+    c, cond = cfg.condition, get_condition(cfg)
+    if not cond.teacher:
+        out["teacher"] = f"{c} has no teacher"
+        out.update({f"loss.{k}": f"{c} trains on rewards" for k in ("kind", "divergence", "clip", "beta")})
+        out["loss.pg_weight"] = f"{c} has no teacher to blend with"
     else:
-        out["loss.pg_clip"] = "grpo only"
-        other = "critique" if c == "reference" else "reference"
-        out[f"templates.{other}"] = f"condition={other} only"
+        if cfg.loss.pg_weight == 0:
+            out["loss.pg_clip"] = "grpo only (or loss.pg_weight > 0)"
         if cfg.loss.kind == "sampled_token":
             out.update({f"loss.{k}": "loss=sampled_token uses no divergence" for k in ("divergence", "clip", "beta")})
         else:
@@ -59,9 +60,11 @@ def ignored(cfg: TrainConfig, device_type: str = "cpu") -> dict[str, str]:
                 out["loss.clip"] = "loss.divergence=forward_kl only"
         if cfg.teacher.kind != "ema":
             out["teacher.ema_rate"] = "teacher=ema only"
-    if c != "critique":
-        out["critic"] = "only condition=critique uses a critic"
-    elif cfg.critic.kind == "builtin":
+    used = cond.keys()
+    for key in CONDITION_KEYS:
+        if key not in used:
+            out[key] = f"condition={c} does not read it"
+    if "critic" in used and cfg.critic.kind == "builtin":
         out.update({f"critic.{k}": "critic=http only" for k in _HTTP_KEYS})
     if not cfg.eval.enabled:
         out.update({f"eval.{k}": "eval=off" for k in ("every", "k", "temperature")})
@@ -83,7 +86,7 @@ def resolved(cfg: TrainConfig, device_type: str = "cpu") -> dict[str, str]:
     """Dotted key -> a comment on what its automatic value stands for in this run, on this device type."""
     out = {}
     if cfg.rollout.group_size == 0:
-        out["rollout.group_size"] = f"resolved: {cfg.group_size} ({'grpo' if cfg.condition == 'grpo' else 'self-distillation'}'s default)"
+        out["rollout.group_size"] = f"resolved: {cfg.group_size} ({_default_owner(cfg)}'s default)"
     if cfg.rollout.engine == "auto":
         out["rollout.engine"] = f"resolved: {cfg.sampler(device_type)} (on {'CUDA' if device_type == 'cuda' else 'a CPU'})"
     auto = "reverse_kl" if cfg.model.path == "builtin" else "forward_kl"
@@ -92,6 +95,12 @@ def resolved(cfg: TrainConfig, device_type: str = "cpu") -> dict[str, str]:
     if cfg.model.dtype == "auto":
         out["model.dtype"] = "resolved: " + ("bf16 compute over fp32 parameters (CUDA)" if device_type == "cuda" else "float32 (a CPU)")
     return out
+
+
+def _default_owner(cfg: TrainConfig) -> str:
+    """Whose default group size a run takes: grpo's, self-distillation's (1), or its condition's."""
+    size = get_condition(cfg).group_size
+    return cfg.condition if cfg.condition == "grpo" or size != 1 else "self-distillation"
 
 
 def _scalar(value) -> str:

@@ -16,7 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from ..feedback.prompts import CRITIQUE_TEMPLATE, REFERENCE_TEMPLATE, STUDENT_TEMPLATE
+from ..feedback.prompts import (
+    CONTEXT_TEMPLATE,
+    CRITIQUE_TEMPLATE,
+    PEER_FEEDBACK_TEMPLATE,
+    PEER_TEMPLATE,
+    REFERENCE_TEMPLATE,
+    STUDENT_TEMPLATE,
+)
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -64,6 +71,9 @@ class FieldsConfig:
     """Column holding a worked solution, e.g. generated_solution: required with condition=reference
     (the teacher's context); otherwise optional per record (the http critic shows it when present);
     empty: no such column."""
+    context: str = ""
+    """Column holding a context for the teacher, e.g. a hint, a demonstration or a rubric: required
+    with condition=context (read through templates.context), otherwise not read; empty: none."""
 
 
 @dataclass
@@ -111,6 +121,9 @@ class TemplateConfig:
     """System message before the student's user turn (chat template only; empty: none)."""
     teacher_system: str = ""
     """System message before the teacher's user turn (chat template only; empty: none)."""
+    context: str = CONTEXT_TEMPLATE
+    """Teacher prompt for condition=context; fields: {question}, {context} (the record's
+    data.fields.context column)."""
 
 
 @dataclass
@@ -161,6 +174,10 @@ class LossConfig:
     """jsd only: mixture weight of the teacher, in (0, 1)."""
     pg_clip: float = 0.2
     """grpo: PPO-style ratio clip epsilon."""
+    pg_weight: float = 0.0
+    """A teacher condition's blend w in [0, 1]: the step's loss is (1 - w) * the distillation loss +
+    w * grpo's clipped policy gradient on the group advantages, each a token mean of the step. 0:
+    self-distillation alone; 1: grpo's step (the teacher is not asked). Needs rollout.group_size >= 2."""
 
 
 @dataclass
@@ -257,9 +274,34 @@ class CheckpointConfig:
 
 
 @dataclass
+class PeerConfig:
+    feedback: Literal["none", "verdict", "critique"] = "none"
+    """condition=peer: feedback on the rollout's own attempt beside the demonstration: none, verdict
+    (the grader's: the answer given and whether it is right), or critique (the critic's)."""
+    template: str = PEER_TEMPLATE
+    """condition=peer: the teacher's prompt; fields: {question}, {demonstration} (a correct sibling's
+    response), {feedback} (peer.feedback_template filled in, or empty)."""
+    feedback_template: str = PEER_FEEDBACK_TEMPLATE
+    """condition=peer: how the feedback reads in {feedback}; fields: {feedback}."""
+    success: float = 1.0
+    """condition=peer: a rollout with a reward >= this is correct (a demonstration for its siblings)."""
+    strip_thinking: bool = False
+    """condition=peer: remove <think>...</think> (and an unclosed <think> to the end) from a demonstration."""
+    max_demo_tokens: int = 0
+    """condition=peer: keep a demonstration's first N tokens, and the feedback's first N (0: no bound);
+    the question and the template's own text are never cut."""
+    fallback: Literal["none", "reference", "critique"] = "none"
+    """condition=peer: the teacher of a rollout with no correct sibling: none (no teacher, no loss;
+    counted), reference (the reference solution, templates.reference) or critique (the critic's,
+    templates.critique)."""
+
+
+@dataclass
 class TrainConfig:
-    condition: Literal["grpo", "reference", "critique"] = "critique"
-    """Feedback: grpo (binary reward), reference (teacher sees a reference solution), critique."""
+    condition: str = "critique"
+    """Feedback: grpo (binary reward), reference (teacher sees a reference solution), critique, peer
+    (a correct sibling rollout), context (a data column), or a user condition module.path:Class
+    (docs/conditions.md)."""
     steps: int = 60
     """Optimizer steps."""
     questions_per_step: int = 16
@@ -289,10 +331,17 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    peer: PeerConfig = field(default_factory=PeerConfig)
 
     @property
     def group_size(self) -> int:
-        return self.rollout.group_size or (8 if self.condition == "grpo" else 1)
+        return self.rollout.group_size or self.feedback_condition().group_size
+
+    def feedback_condition(self):
+        """The condition `condition` names, built (`fastsd.feedback.registry`); ValueError naming the key."""
+        from ..feedback.registry import get_condition
+
+        return get_condition(self)
 
     def sampler(self, device_type: str) -> str:
         """rollout.engine resolved for a device type ("cuda", "cpu"): auto is vllm on CUDA

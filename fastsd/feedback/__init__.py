@@ -1,7 +1,11 @@
-"""The step's feedback stage: what the self-teacher reads (a reference, a critic's critique), or the
-reward's group advantage (grpo); the prompts and chat templates of both sides; the critics.
+"""The step's feedback stage: what the self-teacher reads (a reference, a critic's critique, a correct
+sibling, a data column, or a user condition's context), or the reward's group advantage (grpo); the
+prompts and chat templates of both sides; the critics.
 
-    conditions.py     `feedback` (entry point): each rollout's teacher prompt or advantage, by condition
+    condition.py      the condition interface (`Condition`) and `register`
+    registry.py       the conditions by name: the built-ins, user conditions by import path
+    conditions.py     `feedback` (entry point) and the built-in conditions grpo, reference, critique, context
+    peer.py           condition=peer: a correct sibling rollout as the teacher's demonstration
     prompts.py        student and teacher prompts: templates and the tokenizer's chat template
     critic.py         the critic interface and the built-in task's exact critic
     http_critic.py    a frozen LLM critic behind an OpenAI-compatible server
@@ -11,7 +15,8 @@ reward's group advantage (grpo); the prompts and chat templates of both sides; t
     critic_prompt.py  what the HTTP critic is asked, and the critique the teacher reads (format=free)
 """
 
+from .condition import Condition, register
 from .conditions import feedback
 from .critic import ArithCritic, Critic, Critique
 
-__all__ = ["ArithCritic", "Critic", "Critique", "feedback"]
+__all__ = ["ArithCritic", "Condition", "Critic", "Critique", "feedback", "register"]

@@ -1,4 +1,5 @@
-"""The step's feedback stage: what each rollout is trained on, by condition (grpo, reference, critique)."""
+"""The step's feedback stage: `feedback` (entry point) and the built-in conditions grpo, reference,
+critique and context (peer: `fastsd.feedback.peer`); the interface is `fastsd.feedback.condition`."""
 
 from __future__ import annotations
 
@@ -6,40 +7,127 @@ from collections import Counter
 
 import torch
 
-from .prompts import encode, teacher_text
+from .condition import Condition, by_group, register
+from .prompts import CRITIQUE_PLACEHOLDER
 
-__all__ = ["feedback", "CriticFailed", "FailedSteps"]
+__all__ = ["feedback", "group_advantages", "CriticFailed", "FailedSteps"]
 
 
 def feedback(cfg, tok, rollouts, critic) -> None:
-    """Fill in what each rollout is trained on: group advantages (grpo) or the teacher prompt.
+    """Fill in what each rollout is trained on, by `cfg.condition`: the teacher prompt, or group
+    advantages (grpo). With loss.pg_weight > 0 a teacher condition's rollouts get their group
+    advantages too (`Rollout.pg`: trained on them as well); at loss.pg_weight=1 the teacher has no
+    weight and is not asked (the step is grpo's). A rollout whose critique failed keeps
+    `trained=False` and records `critique_error`."""
+    cond = cfg.feedback_condition()
+    if not cond.teacher or cfg.loss.pg_weight < 1:
+        cond.feedback(tok, rollouts, critic)
+    if cond.teacher and cfg.loss.pg_weight > 0:
+        for r, has_signal in zip(rollouts, group_advantages(rollouts)):
+            r.pg = has_signal
 
-    A rollout whose critique failed keeps `trained=False` and records `critique_error`."""
-    if cfg.condition == "grpo":
-        groups: dict[int, list] = {}
-        for r in rollouts:
-            groups.setdefault(r.group, []).append(r)
-        for members in groups.values():
-            rewards = torch.tensor([r.reward for r in members])
-            std = rewards.std(unbiased=False)
-            for r, a in zip(members, ((rewards - rewards.mean()) / (std + 1e-6)).tolist()):
-                r.advantage, r.trained = a, bool(std > 0) and len(r.response) > 0
-        return
-    if cfg.condition == "critique":  # all at once: a remote critic answers them concurrently
-        crits = critic.critique_batch([(r.example.question, r.example.answer, r.parsed.steps, r.parsed.answer,
-                                        r.example.reference_solution) for r in rollouts])
-    for i, r in enumerate(rollouts):
-        q = r.example.question
-        if cfg.condition == "reference":
-            r.context = r.example.reference_solution
-        else:
-            if not crits[i].ok:
-                r.critique_error = crits[i].error or "unknown"
-                continue  # no usable context: no loss for this rollout (counted in the logs)
-            r.context = crits[i].text
-        # The teacher's own prompt; the student's sampled response ids follow it unchanged (batch.py).
-        r.teacher_prompt = encode(tok, teacher_text(cfg.templates, tok, cfg.condition, q, r.context))
-        r.trained = len(r.response) > 0
+
+def group_advantages(rollouts) -> list[bool]:
+    """GRPO's advantage: each reward standardised within its group (sets `advantage`); per rollout,
+    whether it carries a signal (its group's rewards differ and it has a response)."""
+    signal = {}
+    for members in by_group(rollouts).values():
+        rewards = torch.tensor([r.reward for r in members])
+        std = rewards.std(unbiased=False)
+        for r, a in zip(members, ((rewards - rewards.mean()) / (std + 1e-6)).tolist()):
+            r.advantage = a
+            signal[id(r)] = bool(std > 0) and len(r.response) > 0
+    return [signal[id(r)] for r in rollouts]
+
+
+@register
+class Grpo(Condition):
+    """No teacher: the clipped policy gradient on the group advantages of a binary reward."""
+
+    name = "grpo"
+    teacher = False
+    group_size = 8
+    min_group_size = 2
+
+    def feedback(self, tok, rollouts, critic) -> None:
+        for r, has_signal in zip(rollouts, group_advantages(rollouts)):
+            r.trained = r.pg = has_signal
+
+    def counters(self, rollouts):
+        return {"zero_variance_rollouts": (sum(not r.trained for r in rollouts), None)}
+
+
+@register
+class Reference(Condition):
+    """The teacher reads the record's reference solution (data.fields.reference_solution)."""
+
+    name = "reference"
+    template_key = field = "reference"
+
+    def context(self, r, group, critique):
+        return r.example.reference_solution
+
+    def example_context(self, example):
+        return example.reference_solution
+
+    def required_fields(self):
+        return ("reference_solution",)
+
+    def check(self):
+        super().check()
+        if not self.cfg.data.fields.reference_solution.strip():
+            raise ValueError("data.fields.reference_solution: condition=reference needs a column of reference "
+                             "solutions")
+
+
+@register
+class Critique(Condition):
+    """The teacher reads the critic's step-aligned critique of this very rollout."""
+
+    name = "critique"
+    template_key = field = "critique"
+
+    def uses_critic(self):
+        return True
+
+    def context(self, r, group, critique):
+        return critique.text if critique.ok else None  # none: no loss for this rollout (counted in the logs)
+
+    def example_context(self, example):
+        return CRITIQUE_PLACEHOLDER
+
+    def counters(self, rollouts):
+        return {"critique_failed": (sum(bool(r.critique_error) for r in rollouts), None)}
+
+
+@register
+class Context(Condition):
+    """The teacher reads a column of the record (data.fields.context) through templates.context: a
+    demonstration, a hint or a precomputed rubric, with no code."""
+
+    name = "context"
+    template_key = "context"
+
+    def keys(self):
+        return (*super().keys(), "data.fields.context")
+
+    def required_fields(self):
+        return ("context",)
+
+    def check(self):
+        super().check()
+        if not self.cfg.data.fields.context.strip():
+            raise ValueError("data.fields.context: condition=context needs the column the teacher reads "
+                             "(e.g. data.fields.context=hint)")
+        if self.cfg.data.path == "builtin":
+            raise ValueError("data.path: condition=context reads a column of the training file (data.fields.context); "
+                             "the built-in task has none")
+
+    def context(self, r, group, critique):
+        return r.example.context
+
+    def example_context(self, example):
+        return example.context
 
 
 class CriticFailed(ValueError):

@@ -31,6 +31,9 @@ __all__ = [
     "STUDENT_TEMPLATE",
     "REFERENCE_TEMPLATE",
     "CRITIQUE_TEMPLATE",
+    "PEER_TEMPLATE",
+    "CONTEXT_TEMPLATE",
+    "PEER_FEEDBACK_TEMPLATE",
     "CONDITIONS",
     "TEMPLATE_FIELDS",
     "fill",
@@ -40,6 +43,7 @@ __all__ = [
     "uses_chat",
     "student_text",
     "teacher_text",
+    "render_teacher",
     "example_prompts",
     "encode",
 ]
@@ -47,6 +51,9 @@ __all__ = [
 STUDENT_TEMPLATE = "Q:{question}\n"
 REFERENCE_TEMPLATE = "Q:{question}\nR:{reference}\n"
 CRITIQUE_TEMPLATE = "Q:{question}\nC:{critique}\n"
+CONTEXT_TEMPLATE = "Q:{question}\nH:{context}\n"
+PEER_TEMPLATE = "Q:{question}\nR:{demonstration}\n{feedback}"
+PEER_FEEDBACK_TEMPLATE = "F:{feedback}\n"
 # Teacher conditions, each with its default template and the context field that template needs.
 CONDITIONS = {"reference": (REFERENCE_TEMPLATE, "reference"), "critique": (CRITIQUE_TEMPLATE, "critique")}
 # The fields each template must use (all of them: a teacher without its context teaches nothing).
@@ -164,6 +171,13 @@ def teacher_text(templates, tok, condition: str, question: str, context: str) ->
     return _render(templates, tok, text, "teacher")
 
 
+def render_teacher(templates, tok, template: str, values: dict[str, str]) -> str:
+    """The teacher's whole prompt: `template` with the fields of `values` ({question} and the
+    context's) filled in, through the chat template if used (`templates`: a `config.TemplateConfig`)."""
+    text = fill(_need_str("template", template), {k: _need_str(k, v) for k, v in values.items()})
+    return _render(templates, tok, text, "teacher")
+
+
 CRITIQUE_PLACEHOLDER = "[the critic's step-aligned critique of this rollout]"
 
 
@@ -181,7 +195,8 @@ def _check_no_chat_markup(cfg, tok) -> None:
     wrapper = str(probe).replace(content, "")
     tokens = set(tok.all_special_tokens) | set(getattr(tok, "get_added_vocab", dict)())
     markup = [t for t in tokens if t.strip() and t in wrapper]
-    sides = ["student", *([cfg.condition] if cfg.condition in CONDITIONS else []), "student_system", "teacher_system"]
+    own = [k.split(".", 1)[1] for k in cfg.feedback_condition().keys() if k.startswith("templates.")]
+    sides = ["student", *own, "student_system", "teacher_system"]
     for key in sides:
         text = getattr(cfg.templates, key)
         found = sorted((m for m in markup if m in text), key=text.index)  # the first in the text
@@ -193,13 +208,14 @@ def _check_no_chat_markup(cfg, tok) -> None:
 
 def example_prompts(cfg, tok, example) -> dict[str, str | None]:
     """{"student": ..., "teacher": ...}: what each side reads for `example` (a `data.Example`) under
-    `cfg`, before the response; the teacher's is None for grpo, and a critique is a placeholder.
+    `cfg`, before the response; the teacher's is None for grpo, and a context that needs a rollout
+    (a critique, a sibling's demonstration) is a placeholder (the condition's `example_context`).
     Checks first that no template holds the chat template's own markup."""
     _check_no_chat_markup(cfg, tok)
     out = {"student": student_text(cfg.templates, tok, example.question), "teacher": None}
-    if cfg.condition in CONDITIONS:
-        context = example.reference_solution if cfg.condition == "reference" else CRITIQUE_PLACEHOLDER
-        out["teacher"] = teacher_text(cfg.templates, tok, cfg.condition, example.question, context)
+    cond = cfg.feedback_condition()
+    if cond.teacher:
+        out["teacher"] = cond.example_text(tok, example)
     return out
 
 

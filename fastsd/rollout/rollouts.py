@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..feedback.prompts import encode, student_text
@@ -31,6 +31,8 @@ class Rollout:
     advantage: float = 0.0
     trained: bool = False
     critique_error: str | None = None  # why the critic gave no usable critique
+    pg: bool = False  # trained on its group advantage (grpo; a teacher condition with loss.pg_weight > 0)
+    notes: dict = field(default_factory=dict)  # the condition's own record of this rollout (logged)
 
 
 

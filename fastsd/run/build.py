@@ -10,6 +10,7 @@ import torch
 
 from ..config import TrainConfig
 from ..feedback.critic import ArithCritic
+from ..feedback.registry import get_condition
 from ..model.dist import Dist
 from ..model.load import DEFAULT_MODEL_DIR, load_model_and_tokenizer
 from ..model.lora import add_adapter_copy, apply_lora, trainable_summary
@@ -52,7 +53,7 @@ def build_models(cfg: TrainConfig, d: Dist):
     if cfg.model.activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.config.use_cache = True
-    wants_teacher = cfg.condition != "grpo"
+    wants_teacher = get_condition(cfg).teacher
     teacher_lm = None
     if wants_teacher and not lora and cfg.teacher.kind in ("initial", "ema"):
         teacher_lm = copy.deepcopy(lm).eval().requires_grad_(False)
@@ -131,8 +132,9 @@ def resume_optim(cfg: TrainConfig, opt, sched) -> None:
 
 
 def build_critic(cfg: TrainConfig, d: Dist):
-    """The critic of condition=critique (None otherwise); an http critic caches in the run directory."""
-    if cfg.condition != "critique":
+    """The critic of a condition that uses one (critique; peer with peer.feedback or peer.fallback
+    critique), None otherwise; an http critic caches in the run directory."""
+    if not get_condition(cfg).uses_critic():
         return None
     if cfg.critic.kind == "builtin":
         return ArithCritic()

@@ -31,6 +31,7 @@ import yaml
 from ..config import TrainConfig, to_dict
 from ..feedback.critic import ArithCritic, Critic
 from ..feedback.prompts import example_prompts
+from ..feedback.registry import get_condition
 from ..model.dist import Dist
 from ..model.load import DEFAULT_MODEL_DIR, checkpoint_dir
 from ..tasks.data import Example, key_error, load_data, record_places
@@ -151,7 +152,7 @@ def tokenizer(cfg: TrainConfig):
 def critic_fits(cfg: TrainConfig, train: list[Example]) -> None:
     """critic=builtin knows the built-in arithmetic task only: every training question must be one
     of its questions, with the answer its solver gets."""
-    if cfg.condition != "critique" or cfg.critic.kind != "builtin" or cfg.data.path == "builtin":
+    if not get_condition(cfg).uses_critic() or cfg.critic.kind != "builtin" or cfg.data.path == "builtin":
         return
     critic = ArithCritic()
     for i, ex in enumerate(train):

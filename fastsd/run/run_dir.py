@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from ..config import TrainConfig, to_dict, to_yaml
+from ..feedback.registry import get_condition
 from ..model.dist import Dist
 from . import checkpoint as ckpt
 from .progress import Progress
@@ -71,24 +72,26 @@ def step_row(cfg: TrainConfig, d: Dist, step: int, rolls: list, upd: dict, lr: f
     after rollout, feedback and update."""
     t0, t1, t2, t3 = times
     failed = Counter(r.critique_error for r in rolls if r.critique_error)
+    cond = get_condition(cfg)
+    counts = cond.counters(rolls)  # the condition's own figures: (numerator, denominator or None)
+    flat = [x for num, den in counts.values() for x in ((num,) if den is None else (num, den))]
     # Counts come back as floats from more than one process (a float64 all-reduce): logged as ints.
-    n_roll, reward_sum, usable, zero_var, no_answer, resp_tokens, n_failed = d.all_sum(
-        len(rolls), sum(r.reward for r in rolls), sum(r.trained for r in rolls),
-        sum(not r.trained for r in rolls) if cfg.condition == "grpo" else 0,
-        sum(r.parsed.answer is None for r in rolls), sum(len(r.response) for r in rolls), sum(failed.values()))
+    n_roll, reward_sum, usable, no_answer, resp_tokens, n_failed, *summed = d.all_sum(
+        len(rolls), sum(r.reward for r in rolls), sum(r.trained or r.pg for r in rolls),
+        sum(r.parsed.answer is None for r in rolls), sum(len(r.response) for r in rolls), sum(failed.values()), *flat)
     n = max(n_roll, 1)
     row = {"step": step, "loss": upd["divergence"], "reward": reward_sum / n, "usable": usable / n,
            "no_answer": no_answer / n, "gap": upd["gap"], "grad_norm": upd["grad_norm"], "lr": lr,
            "tok_s": resp_tokens / (t3 - t0), "time_rollout": t1 - t0, "time_feedback": t2 - t1, "time_update": t3 - t2}
-    if cfg.condition == "grpo":
-        row["zero_variance_rollouts"] = int(zero_var)
+    for name, (_, den) in counts.items():
+        num = summed.pop(0)
+        row[name] = int(num) if den is None else num / max(summed.pop(0), 1.0)
     said = None
-    if cfg.condition == "critique":
-        row["critique_failed"] = n_failed = int(n_failed)
-        if n_failed:
-            why = ", ".join(f"{k} {reason}" for reason, k in failed.most_common(3))
-            said = (f"[fastsd] step {step}: {n_failed} of {n_roll:.0f} critiques failed, "
-                    f"those rollouts get no loss (rank {d.rank}: {why or 'none'})")
+    n_failed = int(n_failed)
+    if cond.uses_critic() and n_failed:
+        why = ", ".join(f"{k} {reason}" for reason, k in failed.most_common(3))
+        said = (f"[fastsd] step {step}: {n_failed} of {n_roll:.0f} critiques failed, "
+                f"those rollouts get no loss (rank {d.rank}: {why or 'none'})")
     return row, said
 
 
@@ -147,6 +150,7 @@ def rollout_rows(rolls: list, tok) -> list[dict]:
              "reward": r.reward, "context": r.context,
              "teacher_prompt": None if r.teacher_prompt is None else tok.decode(r.teacher_prompt),
              "trained": r.trained, **({"critique_error": r.critique_error} if r.critique_error else {}),
+             **({"notes": r.notes} if r.notes else {}),
              "prompt_ids": list(r.prompt), "response_ids": list(r.response),
              "teacher_prompt_ids": None if r.teacher_prompt is None else list(r.teacher_prompt)} for r in rolls]
 

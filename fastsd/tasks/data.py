@@ -1,6 +1,6 @@
 """Questions to train and evaluate on: a jsonl or parquet file, or the built-in arithmetic task.
 
-Each record (a jsonl line holding one JSON object, or a parquet row) has three fields, read from
+Each record (a jsonl line holding one JSON object, or a parquet row) has these fields, read from
 the columns `data.fields.*` names (defaults in brackets; e.g. OpenMathReasoning's are `problem`,
 `expected_answer` and `generated_solution`):
 
@@ -10,8 +10,11 @@ the columns `data.fields.*` names (defaults in brackets; e.g. OpenMathReasoning'
                         condition=reference, where every record needs one; under the other
                         conditions it is optional (a missing, null or blank one is None), and the
                         http critic shows it as the correct solution when present
+    context             [none: data.fields.context names it] str, non-empty: the teacher's context
+                        for condition=context (through templates.context), where every record
+                        needs one; otherwise not read
 
-A path ending in .parquet is read with pyarrow (only the three columns); anything else as jsonl.
+A path ending in .parquet is read with pyarrow (only the columns named); anything else as jsonl.
 Other keys and columns are ignored, blank jsonl lines skipped. Anything else raises
 ValueError("PATH:LINE: ...") for jsonl and ValueError("PATH: row N: ...") for parquet (N counts
 from 1), naming the `data.fields.*` key of a field that is missing or bad. That includes what
@@ -42,7 +45,8 @@ if TYPE_CHECKING:
 __all__ = ["Example", "KEYS", "load_data", "load_examples", "load_jsonl", "load_parquet", "builtin_split", "step_questions",
            "key_error", "record_places"]
 
-KEYS = ("question", "answer", "reference_solution")
+KEYS = ("question", "answer", "reference_solution", "context")
+OPTIONAL = ("reference_solution", "context")  # needed only by some conditions
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class Example:
     question: str
     answer: str
     reference_solution: str | None = None
+    context: str | None = None  # data.fields.context's column: condition=context's teacher reads it
 
 
 def _answer_text(value) -> str | None:
@@ -120,14 +125,14 @@ def _columns(fields) -> dict[str, str]:
     return {key: (getattr(fields, key) if fields is not None else key) for key in KEYS}
 
 
-def _example(record, where: str, columns: dict[str, str], need_reference: bool) -> Example:
+def _example(record, where: str, columns: dict[str, str], need_reference: bool, need_context: bool = False) -> Example:
     """Validate one record; `where` is "PATH:LINE" or "PATH: row N"."""
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
     out = {}
     for key in KEYS:
         col, named = columns[key], f"data.fields.{key}"
-        optional = key == "reference_solution" and not need_reference
+        optional = key in OPTIONAL and not {"reference_solution": need_reference, "context": need_context}.get(key)
         value = record.get(col) if col else None
         if optional and (value is None or (isinstance(value, str) and not value.strip())):
             out[key] = None
@@ -155,14 +160,16 @@ def _check_path(path) -> Path:
     return path
 
 
-def load_examples(path: str | os.PathLike, fields=None, need_reference: bool = True) -> list[Example]:
+def load_examples(path: str | os.PathLike, fields=None, need_reference: bool = True,
+                  need_context: bool = False) -> list[Example]:
     """Read questions from a .parquet file or a jsonl file (module docstring); `fields` is the
     `data.fields` config (None: the default column names)."""
     load = load_parquet if str(path).lower().endswith(".parquet") else load_jsonl
-    return load(path, fields, need_reference)
+    return load(path, fields, need_reference, need_context)
 
 
-def load_jsonl(path: str | os.PathLike, fields=None, need_reference: bool = True) -> list[Example]:
+def load_jsonl(path: str | os.PathLike, fields=None, need_reference: bool = True,
+               need_context: bool = False) -> list[Example]:
     """Read questions from a jsonl file (format in the module docstring)."""
     path, columns = _check_path(path), _columns(fields)
     examples = []
@@ -183,11 +190,12 @@ def load_jsonl(path: str | os.PathLike, fields=None, need_reference: bool = True
                 raise ValueError(f"{where}: {e}") from None
             if isinstance(record, _LongInt):
                 raise ValueError(f"{where}: expected a JSON object, got an integer of {record.digits} digits")
-            examples.append(_example(record, where, columns, need_reference))
+            examples.append(_example(record, where, columns, need_reference, need_context))
     return examples
 
 
-def load_parquet(path: str | os.PathLike, fields=None, need_reference: bool = True) -> list[Example]:
+def load_parquet(path: str | os.PathLike, fields=None, need_reference: bool = True,
+                 need_context: bool = False) -> list[Example]:
     """Read questions from a parquet file (format in the module docstring), only the columns used."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -200,14 +208,15 @@ def load_parquet(path: str | os.PathLike, fields=None, need_reference: bool = Tr
     names = set(pf.schema_arrow.names)
     for key in KEYS:
         col = columns[key]
-        if col not in names and (key != "reference_solution" or need_reference):
+        needed = {"reference_solution": need_reference, "context": need_context}.get(key, True)
+        if col not in names and needed:
             raise ValueError(f"{path}: no column {col!r} ({f'data.fields.{key}'}); it has {sorted(names)}")
     wanted = [c for c in dict.fromkeys(columns.values()) if c in names]
     examples, row = [], 0
     for batch in pf.iter_batches(columns=wanted, batch_size=4096):
         for record in batch.to_pylist():
             row += 1
-            examples.append(_example(record, f"{path}: row {row}", columns, need_reference))
+            examples.append(_example(record, f"{path}: row {row}", columns, need_reference, need_context))
     return examples
 
 
@@ -253,10 +262,10 @@ def key_error(key: str, e: ValueError) -> ValueError:
 
 def load_data(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
     c = cfg.data
-    need_ref = cfg.condition == "reference"
+    need = cfg.feedback_condition().required_fields()
     try:
         train = (builtin_split("train", c.train_size, c.seed, c.task) if c.path == "builtin"
-                 else load_examples(c.path, c.fields, need_ref))
+                 else load_examples(c.path, c.fields, "reference_solution" in need, "context" in need))
     except ValueError as e:
         raise key_error("data.path", e) from None
     try:  # held-out questions are only sampled and graded: no reference solution needed

@@ -30,18 +30,24 @@ class NonFiniteLossError(FloatingPointError):
     """A loss or gradient norm was NaN/inf: the step stopped before the optimizer touched anything."""
 
 
-def _micro_loss(cfg, policy, teacher, batch, world, total_tokens, stats):
-    """Loss of one micro-batch, scaled so that gradients sum to the step's token mean."""
-    scale = world / max(total_tokens, 1.0)  # FSDP averages gradients over ranks
+def _pg_loss(cfg, policy, batch, scale, loss_kw):
+    """GRPO's clipped policy gradient on the group advantages, token-summed and scaled."""
+    logp = policy(batch.s_ids, batch.s_attn, batch.s_index, mode="logprob", targets=batch.targets, loss_kw=loss_kw)
+    adv = batch.advantage
+    ratio = torch.exp(logp - logp.detach())  # one update per rollout: the sampling policy is this one
+    eps = cfg.loss.pg_clip
+    per_tok = -torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
+    return per_tok.sum() * scale
+
+
+def _micro_loss(cfg, policy, teacher, batch, world, total_tokens, stats, part="distill", weight=1.0):
+    """Loss of one micro-batch of `part` ("distill": the divergence or sampled-token surrogate; "pg":
+    the policy gradient), scaled so that gradients sum to `weight` times the part's token mean."""
+    scale = world / max(total_tokens, 1.0) * weight  # FSDP averages gradients over ranks
     loss_kw = dict(divergence=cfg.loss.divergence, temperature=cfg.loss.temperature,
                    clip=cfg.loss.clip, beta=cfg.loss.beta)
-    if cfg.condition == "grpo":
-        logp = policy(batch.s_ids, batch.s_attn, batch.s_index, mode="logprob", targets=batch.targets, loss_kw=loss_kw)
-        adv = batch.advantage
-        ratio = torch.exp(logp - logp.detach())  # one update per rollout: the sampling policy is this one
-        eps = cfg.loss.pg_clip
-        per_tok = -torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
-        return per_tok.sum() * scale
+    if part == "pg":
+        return _pg_loss(cfg, policy, batch, scale, loss_kw)
     t_model = teacher if teacher is not None else policy
     with torch.no_grad():
         h_t = t_model(batch.t_ids, batch.t_attn, batch.t_index, mode="hidden")
@@ -62,19 +68,28 @@ def _micro_loss(cfg, policy, teacher, batch, world, total_tokens, stats):
     return out.loss * scale
 
 
-def _batches(cfg: TrainConfig, tok, rollouts: list[Rollout], d: Dist):
-    """Micro-batches of trained rollouts; every rank yields the same number (zero-weight fillers)."""
-    live = [r for r in rollouts if r.trained]
+def _parts(cfg: TrainConfig, rollouts: list[Rollout]) -> list[tuple[str, float, list[Rollout]]]:
+    """The step's loss terms: (part, weight, its rollouts). A teacher condition distils the rollouts
+    given a teacher with weight 1 - loss.pg_weight and, when that weight is > 0, adds loss.pg_weight
+    times the policy gradient on the rollouts with a group advantage (`Rollout.pg`); grpo is the
+    policy gradient alone. Decided by the config, so every rank has the same parts."""
+    w = cfg.loss.pg_weight if cfg.feedback_condition().teacher else 1.0
+    parts = [("distill", 1.0 - w, [r for r in rollouts if r.trained])] if w < 1 else []
+    return parts + ([("pg", w, [r for r in rollouts if r.pg])] if w > 0 else [])
+
+
+def _batches(cfg: TrainConfig, tok, rollouts: list[Rollout], live: list[Rollout], d: Dist, part: str):
+    """Micro-batches of `live` (of `rollouts`); every rank yields the same number (zero-weight fillers)."""
     mb = cfg.optim.micro_batch
     n = d.all_max((len(live) + mb - 1) // mb)
     for i in range(n):
         chunk, weight = live[i * mb:(i + 1) * mb], 1.0
         if not chunk:  # filler: keeps FSDP collectives in step; contributes nothing
             chunk, weight = [rollouts[0] if rollouts else None], 0.0
-        yield _to_batch(cfg, tok, chunk, weight, d.device)
+        yield _to_batch(cfg, tok, chunk, weight, d.device, part)
 
 
-def _to_batch(cfg, tok, chunk, weight, device):
+def _to_batch(cfg, tok, chunk, weight, device, part):
     if chunk[0] is None:
         prompts, responses, t_prompts, adv = [[tok.pad_token_id]], [[tok.pad_token_id]], [[tok.pad_token_id]], [0.0]
     else:
@@ -82,7 +97,7 @@ def _to_batch(cfg, tok, chunk, weight, device):
         responses = [r.response or [tok.eos_token_id] for r in chunk]
         t_prompts = [r.teacher_prompt or r.prompt for r in chunk]
         adv = [r.advantage for r in chunk]
-    batch = build_batch(prompts, responses, tok.pad_token_id, None if cfg.condition == "grpo" else t_prompts)
+    batch = build_batch(prompts, responses, tok.pad_token_id, None if part == "pg" else t_prompts)
     batch = batch.to(device)
     batch.advantage = torch.tensor(adv, device=device)[batch.row] * weight
     batch.weight = weight
@@ -90,8 +105,10 @@ def _to_batch(cfg, tok, chunk, weight, device):
 
 
 def update(cfg, d: Dist, policy, teacher, opt, sched, tok, rollouts, step: int) -> dict:
-    local_tokens = sum(len(r.response) for r in rollouts if r.trained)
-    (total_tokens,) = d.all_sum(float(local_tokens))
+    parts = _parts(cfg, rollouts)
+    used = {id(r) for _, _, live in parts for r in live}
+    *totals, total_tokens = d.all_sum(*(float(sum(len(r.response) for r in live)) for _, _, live in parts),
+                                      float(sum(len(r.response) for r in rollouts if id(r) in used)))
     if total_tokens == 0:  # nothing to learn from (every grpo group had one reward): no AdamW step,
         with warnings.catch_warnings():  # which would still move the weights by momentum and decay
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")
@@ -101,14 +118,19 @@ def update(cfg, d: Dist, policy, teacher, opt, sched, tok, rollouts, step: int) 
     if teacher is not None and d.enabled:
         teacher.unshard()  # the teacher head must be a plain tensor inside the student's forward
     try:
-        for i, batch in enumerate(_batches(cfg, tok, rollouts, d)):
-            loss = _micro_loss(cfg, policy, teacher, batch, d.world, total_tokens, stats) * batch.weight
-            (finite,) = d.all_sum(float(torch.isfinite(loss.detach()).all()))
-            if finite < d.world:
-                opt.zero_grad(set_to_none=True)
-                raise NonFiniteLossError(f"step {step + 1}: non-finite loss in micro-batch {i + 1}; "
-                                         "the step was stopped before the optimizer step, parameters unchanged")
-            loss.backward()
+        i = 0
+        for (part, weight, live), total in zip(parts, totals):
+            if total == 0:  # a term with no tokens on any rank adds nothing
+                continue
+            for batch in _batches(cfg, tok, rollouts, live, d, part):
+                loss = _micro_loss(cfg, policy, teacher, batch, d.world, total, stats, part, weight) * batch.weight
+                i += 1
+                (finite,) = d.all_sum(float(torch.isfinite(loss.detach()).all()))
+                if finite < d.world:
+                    opt.zero_grad(set_to_none=True)
+                    raise NonFiniteLossError(f"step {step + 1}: non-finite loss in micro-batch {i}; "
+                                             "the step was stopped before the optimizer step, parameters unchanged")
+                loss.backward()
     finally:
         if teacher is not None and d.enabled:
             teacher.reshard()
@@ -126,6 +148,7 @@ def update(cfg, d: Dist, policy, teacher, opt, sched, tok, rollouts, step: int) 
             for p_t, p_s in ema_pairs(teacher, policy):
                 p_t.lerp_(p_s.detach(), 1.0 - cfg.teacher.ema_rate)
     gap, div = d.all_sum(stats["gap"], stats["divergence"])
-    denom = max(total_tokens, 1.0)
+    distilled = parts[0][0] == "distill"
+    denom = max(totals[0] if distilled else total_tokens, 1.0)  # the gap and divergence: distilled tokens' means
     return {"loss_tokens": total_tokens, "grad_norm": norm, "gap": gap / denom,
-            "divergence": div / denom if cfg.condition != "grpo" and cfg.loss.kind == "divergence" else None}
+            "divergence": div / denom if distilled and cfg.loss.kind == "divergence" else None}
