@@ -130,14 +130,14 @@ def _train(cfg: TrainConfig, d: Dist, stop: StopSignals, lock: RunDirLock) -> di
                     save(step + 1)
             if failed is not None:
                 raise failed
+            rng = None  # still held: the random state is now the next step's start, which a save takes as is
             stop.poll(after_step=True)
         if state["step"] >= cfg.steps and cfg.eval.enabled:
             final, samples = evaluation(state["step"])
             last_eval = final["eval"]
             runlog.metrics({"step": state["step"], **final, "final": True}, samples)
     except Stopped as e:  # the step in progress abandoned before its update, or written whole
-        start = None if e.after_step else rng  # after the step: the random state is the next step's
-        keep_last_step(e, stop, cfg, state["step"], lambda s: save(s, start))
+        keep_last_step(e, stop, cfg, state["step"], lambda s: save(s, rng))
         raise
     finally:
         runlog.close()

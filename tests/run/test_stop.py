@@ -74,6 +74,25 @@ def test_sigterm_abandons_the_step_saves_the_last_one_as_every_step_would_and_re
     assert numbers(stopped) == numbers(tmp_path / "straight")
 
 
+def test_a_sigterm_between_steps_saves_the_random_state_the_next_step_starts_from(tmp_path, monkeypatch, capsys):
+    """The signal lands at the top of step 3, before its start is noted: the checkpoint holds the
+    random state as it is (step 3's start), not step 2's."""
+    train(config(tmp_path / "every", "eval=off", "steps=2", "checkpoint.every=1"), Dist())
+    real, calls = train_mod.ckpt.rng_state, []
+
+    def sigterm_at_the_third_step(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args)
+
+    monkeypatch.setattr(train_mod.ckpt, "rng_state", sigterm_at_the_third_step)
+    stopped = tmp_path / "stopped"
+    assert cli.main([*SMALL, "eval=off", "steps=3", f"run_dir={stopped}"]) == 128 + signal.SIGTERM
+    assert "step 2 is kept in" in capsys.readouterr().err
+    same_checkpoint(latest_checkpoint(stopped), tmp_path / "every/checkpoints/step_00000002")
+
+
 def test_sighup_during_the_update_finishes_the_step_and_saves_it(tmp_path, monkeypatch, capsys):
     signal_on_call(monkeypatch, "update", 2, signal.SIGHUP)
     assert cli.main([*SMALL, "eval=off", "steps=4", f"run_dir={tmp_path}"]) == 128 + signal.SIGHUP
