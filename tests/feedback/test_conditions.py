@@ -116,6 +116,14 @@ def test_peer_demonstrates_the_first_correct_other_sibling_and_never_itself():
     assert row["usable"] == 4 / 6
 
 
+def test_peer_picks_a_sibling_by_position_when_two_sampled_the_same_response():
+    cfg = load_config(overrides=["condition=peer"])
+    right, _ = right_and_wrong(builtin_split("train", 1, 0)[0])
+    rolls = group(cfg, TOK, [right, right])  # equal as values: each still reads the other
+    feedback(cfg, TOK, rolls, None)
+    assert [r.notes["demo_index"] for r in rolls] == [1, 0]
+
+
 def _one():
     from fastsd.model.dist import Dist
 
