@@ -71,7 +71,7 @@ class Condition:
     def check(self) -> None:
         """ValueError naming the key for a config this condition cannot run; before the model loads."""
         if self.teacher:
-            check_template(f"templates.{self.template_key}" if self.template_key else f"condition={self.name}",
+            check_template(f"templates.{self.template_key}" if self.template_key else "condition",
                            self.template(), ("question", self.field))
 
     def context(self, r: Rollout, group: list[Rollout], critique) -> str | None:

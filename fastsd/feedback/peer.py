@@ -82,16 +82,17 @@ class Peer(Condition):
     def feedback(self, tok, rollouts, critic) -> None:
         p, groups = self.cfg.peer, by_group(rollouts)
         for r, crit in zip(rollouts, self.critiques(rollouts, critic)):
-            demo = next((s for s in groups[r.group] if s is not r and s.reward >= p.success), None)
-            if demo is None:
+            # By position, never by value: two siblings may have sampled the same response.
+            index = next((i for i, s in enumerate(groups[r.group]) if s is not r and s.reward >= p.success), None)
+            if index is None:
                 self._fallback(tok, r, crit)
                 continue
-            text = tok.decode(demo.response, skip_special_tokens=True)
+            text = tok.decode(groups[r.group][index].response, skip_special_tokens=True)
             text = _first_tokens(tok, strip_thinking(text) if p.strip_thinking else text, p.max_demo_tokens)
             said = self._said(r, crit)
             feedback = "" if said is None else fill(p.feedback_template,
                                                     {"feedback": _first_tokens(tok, said, p.max_demo_tokens)})
-            r.notes = {"peer": "demonstration", "demo_index": groups[r.group].index(demo), "feedback": said is not None}
+            r.notes = {"peer": "demonstration", "demo_index": index, "feedback": said is not None}
             r.context = text
             r.teacher_prompt = encode(tok, render_teacher(self.cfg.templates, tok, p.template, {
                 "question": r.example.question, "demonstration": text, "feedback": feedback}))

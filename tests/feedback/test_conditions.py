@@ -116,6 +116,14 @@ def test_peer_demonstrates_the_first_correct_other_sibling_and_never_itself():
     assert row["usable"] == 4 / 6
 
 
+def test_peer_picks_a_sibling_by_position_when_two_sampled_the_same_response():
+    cfg = load_config(overrides=["condition=peer"])
+    right, _ = right_and_wrong(builtin_split("train", 1, 0)[0])
+    rolls = group(cfg, TOK, [right, right])  # equal as values: each still reads the other
+    feedback(cfg, TOK, rolls, None)
+    assert [r.notes["demo_index"] for r in rolls] == [1, 0]
+
+
 def _one():
     from fastsd.model.dist import Dist
 
@@ -154,7 +162,7 @@ def test_peer_cuts_the_demonstration_never_the_question_and_strips_thinking():
 
 def test_peer_on_the_chat_stand_in_reads_the_sampled_ids_after_the_rendered_demonstration(standin):
     tok = AutoTokenizer.from_pretrained(standin, local_files_only=True)
-    cfg = load_config(overrides=["condition=peer", "format=free", "grader=math", "peer.strip_thinking=true",
+    cfg = load_config(overrides=["condition=peer", "format=free", "peer.strip_thinking=true",
                                  "templates.teacher_chat_kwargs={enable_thinking: false}"])
     ex = Example(r"What is $\frac{6}{8}$ in lowest terms?", r"\frac{3}{4}")
     texts = ["It is $\\boxed{\\frac{6}{8}}$", "<think>halve</think>Halve both: $\\boxed{\\frac{3}{4}}$"]
