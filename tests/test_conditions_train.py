@@ -122,7 +122,7 @@ def test_peer_stopped_and_resumed_gives_the_same_numbers_bit_for_bit(tmp_path):
 
 def test_peer_and_the_blend_under_two_processes_match_one(tmp_path):
     for overrides in (["condition=peer", "peer.fallback=reference", "peer.feedback=critique"],
-                      ["condition=critique", "loss.pg_weight=0.5"]):
+                      ["condition=critique", "loss.pg_weight=0.5", "rollout.group_size=2"]):
         one, two = _worker(tmp_path, 1, overrides), _worker(tmp_path, 2, overrides)
         for s1, s2 in zip(one["steps"], two["steps"], strict=True):
             assert s1["loss_tokens"] == s2["loss_tokens"] > 0

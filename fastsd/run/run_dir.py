@@ -77,7 +77,7 @@ def step_row(cfg: TrainConfig, d: Dist, step: int, rolls: list, upd: dict, lr: f
     flat = [x for num, den in counts.values() for x in ((num,) if den is None else (num, den))]
     # Counts come back as floats from more than one process (a float64 all-reduce): logged as ints.
     n_roll, reward_sum, usable, no_answer, resp_tokens, n_failed, *summed = d.all_sum(
-        len(rolls), sum(r.reward for r in rolls), sum(r.trained or r.pg for r in rolls),
+        len(rolls), sum(r.reward for r in rolls), sum(r.trained or getattr(r, "pg", False) for r in rolls),
         sum(r.parsed.answer is None for r in rolls), sum(len(r.response) for r in rolls), sum(failed.values()), *flat)
     n = max(n_roll, 1)
     row = {"step": step, "loss": upd["divergence"], "reward": reward_sum / n, "usable": usable / n,
