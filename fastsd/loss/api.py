@@ -17,6 +17,7 @@ import torch
 
 from .autograd import FusedDivergenceFunction, FusedLogprobFunction, backend_ops, chunk_rows, compact
 from .checks import BACKENDS, check_options, check_pair, check_rows, check_targets
+from .topk import check_topk
 
 __all__ = [
     "DivergenceOutput",
@@ -71,13 +72,19 @@ def fused_linear_divergence(
     reduction: str = "mean",
     backend: str | None = None,
     chunk_size: int | None = None,
+    topk: int | None = None,
+    topk_from: str = "teacher",
+    tail: bool = True,
 ) -> DivergenceOutput:
     """Divergence between teacher and student next-token distributions, without the logits.
 
     p = softmax((hidden @ W.T) / temperature) for both heads. `forward_kl` = KL(p_t || p_s),
     `reverse_kl` = KL(p_s || p_t), `jsd` = beta KL(p_t || M) + (1-beta) KL(p_s || M) with
     M = (1-beta) p_s + beta p_t. `clip` (forward_kl only) clamps each per-vocabulary summand at
-    max=clip before the sum. `teacher_weight=None` shares `weight`. The teacher never gets a
+    max=clip before the sum (any divergence with `topk`). `topk=K` takes the divergence over
+    the K tokens with the largest logits of one side (`topk_from`), renormalised (`tail=False`) or
+    with the rest of the probability as one more category (`tail=True`); see `fastsd.loss.topk`.
+    `teacher_weight=None` shares `weight`. The teacher never gets a
     gradient. `mask` [N] bool drops rows before any matmul; "mean" divides by the number of valid
     rows (all masked: 0.0). `chunk_size` is rows per chunk (default: from a 512 MiB workspace,
     environment FASTSD_WORKSPACE_MB). Differentiable once (create_graph=True raises).
@@ -103,7 +110,8 @@ def fused_linear_divergence(
     if w_t.device != weight.device or teacher_hidden.device != student_hidden.device:
         raise ValueError("teacher_hidden: teacher tensors must be on the student's device")
     check_options(divergence=divergence, beta=beta, temperature=temperature, clip=clip,
-                   reduction=reduction, chunk_size=chunk_size)
+                   reduction=reduction, chunk_size=chunk_size, topk=topk, topk_from=topk_from, tail=tail)
+    check_topk(topk, topk_from, tail, weight.shape[0])
     device = student_hidden.device
     check_rows("mask", mask, n, lead, device)
     check_rows("target_ids", target_ids, n, lead, device)
@@ -121,7 +129,8 @@ def fused_linear_divergence(
     kw = dict(divergence=divergence, beta=float(beta), temperature=float(temperature),
               clip=None if clip is None else float(clip),
               chunk_size=chunk_rows(chunk_size, name, weight.shape[0], max(h_s.shape[1], h_t.shape[1]),
-                                     divergence, clip))
+                                     divergence, clip, topk),
+              topk=None if topk is None else (topk, topk_from, tail))
     opts = dict(ops=backend_ops(name), reduction=reduction, kw=kw, grad_enabled=torch.is_grad_enabled())
     # A shared teacher weight is passed as the same tensor object, so backends can reuse it;
     # backward returns no gradient for the teacher slots.
@@ -169,10 +178,11 @@ class FusedLinearDivergence(torch.nn.Module):
     """nn.Module form of `fused_linear_divergence` with the loss options fixed at construction."""
 
     def __init__(self, divergence="forward_kl", *, beta=0.5, temperature=1.0, clip=None,
-                 reduction="mean", backend=None, chunk_size=None):
+                 reduction="mean", backend=None, chunk_size=None, topk=None, topk_from="teacher", tail=True):
         super().__init__()
         self.kw = dict(divergence=divergence, beta=beta, temperature=temperature, clip=clip,
-                       reduction=reduction, backend=backend, chunk_size=chunk_size)
+                       reduction=reduction, backend=backend, chunk_size=chunk_size, topk=topk,
+                       topk_from=topk_from, tail=tail)
         check_options(**self.kw)  # at construction, not at the first forward
 
     def forward(self, student_hidden, weight, teacher_hidden, teacher_weight=None, *, mask=None,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .topk import check_topk
+
 __all__ = ["BACKENDS", "DIVERGENCES", "REDUCTIONS", "check_options", "check_pair", "check_rows", "check_targets"]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -14,9 +16,12 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_options(logprob=False, *, divergence="forward_kl", beta=0.5, temperature=1.0, clip=None,
-                   reduction="mean", backend=None, chunk_size=None) -> None:
+                   reduction="mean", backend=None, chunk_size=None, topk=None, topk_from="teacher",
+                   tail=True) -> None:
     """The scalar options, shared by the functions and the modules' constructors (`logprob`: only
     those of the log-prob)."""
+    if not logprob:
+        check_topk(topk, topk_from, tail)
     if not logprob and divergence not in DIVERGENCES:
         raise ValueError(f"divergence: expected one of {DIVERGENCES}, got {divergence!r}")
     if not logprob and reduction not in REDUCTIONS:
@@ -26,7 +31,7 @@ def check_options(logprob=False, *, divergence="forward_kl", beta=0.5, temperatu
     if not temperature > 0:
         raise ValueError(f"temperature: must be > 0, got {temperature}")
     if clip is not None:
-        if divergence != "forward_kl":
+        if divergence != "forward_kl" and topk is None:
             raise ValueError(f"clip: only supported with divergence='forward_kl', got {divergence!r}")
         if not clip > 0:
             raise ValueError(f"clip: must be > 0 (or None), got {clip}")

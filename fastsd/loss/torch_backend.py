@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import torch
 
+from . import topk as _topk
+from .topk import topk_rows
+
 __all__ = ["divergence_chunked", "logprob_chunked", "logprob_backward_kept", "finish_grads", "workspace_bytes",
            "chunk_rows"]
 
@@ -34,26 +37,30 @@ _TINY = torch.finfo(F32).tiny  # log M where both p underflow: finite, and times
 _SCRATCH = {"forward_kl": 1, "reverse_kl": 0, "jsd": 3, "logprob": 0}  # [C, V] fp32 scratch buffers
 
 
-def _row_bytes(vocab: int, width: int, kind: str, clip) -> int:
+def _row_bytes(vocab: int, width: int, kind: str, clip, topk=None) -> int:
     heads = 1 if kind == "logprob" else 2
+    if topk is not None:  # the row math of fastsd.loss.topk: no [C, V] scratch, [C, K] temporaries
+        return 4 * heads * vocab + _topk.row_bytes(topk) + 3 * width * 4
     per_elem = 4 * (heads + _SCRATCH[kind]) + (clip is not None)  # clip: a bool mask
     # [c, D] fp32: the hidden states per head and the dX product; the log-prob's W[targets]
     return per_elem * vocab + 3 * width * 4
 
 
-def workspace_bytes(chunk: int, vocab: int, width: int, kind: str, clip: float | None = None) -> int:
+def workspace_bytes(chunk: int, vocab: int, width: int, kind: str, clip: float | None = None,
+                    topk: int | None = None) -> int:
     """Peak bytes one call allocates beyond its inputs, the fp32 gradient accumulators (dX [N, D],
     dW [V, D]) and, for 16-bit weights, fp32 copies of the weights ([V, D] per head): the [C, V]
     buffers above and three [C, D] fp32 ones (the hidden states per head and the chunk's dX
     product; for the log-prob its hidden states, dX product and the target rows of W).
-    `kind`: a divergence or "logprob"."""
-    return chunk * _row_bytes(vocab, width, kind, clip)
+    `kind`: a divergence or "logprob"; `topk`: K of a top-k divergence."""
+    return chunk * _row_bytes(vocab, width, kind, clip, topk)
 
 
-def chunk_rows(budget: int, vocab: int, width: int, kind: str, clip: float | None = None) -> int:
+def chunk_rows(budget: int, vocab: int, width: int, kind: str, clip: float | None = None,
+               topk: int | None = None) -> int:
     """Rows per chunk: the largest multiple of 16 whose `workspace_bytes` fits `budget` bytes
     (at least 16, whatever the budget)."""
-    return max(16, budget // _row_bytes(vocab, width, kind, clip) // 16 * 16)
+    return max(16, budget // _row_bytes(vocab, width, kind, clip, topk) // 16 * 16)
 
 
 def _log_softmax_(a):
@@ -156,11 +163,12 @@ def _backprop(g, hc, w32, r, u, inv_temp, dx, dw, first, tgt=None):
 
 
 def divergence_chunked(h_s, w_s, h_t, w_t, rows, num_valid, targets_c, *, divergence, beta,
-                       temperature, clip, row_scale, chunk_size, need_dx, need_dw):
+                       temperature, clip, row_scale, chunk_size, need_dx, need_dw, topk=None):
     """Returns (loss_c [N], s_lp_c [N] | None, t_lp_c [N] | None, dx | None, dw | None), the
     gradients in fp32 and not yet rounded (see `finish_grads`).
 
     `row_scale` [N] (compact order) is d(output)/d(loss_c); None computes no gradient.
+    `topk` (k, topk_from, tail) or None: the top-k divergence of `fastsd.loss.topk`.
     """
     n, N, V = int(num_valid), rows.numel(), w_s.shape[0]
     dev = h_s.device
@@ -176,16 +184,22 @@ def divergence_chunked(h_s, w_s, h_t, w_t, rows, num_valid, targets_c, *, diverg
     wt32 = ws32 if w_t is w_s else w_t.to(F32)
     bounds = _even_chunks(n, chunk_size)
     C = bounds[0][1]
-    zs, zt, *scratch = (torch.empty(C, V, dtype=F32, device=dev) for _ in range(2 + _SCRATCH[divergence]))
+    n_scratch = 0 if topk is not None else _SCRATCH[divergence]
+    zs, zt, *scratch = (torch.empty(C, V, dtype=F32, device=dev) for _ in range(2 + n_scratch))
     inv_temp = 1.0 / temperature
-    factor = (1 - beta) if divergence == "jsd" else 1.0  # the JSD's (1 - beta) rides on the row factor
+    # the JSD's (1 - beta) rides on the row factor (the top-k gradient has it already)
+    factor = (1 - beta) if divergence == "jsd" and topk is None else 1.0
     for c0, c1 in bounds:
         c, r = c1 - c0, rows[c0:c1]
         hs = _logits(h_s, r, ws32, zs[:c], inv_temp)
         _logits(h_t, r, wt32, zt[:c], inv_temp)
         tgt = None if targets_c is None else targets_c[c0:c1, None]
-        loss[c0:c1], g, lps, lpt = _row_math(zs[:c], zt[:c], [t[:c] for t in scratch], divergence, beta,
-                                             clip, tgt, grad)
+        if topk is None:
+            loss[c0:c1], g, lps, lpt = _row_math(zs[:c], zt[:c], [t[:c] for t in scratch], divergence, beta,
+                                                 clip, tgt, grad)
+        else:
+            loss[c0:c1], g, lps, lpt = topk_rows(zs[:c], zt[:c], k=topk[0], topk_from=topk[1], tail=topk[2],
+                                                 divergence=divergence, beta=beta, clip=clip, tgt=tgt, grad=grad)
         if tgt is not None:
             s_lp[c0:c1], t_lp[c0:c1] = lps, lpt
         if grad:
