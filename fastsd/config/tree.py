@@ -152,11 +152,21 @@ class LossConfig:
     temperature: float = 1.0
     """Temperature applied to both heads' logits inside the loss."""
     clip: float | None = None
-    """forward_kl only: clamp each per-vocabulary summand at this value (OPSD uses 0.05)."""
+    """forward_kl only (any divergence with loss.topk): clamp each per-vocabulary summand at this value (OPSD uses 0.05)."""
     beta: float = 0.5
     """jsd only: mixture weight of the teacher, in (0, 1)."""
     pg_clip: float = 0.2
     """grpo: PPO-style ratio clip epsilon."""
+    topk: int = 0
+    """Top-k divergence: over each position's `topk` tokens with the largest logits of loss.topk_from,
+    renormalised or with a tail (loss.tail); 0: the full vocabulary. With it loss.clip takes any
+    divergence, clamping each category's summand (docs/loss.md, "Top-k"). At most the model's
+    vocabulary (checked before the model loads)."""
+    topk_from: Literal["teacher", "student"] = "teacher"
+    """loss.topk: whose logits pick the tokens (OPSD: the teacher's)."""
+    tail: bool = True
+    """loss.topk: keep the rest of each side's probability as one more category (true), or renormalise
+    over the top-k tokens (false)."""
 
 
 @dataclass
