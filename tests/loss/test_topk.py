@@ -149,8 +149,9 @@ def _tied_inputs(n, d, v, dups, k, topk_from, device):
         z = (h_t if topk_from == "teacher" else h_s).double() @ w.double().T
         kth = z.topk(k, dim=1).values[:, -1:]
         near = (z - kth).abs() <= MARGIN  # the tokens around the k-th place: one group of copies
-        first = torch.where(near, group, -1).amax(1, keepdim=True)
-        one_group = bool(torch.where(near, group == first, True).all())
+        gid = group.to(z.device)
+        first = torch.where(near, gid, -1).amax(1, keepdim=True)
+        one_group = bool(torch.where(near, gid == first, True).all())
         straddles = bool(((z >= kth).sum(1) > k).any())  # the case worth testing: a tie across the cut
         if one_group and straddles:
             return h_s, w, h_t, group
