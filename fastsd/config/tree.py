@@ -144,7 +144,8 @@ class RolloutConfig:
 class LossConfig:
     main: ClassVar[str] = "kind"
     kind: Literal["divergence", "sampled_token"] = "divergence"
-    """Self-distillation loss: full-vocabulary divergence, or -(A_t.detach() * log p_s(y_t))."""
+    """Self-distillation loss: the divergence (full vocabulary, or top-k: loss.topk), or
+    -(A_t.detach() * log p_s(y_t))."""
     divergence: Literal["auto", "forward_kl", "reverse_kl", "jsd"] = "auto"
     """Divergence between teacher and student next-token distributions: forward_kl KL(p_t || p_s),
     reverse_kl KL(p_s || p_t), jsd. auto: forward_kl (the paper's), except reverse_kl for the
@@ -152,7 +153,8 @@ class LossConfig:
     temperature: float = 1.0
     """Temperature applied to both heads' logits inside the loss."""
     clip: float | None = None
-    """forward_kl only (any divergence with loss.topk): clamp each per-vocabulary summand at this value (OPSD uses 0.05)."""
+    """forward_kl only (any divergence with loss.topk): clamp each per-vocabulary summand at this value
+    (OPSD uses 0.05)."""
     beta: float = 0.5
     """jsd only: mixture weight of the teacher, in (0, 1)."""
     pg_clip: float = 0.2
