@@ -137,6 +137,22 @@ def test_k1_renormalised_is_zero(backend, divergence, device):
     assert torch.all(dx == 0) and torch.all(dw == 0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_masked_give_nothing(backend, device):
+    """Every row masked (the Triton backend still walks the chunks, with no host sync): a zero loss,
+    zero log-probs and gradients, for masked target ids of -100 too."""
+    h_s, w, h_t, w_t, _ = make_inputs(7, 16, 33, device=device)
+    mask = torch.zeros(7, dtype=torch.bool, device=device)
+    targets = torch.full((7,), -100, device=device)
+    h_s.requires_grad_(True), w.requires_grad_(True)
+    out = fastsd.fused_linear_divergence(h_s, w, h_t, w_t, divergence="jsd", topk=4, tail=True, mask=mask,
+                                         target_ids=targets, reduction="sum", backend=backend, chunk_size=3)
+    out.loss.backward()
+    assert out.loss.item() == 0 and torch.all(out.per_token == 0)
+    assert torch.all(out.student_logprob == 0) and torch.all(out.teacher_logprob == 0)
+    assert torch.all(h_s.grad == 0) and torch.all(w.grad == 0)
+
+
 def _tied_inputs(n, d, v, dups, k, topk_from, device):
     """Shared weights whose last `dups` rows copy random earlier ones (exact ties in both heads'
     logits), drawn until no other near-tie sits at the k-th place. Returns inputs and the groups
