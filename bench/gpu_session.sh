@@ -49,7 +49,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, appending to 
 case "$part" in
 kernels)
     stage tests 140 python3 -m pytest -q -x -p no:cacheprovider tests/loss/test_loss.py \
-        tests/loss/test_logprob.py tests/loss/test_kernels.py tests/loss/test_api.py
+        tests/loss/test_logprob.py tests/loss/test_kernels.py tests/loss/test_api.py tests/loss/test_topk.py
     stage engine_cuda 100 python3 -m pytest -q -p no:cacheprovider tests/rollout/test_engine.py -k on_cuda
     stage rollout 200 python3 bench/rollout.py --batch 8 32 --new-tokens 256 --out "$OUT/rollout.json"
     stage gpu_bench 120 python3 bench/gpu_bench.py --quick --out "$OUT/gpu_bench.json" --cases fastsd_fkl fastsd_rkl \

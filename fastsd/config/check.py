@@ -59,8 +59,10 @@ def check(cfg: TrainConfig) -> None:
         raise ValueError(f"rollout.top_p: must be in (0, 1], got {cfg.rollout.top_p}")
     if cfg.loss.divergence == "auto":  # resolved here, so the saved config says what ran
         cfg.loss.divergence = "reverse_kl" if cfg.model.path == "builtin" else "forward_kl"
-    if cfg.loss.clip is not None and cfg.loss.divergence != "forward_kl":
-        raise ValueError(f"loss.clip: only with loss.divergence=forward_kl, got {cfg.loss.divergence}")
+    if cfg.loss.clip is not None and cfg.loss.divergence != "forward_kl" and not cfg.loss.topk:
+        raise ValueError(f"loss.clip: only with loss.divergence=forward_kl (or loss.topk), got {cfg.loss.divergence}")
+    if cfg.loss.topk < 0:
+        raise ValueError(f"loss.topk: must be >= 0 (0: the full vocabulary), got {cfg.loss.topk}")
     if cfg.loss.clip is not None and not cfg.loss.clip > 0:
         raise ValueError(f"loss.clip: must be > 0 (or none), got {cfg.loss.clip}")
     if not cfg.loss.pg_clip > 0:
@@ -92,10 +94,15 @@ def check(cfg: TrainConfig) -> None:
         unused.append(f"teacher.kind={cfg.teacher.kind} (grpo has no teacher)")
     if cfg.condition == "grpo" and cfg.loss.kind != "divergence":
         unused.append(f"loss.kind={cfg.loss.kind} (grpo trains on rewards)")
+    if cfg.condition == "grpo" and cfg.loss.topk:
+        unused.append(f"loss.topk={cfg.loss.topk} (grpo trains on rewards)")
     if cfg.condition != "critique" and cfg.critic.kind != "builtin":
         unused.append(f"critic.kind={cfg.critic.kind} (only condition=critique uses a critic)")
     for text in unused:
         logging.getLogger("fastsd").warning("condition=%s ignores %s", cfg.condition, text)
+    if cfg.condition != "grpo" and cfg.loss.kind == "sampled_token" and cfg.loss.topk:
+        logging.getLogger("fastsd").warning("loss.kind=sampled_token ignores loss.topk=%d (it uses no divergence)",
+                                            cfg.loss.topk)
     _check_templates(cfg)
     _check_critic_prompt(cfg)
 

@@ -38,25 +38,31 @@ def field_docs() -> dict[str, dict[str, str]]:
     return out
 
 
+_TOPK = ("topk", "topk_from", "tail")
+
+
 def ignored(cfg: TrainConfig, device_type: str = "cpu") -> dict[str, str]:
     """Dotted key (or section) -> why this run does not use it."""
     out: dict[str, str] = {}
     c = cfg.condition
     if c == "grpo":
         out["teacher"] = "grpo has no teacher"
-        out.update({f"loss.{k}": "grpo trains on rewards" for k in ("kind", "divergence", "clip", "beta")})
+        out.update({f"loss.{k}": "grpo trains on rewards" for k in ("kind", "divergence", "clip", "beta", *_TOPK)})
         out.update({f"templates.{k}": "grpo has no teacher prompt" for k in ("reference", "critique")})
     else:
         out["loss.pg_clip"] = "grpo only"
         other = "critique" if c == "reference" else "reference"
         out[f"templates.{other}"] = f"condition={other} only"
         if cfg.loss.kind == "sampled_token":
-            out.update({f"loss.{k}": "loss=sampled_token uses no divergence" for k in ("divergence", "clip", "beta")})
+            out.update({f"loss.{k}": "loss=sampled_token uses no divergence"
+                        for k in ("divergence", "clip", "beta", *_TOPK)})
         else:
             if cfg.loss.divergence != "jsd":
                 out["loss.beta"] = "loss.divergence=jsd only"
-            if cfg.loss.divergence != "forward_kl":
-                out["loss.clip"] = "loss.divergence=forward_kl only"
+            if cfg.loss.divergence != "forward_kl" and not cfg.loss.topk:
+                out["loss.clip"] = "loss.divergence=forward_kl (or loss.topk) only"
+            if not cfg.loss.topk:
+                out.update({f"loss.{k}": "loss.topk=0 (the full vocabulary)" for k in _TOPK[1:]})
         if cfg.teacher.kind != "ema":
             out["teacher.ema_rate"] = "teacher=ema only"
     if c != "critique":

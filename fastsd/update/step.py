@@ -34,7 +34,8 @@ def _micro_loss(cfg, policy, teacher, batch, world, total_tokens, stats):
     """Loss of one micro-batch, scaled so that gradients sum to the step's token mean."""
     scale = world / max(total_tokens, 1.0)  # FSDP averages gradients over ranks
     loss_kw = dict(divergence=cfg.loss.divergence, temperature=cfg.loss.temperature,
-                   clip=cfg.loss.clip, beta=cfg.loss.beta)
+                   clip=cfg.loss.clip, beta=cfg.loss.beta,
+                   topk=cfg.loss.topk or None, topk_from=cfg.loss.topk_from, tail=cfg.loss.tail)
     if cfg.condition == "grpo":
         logp = policy(batch.s_ids, batch.s_attn, batch.s_index, mode="logprob", targets=batch.targets, loss_kw=loss_kw)
         adv = batch.advantage

@@ -70,6 +70,10 @@ def test_round_trip_through_yaml(tmp_path):
     ("data.eval_size=0", "data.eval_size"),
     ("data.train_size=0", "data.train_size"),
     ("loss.pg_clip=-1", "loss.pg_clip"),
+    ("loss.topk=-1", "loss.topk"),
+    ("loss.topk=2.5", "loss.topk"),
+    ("loss.topk_from=both", "loss.topk_from"),
+    ("loss.tail=maybe", "loss.tail"),
     ("templates.student={questoin}", "templates.student"),
     ("templates.critique=C:{critique", "templates.critique"),
     ("optim.lr=1e400", "optim.lr"),  # overflows to inf
@@ -84,6 +88,8 @@ def test_bad_values_name_the_key(override, key):
     (["condition=grpo", "teacher=ema"], "teacher.kind"),
     (["condition=grpo", "loss=sampled_token"], "loss.kind"),
     (["condition=reference", "critic=http"], "critic.kind"),
+    (["condition=grpo", "loss.topk=8"], "loss.topk"),
+    (["condition=critique", "loss=sampled_token", "loss.topk=8"], "loss.topk"),
 ])
 def test_options_the_condition_ignores_are_said(overrides, key, caplog):
     """Said, not refused: tools such as compare_conditions pass one set of options to every condition."""
@@ -98,6 +104,14 @@ def test_options_the_condition_ignores_are_said(overrides, key, caplog):
 
 def test_a_huge_integer_is_not_a_float_overflow():
     assert load_config(overrides=["seed=1" + "0" * 400]).seed == 10**400
+
+
+def test_clip_takes_any_divergence_with_topk_only():
+    for div in ("reverse_kl", "jsd"):
+        with pytest.raises(ValueError, match=r"^loss\.clip: only with loss\.divergence=forward_kl \(or loss\.topk\)"):
+            load_config(overrides=[f"loss.divergence={div}", "loss.clip=0.05"])
+        cfg = load_config(overrides=[f"loss.divergence={div}", "loss.clip=0.05", "loss.topk=8", "loss.tail=false"])
+        assert (cfg.loss.clip, cfg.loss.topk, cfg.loss.topk_from, cfg.loss.tail) == (0.05, 8, "teacher", False)
 
 
 def test_clip_must_be_positive():
