@@ -45,6 +45,7 @@ def ignored(cfg: TrainConfig, device_type: str = "cpu") -> dict[str, str]:
     if c == "grpo":
         out["teacher"] = "grpo has no teacher"
         out.update({f"loss.{k}": "grpo trains on rewards" for k in ("kind", "divergence", "clip", "beta")})
+        out["loss.is_clip"] = "grpo's ratio is to the policy itself (one update per rollout)"
         out.update({f"templates.{k}": "grpo has no teacher prompt" for k in ("reference", "critique")})
     else:
         out["loss.pg_clip"] = "grpo only"
@@ -55,8 +56,6 @@ def ignored(cfg: TrainConfig, device_type: str = "cpu") -> dict[str, str]:
         else:
             if cfg.loss.divergence != "jsd":
                 out["loss.beta"] = "loss.divergence=jsd only"
-            if cfg.loss.divergence != "forward_kl":
-                out["loss.clip"] = "loss.divergence=forward_kl only"
         if cfg.teacher.kind != "ema":
             out["teacher.ema_rate"] = "teacher=ema only"
     if c != "critique":
