@@ -77,7 +77,8 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
         for step in range(state["step"], cfg.steps):
             times = [time.perf_counter()]
             questions = step_questions(ready.train, cfg, step)[d.rank::d.world]
-            rolls = rollout(cfg, d, policy, tok, questions, cfg.group_size, cfg.rollout.temperature)
+            rolls = rollout(cfg, d, policy, tok, questions, cfg.group_size, cfg.rollout.temperature,
+                            logprobs=cfg.loss.is_clip is not None and cfg.condition != "grpo")
             times.append(time.perf_counter())
             feedback(cfg, tok, rolls, ready.critic)
             times.append(time.perf_counter())

@@ -59,16 +59,15 @@ def check(cfg: TrainConfig) -> None:
         raise ValueError(f"rollout.top_p: must be in (0, 1], got {cfg.rollout.top_p}")
     if cfg.loss.divergence == "auto":  # resolved here, so the saved config says what ran
         cfg.loss.divergence = "reverse_kl" if cfg.model.path == "builtin" else "forward_kl"
-    if cfg.loss.clip is not None and cfg.loss.divergence != "forward_kl" and not cfg.loss.topk:
-        raise ValueError(f"loss.clip: only with loss.divergence=forward_kl (or loss.topk), got {cfg.loss.divergence}")
     if cfg.loss.topk < 0:
         raise ValueError(f"loss.topk: must be >= 0 (0: the full vocabulary), got {cfg.loss.topk}")
     if cfg.loss.clip is not None and not cfg.loss.clip > 0:
         raise ValueError(f"loss.clip: must be > 0 (or none), got {cfg.loss.clip}")
     if not cfg.loss.pg_clip > 0:
         raise ValueError(f"loss.pg_clip: must be > 0, got {cfg.loss.pg_clip}")
-    if not 0 < cfg.loss.beta < 1:
-        raise ValueError(f"loss.beta: must be in (0, 1), got {cfg.loss.beta}")
+    if not 0 <= cfg.loss.beta <= 1:
+        raise ValueError(f"loss.beta: must be in [0, 1], got {cfg.loss.beta}")
+    _check_is_clip(cfg)
     if not 0 <= cfg.teacher.ema_rate < 1:
         raise ValueError(f"teacher.ema_rate: must be in [0, 1), got {cfg.teacher.ema_rate}")
     _check_lora(cfg)
@@ -96,6 +95,8 @@ def check(cfg: TrainConfig) -> None:
         unused.append(f"loss.kind={cfg.loss.kind} (grpo trains on rewards)")
     if cfg.condition == "grpo" and cfg.loss.topk:
         unused.append(f"loss.topk={cfg.loss.topk} (grpo trains on rewards)")
+    if cfg.condition == "grpo" and cfg.loss.is_clip is not None:
+        unused.append(f"loss.is_clip={cfg.loss.is_clip} (grpo's ratio is to the policy itself)")
     if cfg.condition != "critique" and cfg.critic.kind != "builtin":
         unused.append(f"critic.kind={cfg.critic.kind} (only condition=critique uses a critic)")
     for text in unused:
@@ -105,6 +106,18 @@ def check(cfg: TrainConfig) -> None:
                                             cfg.loss.topk)
     _check_templates(cfg)
     _check_critic_prompt(cfg)
+
+
+def _check_is_clip(cfg: TrainConfig) -> None:
+    """loss.is_clip: a positive clip, over log-probs the trainer can compute again (the sampler's
+    are of softmax(logits / rollout.temperature), renormalised to the top-p nucleus)."""
+    if cfg.loss.is_clip is None:
+        return
+    if not cfg.loss.is_clip > 0:
+        raise ValueError(f"loss.is_clip: must be > 0 (or none), got {cfg.loss.is_clip}")
+    if cfg.rollout.top_p < 1:
+        raise ValueError(f"loss.is_clip: needs rollout.top_p=1 (the sampler's log-probs are renormalised to the "
+                         f"nucleus, the trainer's are not), got rollout.top_p={cfg.rollout.top_p}")
 
 
 def _check_templates(cfg: TrainConfig) -> None:

@@ -48,6 +48,7 @@ def ignored(cfg: TrainConfig, device_type: str = "cpu") -> dict[str, str]:
     if c == "grpo":
         out["teacher"] = "grpo has no teacher"
         out.update({f"loss.{k}": "grpo trains on rewards" for k in ("kind", "divergence", "clip", "beta", *_TOPK)})
+        out["loss.is_clip"] = "grpo's ratio is to the policy itself (one update per rollout)"
         out.update({f"templates.{k}": "grpo has no teacher prompt" for k in ("reference", "critique")})
     else:
         out["loss.pg_clip"] = "grpo only"
@@ -59,8 +60,6 @@ def ignored(cfg: TrainConfig, device_type: str = "cpu") -> dict[str, str]:
         else:
             if cfg.loss.divergence != "jsd":
                 out["loss.beta"] = "loss.divergence=jsd only"
-            if cfg.loss.divergence != "forward_kl" and not cfg.loss.topk:
-                out["loss.clip"] = "loss.divergence=forward_kl (or loss.topk) only"
             if not cfg.loss.topk:
                 out.update({f"loss.{k}": "loss.topk=0 (the full vocabulary)" for k in _TOPK[1:]})
         if cfg.teacher.kind != "ema":

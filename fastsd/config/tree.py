@@ -153,10 +153,9 @@ class LossConfig:
     temperature: float = 1.0
     """Temperature applied to both heads' logits inside the loss."""
     clip: float | None = None
-    """forward_kl only (any divergence with loss.topk): clamp each per-vocabulary summand at this value
-    (OPSD uses 0.05)."""
+    """Clamp each per-vocabulary summand of the divergence at this value (OPSD uses 0.05)."""
     beta: float = 0.5
-    """jsd only: mixture weight of the teacher, in (0, 1)."""
+    """jsd only: mixture weight of the teacher, in [0, 1] (0: forward_kl, 1: reverse_kl)."""
     pg_clip: float = 0.2
     """grpo: PPO-style ratio clip epsilon."""
     topk: int = 0
@@ -169,6 +168,10 @@ class LossConfig:
     tail: bool = True
     """loss.topk: keep the rest of each side's probability as one more category (true), or renormalise
     over the top-k tokens (false)."""
+    is_clip: float | None = None
+    """Importance-sampling correction between the sampler's and the trainer's log-probs of the
+    sampled tokens: each token's loss and gradient times min(exp(trainer - sampler), is_clip),
+    detached (TRL's distillation_is_clip uses 2.0). None: off."""
 
 
 @dataclass

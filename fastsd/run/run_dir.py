@@ -62,7 +62,7 @@ class RunLog:
     def progress(self, step: int, row: dict) -> None:
         if not self.on:
             return
-        short = {k: row[k] for k in ("loss", "reward", "usable", "tok_s") if row.get(k) is not None}
+        short = {k: row[k] for k in ("loss", "reward", "usable", "entropy", "is_clipped", "tok_s") if row.get(k) is not None}
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in short.items()})
@@ -120,6 +120,9 @@ def step_row(cfg: TrainConfig, d: Dist, step: int, rolls: list, upd: dict, lr: f
     row = {"step": step, "loss": upd["divergence"], "reward": reward_sum / n, "usable": usable / n,
            "no_answer": no_answer / n, "gap": upd["gap"], "grad_norm": upd["grad_norm"], "lr": lr,
            "tok_s": resp_tokens / (t3 - t0), "time_rollout": t1 - t0, "time_feedback": t2 - t1, "time_update": t3 - t2}
+    row["entropy"] = upd.get("entropy")  # the student's mean per-token entropy
+    if upd.get("is_clipped") is not None:  # loss.is_clip: share of tokens whose weight the clip cut
+        row["is_clipped"] = upd["is_clipped"]
     if cfg.condition == "grpo":
         row["zero_variance_rollouts"] = int(zero_var)
     said = None
