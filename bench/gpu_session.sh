@@ -60,7 +60,7 @@ kernels)
     stage gpu_bench 120 python3 bench/gpu_bench.py --quick --out "$OUT/gpu_bench.json" --cases fastsd_fkl fastsd_rkl \
         fastsd_jsd fastsd_logprob floor eager_fkl liger_fused_fkl liger_chunked_fkl
     stage loss_options 35 python3 -m pytest -q -x -p no:cacheprovider tests/loss/test_autocast.py \
-        tests/loss/test_clip_beta.py tests/loss/test_weights_entropy.py
+        tests/loss/test_clip_beta.py tests/loss/test_weights_entropy.py tests/loss/test_topk_combined.py
     ;;
 e2e)
     stage e2e 240 python3 bench/e2e_step.py --batch 4 8 16 --ckpt off --steps 2 --out "$OUT/e2e.json"
