@@ -4,6 +4,8 @@
     python bench/cpu_peers.py --shape 1024,256,151936 --divergence forward_kl reverse_kl jsd
     python bench/cpu_peers.py --divergence logprob  # fused_linear_logprob vs log_softmax().gather()
     python bench/cpu_peers.py --shape 64,32,500 --rounds 2 --json out.json   # a few seconds
+    python bench/cpu_peers.py --shape 1024,256,151936 --topk 64 --variants fastsd fastsd_topk64 \
+        eager_topk64 liger_compiled                  # top-k (with the tail) against full vocabulary
 
 Every variant computes the same fp32 loss ("mean" over rows; separate teacher head) and its
 forward + backward into the student hidden states and weight. Timing: all variants in one
@@ -13,7 +15,9 @@ in a fresh process of its own: peak RSS (VmHWM, reset through /proc/self/clear_r
 second call, minus the RSS before the first (taken after a tiny generic forward + backward has
 started torch's thread pools), so memory a variant keeps between calls counts.
 Peers that are not installed (liger-kernel, trl) are skipped and named. Prints a table with
-ratios to fastsd and writes JSON.
+ratios to fastsd and writes JSON. `--topk K` adds fastsd_topkK and eager_topkK (the float64
+reference's definition run in fp32 on materialised logits): the divergence over the teacher's top K
+tokens with the tail; their losses agree with each other's, not with the full vocabulary's.
 """
 
 from __future__ import annotations
@@ -91,6 +95,27 @@ def _fastsd(workspace_mb=None):
     return run
 
 
+def _fastsd_topk(k):
+    def run(h, w, h_t, w_t, ids, div):
+        return fastsd.fused_linear_divergence(h, w, h_t, w_t, divergence=div, beta=JSD_BETA, backend="torch",
+                                              topk=k, topk_from="teacher", tail=True).loss
+    return run
+
+
+def _eager_topk(k):
+    def run(h, w, h_t, w_t, ids, div):
+        with torch.no_grad():
+            t_logits = h_t @ w_t.T
+        return per_token_divergence(h @ w.T, t_logits, divergence=div, beta=JSD_BETA, topk=k, topk_from="teacher",
+                                    tail=True).mean()
+    return run
+
+
+def objective(name):
+    """Variants computing the same loss: "full", or "topkK"."""
+    return name.split("_")[-1] if "_topk" in name else "full"
+
+
 def _fastsd_logprob(h, w, h_t, w_t, ids, div):
     return -fastsd.fused_linear_logprob(h, w, ids, backend="torch").mean()
 
@@ -113,8 +138,11 @@ SKIPPED_ALWAYS = {"logprob": {"liger_flce": "liger's fused linear cross-entropy 
                                             "no CPU path (liger's chunked losses have no plain log-prob)"}}
 
 
-def variants_for(div):
+def variants_for(div, topk=()):
     table = LOGPROB_VARIANTS if div == "logprob" else VARIANTS
+    if div != "logprob":
+        table = {**table, **{f"{kind}_topk{k}": (None, fn(k)) for k in topk
+                             for kind, fn in (("fastsd", _fastsd_topk), ("eager", _eager_topk))}}
     have, skipped = {}, dict(SKIPPED_ALWAYS.get(div, {}))
     for name, (module, fn) in table.items():
         try:
@@ -139,8 +167,8 @@ def call(fn, data, div, fresh=None):
     return loss.detach(), hh.grad, ww.grad
 
 
-def time_variants(shape, div, rounds, names):
-    have, _ = variants_for(div)
+def time_variants(shape, div, rounds, names, topk=()):
+    have, _ = variants_for(div, topk)
     data = inputs(*shape)
     first, times, results = {}, {n: [] for n in names}, {}
     for name in names:
@@ -153,9 +181,11 @@ def time_variants(shape, div, rounds, names):
             t0 = time.perf_counter()
             call(have[name], data, div)
             times[name].append(time.perf_counter() - t0)
-    ref = results[names[0]]
+    ref = {}  # the first variant of each objective
+    for n in names:
+        ref.setdefault(objective(n), results[n])
     agree = {n: [float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
-                 for a, b in zip(results[n], ref)] for n in names}
+                 for a, b in zip(results[n], ref[objective(n)])] for n in names}
     return {n: dict(median_s=statistics.median(times[n]), min_s=min(times[n]), times_s=times[n], first_call_s=first[n],
                     rel_diff_to_first=agree[n]) for n in names}
 
@@ -168,9 +198,9 @@ def _status(key):
     raise KeyError(key)
 
 
-def child_memory(shape, div, name):
+def child_memory(shape, div, name, topk=()):
     """In this (fresh) process: bytes of peak RSS during a second call above the RSS before the first."""
-    fn = variants_for(div)[0][name]
+    fn = variants_for(div, topk)[0][name]
     data = inputs(*shape)
     # thread pools, MKL and the autograd engine start on first use: not any variant's memory
     x = torch.randn(64, 64, requires_grad=True)
@@ -185,21 +215,22 @@ def child_memory(shape, div, name):
     return _status("VmHWM") - before
 
 
-def memory(shape, div, name):
-    cmd = [sys.executable, __file__, "--_child", name, "--shape", ",".join(map(str, shape)), "--divergence", div]
+def memory(shape, div, name, topk=()):
+    cmd = [sys.executable, __file__, "--_child", name, "--shape", ",".join(map(str, shape)), "--divergence", div,
+           *(["--topk", *map(str, topk)] if topk else [])]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=dict(os.environ))
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def run(shape, div, rounds, measure_memory, only=None):
-    have, skipped = variants_for(div)
+def run(shape, div, rounds, measure_memory, only=None, topk=()):
+    have, skipped = variants_for(div, topk)
     names = [n for n in have if only is None or n in only]
-    res = time_variants(shape, div, rounds, names)
+    res = time_variants(shape, div, rounds, names, topk)
     base = res[names[0]]["median_s"]
     for n in names:
         res[n]["time_ratio"] = res[n]["median_s"] / base
         if measure_memory:
-            res[n]["peak_rss_mib"] = memory(shape, div, n) / 2**20
+            res[n]["peak_rss_mib"] = memory(shape, div, n, topk) / 2**20
     return dict(shape=dict(zip("NDV", shape)), divergence=div, rounds=rounds, variants=res, skipped=skipped)
 
 
@@ -243,19 +274,21 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--variants", nargs="+", help="only these (the first is the ratios' reference)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory processes")
+    p.add_argument("--topk", nargs="+", type=int, default=[],
+                   help="add fastsd_topkK and eager_topkK: the teacher's top K tokens with the tail")
     p.add_argument("--json", default="runs/cpu_peers.json")  # runs/ is not tracked: keep results on purpose
     p.add_argument("--_child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     shapes = [tuple(int(x) for x in s.split(",")) for s in (a.shape or ["4096,512,32000"])]
     if a._child:
-        print(child_memory(shapes[0], a.divergence[0], a._child))
+        print(child_memory(shapes[0], a.divergence[0], a._child, a.topk))
         return
     meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=_cpu(),
                 threads=torch.get_num_threads(), versions=_versions(), loadavg_start=os.getloadavg())
     entries = []
     for shape in shapes:
         for div in a.divergence:
-            entries.append(run(shape, div, a.rounds, not a.no_memory, a.variants))
+            entries.append(run(shape, div, a.rounds, not a.no_memory, a.variants, a.topk))
             print_table(entries[-1])
     meta["loadavg_end"] = os.getloadavg()
     print(f"\n{meta['machine']}, {meta['threads']} threads, {meta['versions']}")

@@ -9,6 +9,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import cpu_peers  # noqa: E402
@@ -48,6 +49,20 @@ def test_tiny_run_writes_json_and_peers_agree(divergence, tmp_path, capsys):
     if divergence == "logprob":
         assert "liger_flce" in entry["skipped"]
     assert "fastsd" in capsys.readouterr().out
+
+
+def test_topk_option_runs_fastsd_and_eager_topk_beside_the_full_vocabulary(tmp_path):
+    out = tmp_path / "topk.json"
+    cpu_peers.main(["--shape", "48,16,300", "--divergence", "reverse_kl", "--rounds", "1", "--json", str(out),
+                    "--topk", "8", "--variants", "fastsd", "fastsd_topk8", "eager_topk8"])
+    res = json.loads(out.read_text())["results"][0]["variants"]
+    assert list(res) == ["fastsd", "fastsd_topk8", "eager_topk8"]
+    assert res["fastsd_topk8"]["rel_diff_to_first"] == [0.0, 0.0, 0.0]  # the first of its objective
+    assert max(res["eager_topk8"]["rel_diff_to_first"]) < 1e-4  # the same top-k loss and gradients
+    assert all(r["peak_rss_mib"] > 0 for r in res.values())
+    full, _, _ = cpu_peers.call(cpu_peers.VARIANTS["fastsd"][1], cpu_peers.inputs(48, 16, 300), "reverse_kl")
+    top, _, _ = cpu_peers.call(cpu_peers._fastsd_topk(8), cpu_peers.inputs(48, 16, 300), "reverse_kl")
+    assert not torch.allclose(full, top, rtol=1e-2)  # a different objective, compared apart
 
 
 def test_missing_peer_is_skipped_and_named(monkeypatch):

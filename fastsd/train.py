@@ -99,7 +99,8 @@ def _train(cfg: TrainConfig, d: Dist, stop: StopSignals, lock: RunDirLock) -> di
             stop.poll()  # torchrun: the ranks agree on a stop signal at these points
             times = [time.perf_counter()]
             questions = step_questions(ready.train, cfg, step)[d.rank::d.world]
-            rolls = rollout(cfg, d, policy, tok, questions, cfg.group_size, cfg.rollout.temperature)
+            rolls = rollout(cfg, d, policy, tok, questions, cfg.group_size, cfg.rollout.temperature,
+                            logprobs=cfg.loss.is_clip is not None and cfg.condition != "grpo")
             times.append(time.perf_counter())
             stop.poll()
             feedback(cfg, tok, rolls, ready.critic)

@@ -31,6 +31,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
+def assert_values_match(out, ref, tol: float) -> None:
+    """A fused divergence's loss, per-token values and log-probs against the reference's."""
+    assert out.loss.shape == ref.loss.shape
+    for name in ("loss", "per_token", "student_logprob", "teacher_logprob"):
+        err = rel_err(getattr(out, name), getattr(ref, name))
+        assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
+
+
 def make_inputs(n, d_s, v, *, d_t=None, dtype=torch.float32, device="cpu", confident=False, seed=None):
     """Student/teacher hidden states and weights whose logits have std ~ 2.
 

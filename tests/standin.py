@@ -108,18 +108,21 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     return tok
 
 
-def build_standin(path: str | Path, *, seed: int = 0, head_dim: int = 32) -> Path:
-    """Write the stand-in checkpoint (model, tokenizer, chat template) to `path`; returns it."""
+def build_standin(path: str | Path, *, seed: int = 0, head_dim: int = 32, dtype: torch.dtype = torch.float32,
+                  **shape) -> Path:
+    """Write the stand-in checkpoint (model, tokenizer, chat template) to `path`; returns it.
+    `shape`: Qwen3Config fields overriding the tiny shape (bench/random_qwen3.py builds a ~0.5B
+    one; a `vocab_size` above the tokenizer's leaves rows no text maps to, as Qwen3's has)."""
     path = Path(path)
     tok = build_tokenizer()
+    fields = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=1024)
     config = Qwen3Config(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=1024,
-        tie_word_embeddings=True, rms_norm_eps=1e-6, bos_token_id=None,
+        **{**fields, **shape}, tie_word_embeddings=True, rms_norm_eps=1e-6, bos_token_id=None,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config)
+    model = Qwen3ForCausalLM(config).to(dtype)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(path)

@@ -56,6 +56,21 @@ def test_dry_run_reads_back_and_resolves_what_grpo_runs_with(capsys):
     assert "  every: 0  # ignored: eval=off" in annotated_yaml(load_config(overrides=["eval=off"]))
 
 
+def test_dry_run_marks_the_topk_keys_a_run_ignores():
+    text = annotated_yaml(load_config(overrides=["loss.divergence=jsd"]))
+    assert "  topk_from: teacher  # ignored: loss.topk=0 (the full vocabulary)" in text
+    assert "  tail: true  # ignored: loss.topk=0 (the full vocabulary)" in text
+    assert "  clip: null\n" in text  # clip takes every divergence
+    text = annotated_yaml(load_config(overrides=["loss.divergence=jsd", "loss.topk=8", "loss.clip=0.05"]))
+    assert "  topk: 8\n" in text and "  topk_from: teacher\n" in text and "  clip: 0.05\n" in text
+    grpo = annotated_yaml(load_config(overrides=["condition=grpo", "loss.topk=8"]))
+    assert "  topk: 8  # ignored: grpo trains on rewards" in grpo
+    both = annotated_yaml(load_config(overrides=["loss.topk=8", "loss.is_clip=2"]))
+    assert "  topk: 8\n" in both and "  is_clip: 2.0\n" in both
+    sampled = annotated_yaml(load_config(overrides=["loss=sampled_token", "loss.topk=8"]))
+    assert "  tail: true  # ignored: loss=sampled_token uses no divergence" in sampled
+
+
 def test_dry_run_may_stand_between_overrides(capsys):
     assert cli.main(["condition=grpo", "--dry-run", "steps=3"]) == 0  # argparse refused the key after it
     assert "steps: 3" in capsys.readouterr().out.splitlines()

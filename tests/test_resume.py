@@ -59,6 +59,18 @@ def test_stopping_and_the_checkpoint_schedule_never_change_the_numbers(tmp_path,
     assert ids["resumed"] == ids["straight"] == ids["every"]
 
 
+def test_resume_with_the_importance_correction_is_bitwise(tmp_path):
+    """loss.is_clip: the sampler's log-probs ride on the rollouts of the step; stopped after step 1
+    and resumed, the losses, entropies and clipped shares are those of the straight run, bit for bit."""
+    common = ["eval=off", "condition=reference", "loss.is_clip=1.02"]
+    train(config(tmp_path / "straight", *common, "steps=2"), Dist())
+    train(config(tmp_path / "resumed", *common, "steps=1"), Dist())
+    train(config(tmp_path / "resumed", *common, "steps=2"), Dist())
+    keys = ("loss", "gap", "grad_norm", "reward", "entropy", "is_clipped")
+    rows = {name: [[r[k] for k in keys] for r in train_rows(tmp_path / name)] for name in ("straight", "resumed")}
+    assert len(rows["straight"]) == 2 and rows["resumed"] == rows["straight"], rows
+
+
 def test_the_logged_lr_is_the_rate_each_step_trained_at(tmp_path):
     """Warm-up then linear decay over 3 steps: factors 0.5, 1, 0.5 (the schedule is stepped after
     each optimizer step, so reading it after the update logged the next step's rate)."""

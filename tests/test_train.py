@@ -61,6 +61,7 @@ def random_model(tmp_path_factory) -> Path:
     ["condition=critique", "loss=sampled_token"],
     ["condition=reference", "teacher=ema", "loss.divergence=jsd"],
     ["condition=critique", "teacher=current", "loss.divergence=reverse_kl"],
+    ["condition=reference", "loss.topk=8", "loss.divergence=jsd", "loss.clip=0.05"],
 ], ids=lambda o: "-".join(x.split("=")[1] for x in o))
 def test_condition_runs_end_to_end(tmp_path, overrides):
     cfg = config(tmp_path, *overrides)
@@ -117,6 +118,26 @@ def test_initial_teacher_stays_frozen_while_the_student_changes():
     assert all(torch.equal(v, initial[k]) for k, v in teacher.lm.state_dict().items())
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     assert sum(not torch.equal(v, before[k]) for k, v in policy.lm.state_dict().items()) > 10
+
+
+def test_update_passes_the_topk_keys_to_the_loss():
+    """loss.topk reaches the fused loss: the vocabulary with the (empty) tail is the full divergence,
+    a few tokens renormalised another, and the step trains."""
+    def first_step(*overrides):
+        cfg = load_config(overrides=["optim.micro_batch=4", *overrides])
+        policy, teacher, tok = build_models(cfg, Dist())
+        opt, sched = build_optim(cfg, policy)
+        rolls = fixed_rollouts(cfg, tok)
+        feedback(cfg, tok, rolls, ArithCritic())
+        before = params(policy.lm)
+        stats = update(cfg, Dist(), policy, teacher, opt, sched, tok, rolls, 0)
+        assert sum(not torch.equal(v, before[k]) for k, v in policy.lm.state_dict().items()) > 10
+        return stats["divergence"], len(tok)
+
+    full, vocab = first_step()
+    assert math.isclose(first_step(f"loss.topk={vocab}")[0], full, rel_tol=1e-5)
+    few = first_step("loss.topk=4", "loss.tail=false", "loss.topk_from=student")[0]
+    assert few > 0 and not math.isclose(few, full, rel_tol=1e-2)
 
 
 @pytest.mark.parametrize("condition", ["critique", "grpo"])

@@ -99,17 +99,20 @@ def compile_all(N: int = 64, D: int = 256, V: int = 4096) -> None:
         h, w = torch.randn(N, D, dtype=dtype), torch.randn(V, D, dtype=dtype)
         rows, nv = torch.arange(N), torch.tensor([N])
         targets, scale = torch.randint(0, V, (N,)), torch.ones(N)
-        for div, clip in (("forward_kl", None), ("forward_kl", 0.5), ("reverse_kl", None), ("jsd", None)):
+        for div, clip in (("forward_kl", None), ("forward_kl", 0.5), ("reverse_kl", None), ("reverse_kl", 0.5),
+                          ("jsd", None), ("jsd", 0.5)):
             for grad in (True, False):
-                for tgt in (targets, None):
+                for tgt in (targets, None):  # the entropy with target ids (the trainer's call), not without
                     out = kernels.divergence_chunked(
                         h, w, h, w, rows, nv, tgt, divergence=div, beta=0.5, temperature=1.0, clip=clip,
-                        row_scale=scale if grad else None, chunk_size=32, need_dx=grad, need_dw=grad)
+                        row_scale=scale if grad else None, chunk_size=32, need_dx=grad, need_dw=grad,
+                        entropy=None if tgt is None else torch.zeros(N))
                     if grad:  # with an upstream gradient, and without one (scale None)
                         kernels.finish_grads(out[3], out[4], torch.ones(()) if tgt is None else None, dtype, dtype)
         for grad in (True, False):
-            kernels.logprob_chunked(h, w, rows, nv, targets, temperature=1.0, row_scale=scale if grad else None,
-                                    chunk_size=32, need_dx=grad, need_dw=grad)
+            for entropy in (None, torch.zeros(N)):
+                kernels.logprob_chunked(h, w, rows, nv, targets, temperature=1.0, row_scale=scale if grad else None,
+                                        chunk_size=32, need_dx=grad, need_dw=grad, entropy=entropy)
 
 
 def _tool(name: str) -> str:

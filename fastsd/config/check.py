@@ -65,14 +65,15 @@ def check(cfg: TrainConfig) -> None:
         raise ValueError(f"rollout.top_p: must be in (0, 1], got {cfg.rollout.top_p}")
     if cfg.loss.divergence == "auto":  # resolved here, so the saved config says what ran
         cfg.loss.divergence = "reverse_kl" if cfg.model.path == "builtin" else "forward_kl"
-    if cfg.loss.clip is not None and cfg.loss.divergence != "forward_kl":
-        raise ValueError(f"loss.clip: only with loss.divergence=forward_kl, got {cfg.loss.divergence}")
+    if cfg.loss.topk < 0:
+        raise ValueError(f"loss.topk: must be >= 0 (0: the full vocabulary), got {cfg.loss.topk}")
     if cfg.loss.clip is not None and not cfg.loss.clip > 0:
         raise ValueError(f"loss.clip: must be > 0 (or none), got {cfg.loss.clip}")
     if not cfg.loss.pg_clip > 0:
         raise ValueError(f"loss.pg_clip: must be > 0, got {cfg.loss.pg_clip}")
-    if not 0 < cfg.loss.beta < 1:
-        raise ValueError(f"loss.beta: must be in (0, 1), got {cfg.loss.beta}")
+    if not 0 <= cfg.loss.beta <= 1:
+        raise ValueError(f"loss.beta: must be in [0, 1], got {cfg.loss.beta}")
+    _check_is_clip(cfg)
     if not 0 <= cfg.teacher.ema_rate < 1:
         raise ValueError(f"teacher.ema_rate: must be in [0, 1), got {cfg.teacher.ema_rate}")
     _check_lora(cfg)
@@ -108,10 +109,17 @@ def check(cfg: TrainConfig) -> None:
         unused.append(f"teacher.kind={cfg.teacher.kind} ({cfg.condition} has no teacher)")
     if not cond.teacher and cfg.loss.kind != "divergence":
         unused.append(f"loss.kind={cfg.loss.kind} ({cfg.condition} trains on rewards)")
+    if not cond.teacher and cfg.loss.topk:
+        unused.append(f"loss.topk={cfg.loss.topk} ({cfg.condition} trains on rewards)")
+    if not cond.teacher and cfg.loss.is_clip is not None:
+        unused.append(f"loss.is_clip={cfg.loss.is_clip} ({cfg.condition}'s ratio is to the policy itself)")
     if not cond.uses_critic() and cfg.critic.kind != "builtin":
         unused.append(f"critic.kind={cfg.critic.kind} (condition={cfg.condition} uses no critic)")
     for text in unused:
         logging.getLogger("fastsd").warning("condition=%s ignores %s", cfg.condition, text)
+    if cond.teacher and cfg.loss.kind == "sampled_token" and cfg.loss.topk:
+        logging.getLogger("fastsd").warning("loss.kind=sampled_token ignores loss.topk=%d (it uses no divergence)",
+                                            cfg.loss.topk)
     _check_templates(cfg)
     _check_critic_prompt(cfg)
 
@@ -131,6 +139,18 @@ def _check_api_key_env(name: str) -> None:
         raise ValueError(f"critic.api_key_env: the value ({len(name)} characters, not shown) looks like an API key, "
                          "not the name of an environment variable; put the key in a variable (export "
                          "FASTSD_CRITIC_API_KEY=...) and name the variable here, or leave the default")
+
+
+def _check_is_clip(cfg: TrainConfig) -> None:
+    """loss.is_clip: a positive clip, over log-probs the trainer can compute again (the sampler's
+    are of softmax(logits / rollout.temperature), renormalised to the top-p nucleus)."""
+    if cfg.loss.is_clip is None:
+        return
+    if not cfg.loss.is_clip > 0:
+        raise ValueError(f"loss.is_clip: must be > 0 (or none), got {cfg.loss.is_clip}")
+    if cfg.rollout.top_p < 1:
+        raise ValueError(f"loss.is_clip: needs rollout.top_p=1 (the sampler's log-probs are renormalised to the "
+                         f"nucleus, the trainer's are not), got rollout.top_p={cfg.rollout.top_p}")
 
 
 def _check_templates(cfg: TrainConfig) -> None:

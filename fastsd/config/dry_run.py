@@ -40,24 +40,29 @@ def field_docs() -> dict[str, dict[str, str]]:
     return out
 
 
+_TOPK = ("topk", "topk_from", "tail")
+
+
 def ignored(cfg: TrainConfig, device_type: str = "cpu") -> dict[str, str]:
     """Dotted key (or section) -> why this run does not use it."""
     out: dict[str, str] = {}
     c, cond = cfg.condition, get_condition(cfg)
     if not cond.teacher:
         out["teacher"] = f"{c} has no teacher"
-        out.update({f"loss.{k}": f"{c} trains on rewards" for k in ("kind", "divergence", "clip", "beta")})
+        out.update({f"loss.{k}": f"{c} trains on rewards" for k in ("kind", "divergence", "clip", "beta", *_TOPK)})
+        out["loss.is_clip"] = f"{c}'s ratio is to the policy itself (one update per rollout)"
         out["loss.pg_weight"] = f"{c} has no teacher to blend with"
     else:
         if cfg.loss.pg_weight == 0:
             out["loss.pg_clip"] = "grpo only (or loss.pg_weight > 0)"
         if cfg.loss.kind == "sampled_token":
-            out.update({f"loss.{k}": "loss=sampled_token uses no divergence" for k in ("divergence", "clip", "beta")})
+            out.update({f"loss.{k}": "loss=sampled_token uses no divergence"
+                        for k in ("divergence", "clip", "beta", *_TOPK)})
         else:
             if cfg.loss.divergence != "jsd":
                 out["loss.beta"] = "loss.divergence=jsd only"
-            if cfg.loss.divergence != "forward_kl":
-                out["loss.clip"] = "loss.divergence=forward_kl only"
+            if not cfg.loss.topk:
+                out.update({f"loss.{k}": "loss.topk=0 (the full vocabulary)" for k in _TOPK[1:]})
         if cfg.teacher.kind != "ema":
             out["teacher.ema_rate"] = "teacher=ema only"
     used = cond.keys()

@@ -161,7 +161,8 @@ class RolloutConfig:
 class LossConfig:
     main: ClassVar[str] = "kind"
     kind: Literal["divergence", "sampled_token"] = "divergence"
-    """Self-distillation loss: full-vocabulary divergence, or -(A_t.detach() * log p_s(y_t))."""
+    """Self-distillation loss: the divergence (full vocabulary, or top-k: loss.topk), or
+    -(A_t.detach() * log p_s(y_t))."""
     divergence: Literal["auto", "forward_kl", "reverse_kl", "jsd"] = "auto"
     """Divergence between teacher and student next-token distributions: forward_kl KL(p_t || p_s),
     reverse_kl KL(p_s || p_t), jsd. auto: forward_kl (the paper's), except reverse_kl for the
@@ -169,15 +170,29 @@ class LossConfig:
     temperature: float = 1.0
     """Temperature applied to both heads' logits inside the loss."""
     clip: float | None = None
-    """forward_kl only: clamp each per-vocabulary summand at this value (OPSD uses 0.05)."""
+    """Clamp each per-vocabulary summand of the divergence at this value (OPSD uses 0.05)."""
     beta: float = 0.5
-    """jsd only: mixture weight of the teacher, in (0, 1)."""
+    """jsd only: mixture weight of the teacher, in [0, 1] (0: forward_kl, 1: reverse_kl)."""
     pg_clip: float = 0.2
     """grpo: PPO-style ratio clip epsilon."""
     pg_weight: float = 0.0
     """A teacher condition's blend w in [0, 1]: the step's loss is (1 - w) * the distillation loss +
     w * grpo's clipped policy gradient on the group advantages, each a token mean of the step. 0:
     self-distillation alone; 1: grpo's step (the teacher is not asked). Needs rollout.group_size >= 2."""
+    topk: int = 0
+    """Top-k divergence: over each position's `topk` tokens with the largest logits of loss.topk_from,
+    renormalised or with a tail (loss.tail); 0: the full vocabulary. With it loss.clip takes any
+    divergence, clamping each category's summand (docs/loss.md, "Top-k"). At most the model's
+    vocabulary (checked before the model loads)."""
+    topk_from: Literal["teacher", "student"] = "teacher"
+    """loss.topk: whose logits pick the tokens (OPSD: the teacher's)."""
+    tail: bool = True
+    """loss.topk: keep the rest of each side's probability as one more category (true), or renormalise
+    over the top-k tokens (false)."""
+    is_clip: float | None = None
+    """Importance-sampling correction between the sampler's and the trainer's log-probs of the
+    sampled tokens: each token's loss and gradient times min(exp(trainer - sampler), is_clip),
+    detached (TRL's distillation_is_clip uses 2.0). None: off."""
 
 
 @dataclass

@@ -5,6 +5,7 @@ lm_head weights, chunked over tokens, never materialising the [tokens x vocab] l
     checks.py         their arguments checked, every error naming the argument
     autograd.py       the autograd Functions, rows per chunk, masked rows compacted
     torch_backend.py  chunked PyTorch implementation (CPUs, and a fallback anywhere)
+    topk.py           top-k divergences (renormalised, or with a tail): the row math, both backends
     kernels/          the Triton kernels and their launchers (CUDA)
     reference.py      the unfused float64 reference the tests and benchmarks compare against
 """

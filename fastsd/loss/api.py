@@ -17,6 +17,7 @@ import torch
 
 from .autograd import FusedDivergenceFunction, FusedLogprobFunction, backend_ops, chunk_rows, compact
 from .checks import BACKENDS, check_options, check_pair, check_rows, check_targets, check_weights, jsd_endpoint
+from .topk import check_topk
 
 __all__ = [
     "DivergenceOutput",
@@ -76,6 +77,9 @@ def fused_linear_divergence(
     return_entropy: bool = False,
     backend: str | None = None,
     chunk_size: int | None = None,
+    topk: int | None = None,
+    topk_from: str = "teacher",
+    tail: bool = True,
 ) -> DivergenceOutput:
     """Divergence between teacher and student next-token distributions, without the logits.
 
@@ -88,7 +92,11 @@ def fused_linear_divergence(
     (float, no gradient into it) multiplies each row's loss and gradient: `loss` is the reduction
     of weights * divergence ("mean" still divides by the valid rows), `per_token` stays the
     unweighted divergence. `return_entropy=True` fills `entropy` in the same pass over the
-    vocabulary (no extra GEMM). `teacher_weight=None` shares `weight`. The teacher never gets a
+    vocabulary (no extra GEMM). `topk=K` takes the divergence over the K tokens with the largest
+    logits of one side (`topk_from`), renormalised (`tail=False`) or with the rest of the
+    probability as one more category (`tail=True`), `clip` then clamping each category's summand;
+    see `fastsd.loss.topk` (`weights` and `entropy` as above: the entropy is the student's over the
+    full vocabulary). `teacher_weight=None` shares `weight`. The teacher never gets a
     gradient. `mask` [N] bool drops rows before any matmul; "mean" divides by the number of valid
     rows (all masked: 0.0). `chunk_size` is rows per chunk (default: from a 512 MiB workspace,
     environment FASTSD_WORKSPACE_MB). Differentiable once (create_graph=True raises).
@@ -114,7 +122,8 @@ def fused_linear_divergence(
     if w_t.device != weight.device or teacher_hidden.device != student_hidden.device:
         raise ValueError("teacher_hidden: teacher tensors must be on the student's device")
     check_options(divergence=divergence, beta=beta, temperature=temperature, clip=clip,
-                   reduction=reduction, chunk_size=chunk_size)
+                   reduction=reduction, chunk_size=chunk_size, topk=topk, topk_from=topk_from, tail=tail)
+    check_topk(topk, topk_from, tail, weight.shape[0])
     divergence = jsd_endpoint(divergence, beta)
     device = student_hidden.device
     check_rows("mask", mask, n, lead, device)
@@ -134,7 +143,8 @@ def fused_linear_divergence(
     kw = dict(divergence=divergence, beta=float(beta), temperature=float(temperature),
               clip=None if clip is None else float(clip),
               chunk_size=chunk_rows(chunk_size, name, weight.shape[0], max(h_s.shape[1], h_t.shape[1]),
-                                     divergence, clip, return_entropy))
+                                     divergence, clip, entropy=return_entropy, topk=topk),
+              topk=None if topk is None else (topk, topk_from, tail))
     opts = dict(ops=backend_ops(name), reduction=reduction, kw=kw, grad_enabled=torch.is_grad_enabled(),
                 weights=_compact_weights(weights, mask, rows), entropy=bool(return_entropy))
     # A shared teacher weight is passed as the same tensor object, so backends can reuse it;
@@ -202,10 +212,12 @@ class FusedLinearDivergence(torch.nn.Module):
     """nn.Module form of `fused_linear_divergence` with the loss options fixed at construction."""
 
     def __init__(self, divergence="forward_kl", *, beta=0.5, temperature=1.0, clip=None,
-                 reduction="mean", return_entropy=False, backend=None, chunk_size=None):
+                 reduction="mean", return_entropy=False, backend=None, chunk_size=None, topk=None,
+                 topk_from="teacher", tail=True):
         super().__init__()
         self.kw = dict(divergence=divergence, beta=beta, temperature=temperature, clip=clip,
-                       reduction=reduction, backend=backend, chunk_size=chunk_size)
+                       reduction=reduction, backend=backend, chunk_size=chunk_size, topk=topk,
+                       topk_from=topk_from, tail=tail)
         check_options(**self.kw)  # at construction, not at the first forward
         self.kw["return_entropy"] = bool(return_entropy)
 

@@ -32,15 +32,15 @@ def backend_ops(backend: str):
 
 
 def chunk_rows(chunk_size: int | None, backend: str, vocab: int, width: int, kind: str, clip=None,
-               entropy: bool = False) -> int:
+               entropy: bool = False, topk=None) -> int:
     """Rows per chunk: `chunk_size`, or the most whose buffers fit the workspace. The torch
     backend counts every buffer it allocates (`torch_backend.workspace_bytes`); the Triton
     backend counts its fp32 logits only (its gradient buffer adds half again, see docs/loss.md).
-    `kind`: the divergence or "logprob"."""
+    `kind`: the divergence or "logprob"; `topk`: K of a top-k divergence."""
     if chunk_size is not None:
         return int(chunk_size)
     if backend == "torch":
-        return torch_backend.chunk_rows(_WORKSPACE_BYTES, vocab, width, kind, clip, entropy)
+        return torch_backend.chunk_rows(_WORKSPACE_BYTES, vocab, width, kind, clip, entropy=entropy, topk=topk)
     heads = 1 if kind == "logprob" else 2
     return max(16, _WORKSPACE_BYTES // (4 * heads * vocab) // 16 * 16)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .topk import check_topk
+
 __all__ = ["BACKENDS", "DIVERGENCES", "REDUCTIONS", "check_options", "check_pair", "check_rows", "check_targets",
            "check_weights", "jsd_endpoint"]
 
@@ -15,9 +17,12 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_options(logprob=False, *, divergence="forward_kl", beta=0.5, temperature=1.0, clip=None,
-                   reduction="mean", backend=None, chunk_size=None) -> None:
+                   reduction="mean", backend=None, chunk_size=None, topk=None, topk_from="teacher",
+                   tail=True) -> None:
     """The scalar options, shared by the functions and the modules' constructors (`logprob`: only
     those of the log-prob)."""
+    if not logprob:
+        check_topk(topk, topk_from, tail)
     if not logprob and divergence not in DIVERGENCES:
         raise ValueError(f"divergence: expected one of {DIVERGENCES}, got {divergence!r}")
     if not logprob and reduction not in REDUCTIONS:

@@ -24,8 +24,15 @@ def per_token_divergence(
     beta: float = 0.5,
     temperature: float = 1.0,
     clip: float | None = None,
+    topk: int | None = None,
+    topk_from: str = "teacher",
+    tail: bool = True,
 ) -> torch.Tensor:
-    """Per-row divergence [N] between teacher and student logits, from the definitions."""
+    """Per-row divergence [N] between teacher and student logits, from the definitions. `clip`
+    clamps each summand (per token, or per category with `topk`) at max=clip."""
+    if topk is not None:
+        return _topk_divergence(s_logits_NV / temperature, t_logits_NV / temperature, divergence=divergence,
+                                beta=beta, clip=clip, topk=topk, topk_from=topk_from, tail=tail)
     lp_s = torch.log_softmax(s_logits_NV / temperature, dim=-1)
     lp_t = torch.log_softmax(t_logits_NV / temperature, dim=-1)
     p_s, p_t = lp_s.exp(), lp_t.exp()
@@ -49,6 +56,27 @@ def per_token_divergence(
     return summand.sum(-1)
 
 
+def _topk_divergence(s, t, *, divergence, beta, clip, topk, topk_from, tail):
+    """The divergence between the two sides' top-k categories: the chosen side's K largest logits
+    S per row, renormalised over S, or (`tail`) with 1 - sum_S p as one more category (left out
+    when S is the whole vocabulary: it holds nothing). S is a constant (indices); the tail's mass
+    is the probability off S, through the log-sum-exp of those logits."""
+    idx = (t if topk_from == "teacher" else s).topk(topk, dim=-1).indices
+    if not tail:  # the categories' logits: softmax over S
+        return per_token_divergence(s.gather(-1, idx), t.gather(-1, idx), divergence=divergence, beta=beta,
+                                    clip=clip)
+    off = torch.ones_like(s, dtype=torch.bool).scatter(-1, idx, False)
+
+    def categories(z):
+        lp = torch.log_softmax(z, dim=-1)
+        parts = [lp.gather(-1, idx)]
+        if topk < z.shape[-1]:
+            parts.append(lp.masked_fill(~off, float("-inf")).logsumexp(-1, keepdim=True))
+        return torch.cat(parts, -1)  # log-probs of the categories: log_softmax leaves them as they are
+
+    return per_token_divergence(categories(s), categories(t), divergence=divergence, beta=beta, clip=clip)
+
+
 def reference_divergence(
     student_hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -63,6 +91,9 @@ def reference_divergence(
     clip: float | None = None,
     reduction: str = "mean",
     weights: torch.Tensor | None = None,
+    topk: int | None = None,
+    topk_from: str = "teacher",
+    tail: bool = True,
     dtype: torch.dtype = torch.float64,
 ) -> DivergenceOutput:
     """Same contract as `fastsd.fused_linear_divergence`, computed with materialised logits.
@@ -77,7 +108,8 @@ def reference_divergence(
     s_logits = h_s @ weight.to(dtype).T
     t_logits = h_t @ w_t.detach().to(dtype).T
     per_row = per_token_divergence(
-        s_logits, t_logits, divergence=divergence, beta=beta, temperature=temperature, clip=clip
+        s_logits, t_logits, divergence=divergence, beta=beta, temperature=temperature, clip=clip,
+        topk=topk, topk_from=topk_from, tail=tail,
     )
     valid = torch.ones_like(per_row, dtype=torch.bool) if mask is None else mask.reshape(-1)
     per_row = torch.where(valid, per_row, torch.zeros_like(per_row))

@@ -29,6 +29,9 @@ from __future__ import annotations
 
 import torch
 
+from . import topk as _topk
+from .topk import topk_rows
+
 __all__ = ["divergence_chunked", "logprob_chunked", "logprob_backward_kept", "finish_grads", "workspace_bytes",
            "chunk_rows"]
 
@@ -37,8 +40,10 @@ _TINY = torch.finfo(F32).tiny  # log M where both p underflow: finite, and times
 _SCRATCH = {"forward_kl": 1, "reverse_kl": 0, "jsd": 3, "logprob": 0}  # [C, V] fp32 scratch buffers
 
 
-def _row_bytes(vocab: int, width: int, kind: str, clip, entropy: bool = False) -> int:
+def _row_bytes(vocab: int, width: int, kind: str, clip, entropy: bool = False, topk=None) -> int:
     heads = 1 if kind == "logprob" else 2
+    if topk is not None:  # the row math of fastsd.loss.topk: no [C, V] scratch but the entropy's, [C, K] temporaries
+        return 4 * (heads + bool(entropy)) * vocab + _topk.row_bytes(topk) + 3 * width * 4
     # clip: a bool mask; entropy: one more fp32 scratch buffer
     per_elem = 4 * (heads + _SCRATCH[kind] + bool(entropy)) + (clip is not None)
     # [c, D] fp32: the hidden states per head and the dX product; the log-prob's W[targets]
@@ -46,24 +51,26 @@ def _row_bytes(vocab: int, width: int, kind: str, clip, entropy: bool = False) -
 
 
 def workspace_bytes(chunk: int, vocab: int, width: int, kind: str, clip: float | None = None,
-                    entropy: bool = False) -> int:
+                    entropy: bool = False, topk: int | None = None) -> int:
     """Peak bytes one call allocates beyond its inputs, the fp32 gradient accumulators (dX [N, D],
     dW [V, D]) and, for 16-bit weights, fp32 copies of the weights ([V, D] per head): the [C, V]
     buffers above and three [C, D] fp32 ones (the hidden states per head and the chunk's dX
     product; for the log-prob its hidden states, dX product and the target rows of W).
-    `kind`: a divergence or "logprob"; `entropy`: the student's entropy is computed too."""
-    return chunk * _row_bytes(vocab, width, kind, clip, entropy)
+    `kind`: a divergence or "logprob"; `entropy`: the student's entropy is computed too; `topk`: K of a
+    top-k divergence."""
+    return chunk * _row_bytes(vocab, width, kind, clip, entropy, topk)
 
 
 def chunk_rows(budget: int, vocab: int, width: int, kind: str, clip: float | None = None,
-               entropy: bool = False) -> int:
+               entropy: bool = False, topk: int | None = None) -> int:
     """Rows per chunk: the largest multiple of 16 whose `workspace_bytes` fits `budget` bytes
     (at least 16, whatever the budget)."""
-    return max(16, budget // _row_bytes(vocab, width, kind, clip, entropy) // 16 * 16)
+    return max(16, budget // _row_bytes(vocab, width, kind, clip, entropy, topk) // 16 * 16)
 
 
 def _entropy(lp, buf):
-    """-sum_v p log p per row of the log-probs `lp` [c, V], through the scratch `buf` (same shape)."""
+    """-sum_v p log p per row of the log-probs `lp` [c, V], through the scratch `buf` (same shape;
+    None: a new one)."""
     return torch.exp(lp, out=buf).mul_(lp).sum(1).neg_()
 
 
@@ -198,12 +205,13 @@ def _backprop(g, hc, w32, r, u, inv_temp, dx, dw, first, tgt=None):
 
 
 def divergence_chunked(h_s, w_s, h_t, w_t, rows, num_valid, targets_c, *, divergence, beta,
-                       temperature, clip, row_scale, chunk_size, need_dx, need_dw, entropy=None):
+                       temperature, clip, row_scale, chunk_size, need_dx, need_dw, entropy=None, topk=None):
     """Returns (loss_c [N], s_lp_c [N] | None, t_lp_c [N] | None, dx | None, dw | None), the
     gradients in fp32 and not yet rounded (see `finish_grads`).
 
     `row_scale` [N] (compact order) is d(output)/d(loss_c); None computes no gradient.
     `entropy` [N] fp32 (compact order), or None: the student's entropy per valid row written there.
+    `topk` (k, topk_from, tail) or None: the top-k divergence of `fastsd.loss.topk`.
     """
     n, N, V = int(num_valid), rows.numel(), w_s.shape[0]
     dev = h_s.device
@@ -219,18 +227,25 @@ def divergence_chunked(h_s, w_s, h_t, w_t, rows, num_valid, targets_c, *, diverg
     wt32 = ws32 if w_t is w_s else w_t.to(F32)
     bounds = _even_chunks(n, chunk_size)
     C = bounds[0][1]
-    zs, zt, *scratch = (torch.empty(C, V, dtype=F32, device=dev) for _ in range(2 + _SCRATCH[divergence]))
+    n_scratch = 0 if topk is not None else _SCRATCH[divergence]
+    zs, zt, *scratch = (torch.empty(C, V, dtype=F32, device=dev) for _ in range(2 + n_scratch))
     e_buf = None if entropy is None else torch.empty(C, V, dtype=F32, device=dev)
     inv_temp = 1.0 / temperature
-    factor = (1 - beta) if divergence == "jsd" else 1.0  # the JSD's (1 - beta) rides on the row factor
+    # the JSD's (1 - beta) rides on the row factor (the top-k gradient has it already)
+    factor = (1 - beta) if divergence == "jsd" and topk is None else 1.0
     for c0, c1 in bounds:
         c, r = c1 - c0, rows[c0:c1]
         hs = _logits(h_s, r, ws32, zs[:c], inv_temp)
         _logits(h_t, r, wt32, zt[:c], inv_temp)
         tgt = None if targets_c is None else targets_c[c0:c1, None]
         ent = None if entropy is None else (e_buf[:c], entropy[c0:c1])
-        loss[c0:c1], g, lps, lpt = _row_math(zs[:c], zt[:c], [t[:c] for t in scratch], divergence, beta,
-                                             clip, tgt, grad, ent)
+        if topk is None:
+            loss[c0:c1], g, lps, lpt = _row_math(zs[:c], zt[:c], [t[:c] for t in scratch], divergence, beta,
+                                                 clip, tgt, grad, ent)
+        else:
+            loss[c0:c1], g, lps, lpt = topk_rows(zs[:c], zt[:c], k=topk[0], topk_from=topk[1], tail=topk[2],
+                                                 divergence=divergence, beta=beta, clip=clip, tgt=tgt, grad=grad,
+                                                 ent=ent)
         if tgt is not None:
             s_lp[c0:c1], t_lp[c0:c1] = lps, lpt
         if grad:

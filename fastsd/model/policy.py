@@ -38,16 +38,21 @@ class Policy(nn.Module):
 
     @property
     def head_weight(self) -> torch.Tensor:
-        """The lm_head weight, in the compute dtype (the fused loss is not autocast-aware)."""
+        """The lm_head weight, in the compute dtype: the fused loss's GEMMs then run in 16 bits (it
+        would also take bf16 hidden states over the fp32 weight, widening them to fp32)."""
         w = self.lm.get_output_embeddings().weight
         return w if self.autocast is None else w.to(self.autocast)
 
     def forward(self, ids, attn, index, *, mode: str, targets=None, teacher_hidden=None,
-                teacher_weight=None, loss_kw: dict | None = None):
+                teacher_weight=None, loss_kw: dict | None = None, is_kw: dict | None = None):
         """mode "hidden": hidden states [R, D] at `index` (flat positions into [B * L]).
         mode "divergence": fused_linear_divergence(reduction="sum") against the teacher's
             hidden states [R, Dt] (and weight; None shares this head) -> DivergenceOutput.
-        mode "logprob": log p(targets) [R] under this head, differentiable."""
+        mode "logprob": log p(targets) [R] under this head, differentiable (with
+            loss_kw["return_entropy"]: and the entropy [R]).
+        `is_kw` (sampler_logprob [R], clip, temperature): the importance weights of the targets
+        (`importance_weights`) weight the divergence (mode "logprob" leaves them to the caller's
+        surrogate), and the call returns (result, weights)."""
         body = self.lm.get_decoder()
         with self.compute():
             h = body(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
@@ -57,12 +62,26 @@ class Policy(nn.Module):
         if mode == "hidden":
             return h
         w = self.head_weight
+        weights = None if is_kw is None else importance_weights(h, w, targets, **is_kw)
         if mode == "logprob":
-            return fused_linear_logprob(h, w, targets, temperature=loss_kw.get("temperature", 1.0))
-        if mode == "divergence":
-            return fused_linear_divergence(h, w, teacher_hidden.to(h.dtype), teacher_weight,
-                                           target_ids=targets, reduction="sum", **loss_kw)
-        raise ValueError(f"mode: unknown {mode!r}")
+            out = fused_linear_logprob(h, w, targets, temperature=loss_kw.get("temperature", 1.0),
+                                       return_entropy=loss_kw.get("return_entropy", False))
+        elif mode == "divergence":
+            out = fused_linear_divergence(h, w, teacher_hidden.to(h.dtype), teacher_weight,
+                                          target_ids=targets, reduction="sum", weights=weights, **loss_kw)
+        else:
+            raise ValueError(f"mode: unknown {mode!r}")
+        return out if is_kw is None else (out, weights)
+
+
+def importance_weights(h, w, targets, *, sampler_logprob, clip, temperature):
+    """min(exp(trainer - sampler), clip) per target token, detached: the trainer's log-prob of each
+    sampled token at the sampling temperature (one forward pass over the head, no gradient)
+    against the sampler's. A NaN sampler log-prob (none recorded) gives weight 1."""
+    with torch.no_grad():
+        lp = fused_linear_logprob(h.detach(), w.detach(), targets, temperature=temperature)
+        ratio = torch.exp(lp - sampler_logprob).clamp(max=clip)
+        return torch.where(torch.isnan(sampler_logprob), torch.ones_like(ratio), ratio)
 
 
 class AdapterTeacher:

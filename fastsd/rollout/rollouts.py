@@ -33,23 +33,27 @@ class Rollout:
     critique_error: str | None = None  # why the critic gave no usable critique
     pg: bool = False  # trained on its group advantage (grpo; a teacher condition with loss.pg_weight > 0)
     notes: dict = field(default_factory=dict)  # the condition's own record of this rollout (logged)
+    sampler_logprob: list[float] | None = None  # per response token, under the sampling distribution (loss.is_clip)
 
 
 
 def rollout(cfg: TrainConfig, d: Dist, policy, tok, examples: list[Example], k: int, temperature: float,
-            progress=None) -> list[Rollout]:
-    """k samples per example at `temperature`, parsed and rewarded; `progress`: see `rollout.sample`."""
+            progress=None, logprobs: bool = False) -> list[Rollout]:
+    """k samples per example at `temperature`, parsed and rewarded; `progress`: see `rollout.sample`;
+    `logprobs`: each Rollout keeps its tokens' log-probs under the sampler (`sampler_logprob`)."""
     prompts = [encode(tok, student_text(cfg.templates, tok, ex.question)) for ex in examples]
     flat = [(g, ex, p) for g, (ex, p) in enumerate(zip(examples, prompts)) for _ in range(k)]
     engine = cfg.sampler(d.device.type)
     stop_text = ANSWER_CLOSE if cfg.rollout.stop_at_answer else None
     stop = encode(tok, stop_text) if stop_text else None
+    want_lp = logprobs
     responses = sample(policy, [p for _, _, p in flat], eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                        temperature=temperature, top_p=cfg.rollout.top_p,
                        max_new_tokens=cfg.rollout.max_new_tokens, d=d, engine=engine, stop=stop,
-                       stop_text=stop_text, progress=progress)
+                       stop_text=stop_text, progress=progress, logprobs=want_lp)
+    responses, lps = responses if want_lp else (responses, [None] * len(responses))
     out, grader = [], make_grader(cfg.grader)
-    for (g, ex, p), resp in zip(flat, responses):
+    for (g, ex, p), resp, lp in zip(flat, responses, lps):
         parsed = parse_response(tok.decode(resp, skip_special_tokens=True), cfg.format)
-        out.append(Rollout(ex, p, resp, parsed, reward(parsed, ex.answer, grader), g))
+        out.append(Rollout(ex, p, resp, parsed, reward(parsed, ex.answer, grader), g, sampler_logprob=lp))
     return out

@@ -50,21 +50,23 @@ def _engine(policy) -> RolloutEngine:
 @torch.no_grad()
 def sample(policy, prompts: list[list[int]], *, eos_id: int, pad_id: int, temperature: float,
            top_p: float, max_new_tokens: int, d: Dist, batch_size: int = 256, engine: str = "generate",
-           stop: list[int] | None = None, stop_text: str | None = None, progress=None) -> list[list[int]]:
+           stop: list[int] | None = None, stop_text: str | None = None, progress=None, logprobs: bool = False):
     """Sample one response per prompt from `policy.lm` (a Policy, possibly an FSDP root) with
     `engine` ("vllm", "fastsd" or "generate"); `stop`: token ids that also end a response (vllm
     matches `stop_text` on the decoded text instead). `progress`, if given, is called as
     progress(batches_done, batches) before the first batch, after each, and within one after each
-    decode step (`batches_done` then fractional, below the batch's end until it is done)."""
+    decode step (`batches_done` then fractional, below the batch's end until it is done). Returns the
+    responses' token ids, and with `logprobs` also each token's log-prob under the sampling
+    distribution (softmax(logits / temperature) in the top-p nucleus), one list per response."""
     if engine == "vllm":  # vLLM batches by itself: one call
         if progress is not None:
             progress(0, 1)
         policy.vllm.push(hf_weights(policy.lm))
-        rows, _ = policy.vllm.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                       top_p=top_p, eos_id=eos_id, stop=stop_text)
+        rows, lps = policy.vllm.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                         top_p=top_p, eos_id=eos_id, stop=stop_text, logprobs=logprobs)
         if progress is not None:
             progress(1, 1)
-        return rows
+        return (rows, lps) if logprobs else rows
     lm = policy.lm
     device = next(lm.parameters()).device
     was_training = lm.training
@@ -72,6 +74,7 @@ def sample(policy, prompts: list[list[int]], *, eos_id: int, pad_id: int, temper
     if d.enabled:
         policy.unshard()
     out: list[list[int]] = []
+    out_lp: list[list[float]] = []
     try:
         # Ranks may hold different numbers of prompts; every rank runs the same number of calls.
         n_calls = d.all_max((len(prompts) + batch_size - 1) // batch_size)
@@ -82,7 +85,7 @@ def sample(policy, prompts: list[list[int]], *, eos_id: int, pad_id: int, temper
             on_step = None if progress is None else (lambda t, c=c: progress(c + t / (max_new_tokens + 1), n_calls))
             if engine == "fastsd":
                 with policy.compute():
-                    rows, _ = _engine(policy).generate(
+                    rows, lps = _engine(policy).generate(
                         chunk, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                         eos_id=eos_id, pad_id=pad_id, stop=stop, on_step=on_step,
                         all_done=(lambda mine: d.all_sum(float(not mine))[0] == 0) if d.enabled else None)
@@ -93,15 +96,22 @@ def sample(policy, prompts: list[list[int]], *, eos_id: int, pad_id: int, temper
                         input_ids=ids, attention_mask=attn, do_sample=True, temperature=temperature,
                         top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
                         pad_token_id=pad_id, synced_gpus=d.enabled, streamer=_Steps(on_step) if on_step else None,
+                        output_scores=logprobs, return_dict_in_generate=logprobs,
                     )
+                seqs = gen.sequences if logprobs else gen
                 rows = [cut_at_stop(cut_at_eos(row.tolist(), eos_id, pad_id), stop)
-                        for row in gen[:, ids.shape[1]:].cpu()]
+                        for row in seqs[:, ids.shape[1]:].cpu()]
+                if logprobs:  # the scores are the warped logits: log_softmax gives the sampling distribution
+                    lp = torch.stack([torch.log_softmax(s.float(), -1) for s in gen.scores], 1)
+                    lp = lp.gather(-1, seqs[:, ids.shape[1]:, None]).squeeze(-1).cpu()
+                    lps = [lrow[:len(row)] for row, lrow in zip(rows, lp.tolist())]
             if c * batch_size < len(prompts):
                 out += rows
+                out_lp += lps if logprobs else []
             if progress is not None:
                 progress(c + 1, n_calls)
     finally:
         if d.enabled:
             policy.reshard()
         lm.train(was_training)
-    return out
+    return (out, out_lp) if logprobs else out

@@ -6,7 +6,7 @@
 - resume: `resume=never` on a run directory that holds checkpoints, a `resume` path that is no
   complete checkpoint or holds a damaged file (`resume=auto` passes over damaged ones,
   `fastsd.run.checkpoint_check`), a key the checkpoint fixes changed on resume (`FIXED_ON_RESUME`);
-- model.path: a transformers config is there (the weights load later);
+- model.path: a transformers config is there (the weights load later), and loss.topk fits its vocabulary;
 - data.path, data.eval_path: every line, through the loader training uses (`fastsd.tasks.data.load_data`);
 - templates: the student and teacher prompts rendered for the first training question, through
   the functions training renders them with;
@@ -132,9 +132,21 @@ def _model_config(cfg: TrainConfig):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(path, local_files_only=True)
+        model_config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"model.path: {path}/config.json cannot be read by transformers ({e})") from None
+    _topk_fits(cfg, model_config, path)
+    return model_config
+
+
+def _topk_fits(cfg: TrainConfig, model_config, path: Path) -> None:
+    """loss.topk at most the model's vocabulary (where the run uses it)."""
+    k = cfg.loss.topk
+    if not k or not cfg.feedback_condition().teacher or cfg.loss.kind == "sampled_token":
+        return
+    vocab = getattr(model_config.get_text_config(), "vocab_size", None)
+    if vocab is not None and k > vocab:
+        raise ValueError(f"loss.topk: {k} exceeds the vocabulary of model.path ({vocab} tokens, {path}/config.json)")
 
 
 def tokenizer(cfg: TrainConfig):

@@ -58,7 +58,8 @@ class Progress:
             return
         self.train_s += sum(row.get(k) or 0.0 for k in ("time_rollout", "time_feedback", "time_update"))
         self.steps_timed += 1
-        short = {k: row[k] for k in ("loss", "reward", "usable", "tok_s") if row.get(k) is not None}
+        short = {k: row[k] for k in ("loss", "reward", "usable", "entropy", "is_clipped", "tok_s")
+                 if row.get(k) is not None}
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(", ".join([f"{k}={v:.3g}" for k, v in short.items()] + [self.rate(step)]))

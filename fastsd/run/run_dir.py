@@ -86,6 +86,9 @@ def step_row(cfg: TrainConfig, d: Dist, step: int, rolls: list, upd: dict, lr: f
     for name, (_, den) in counts.items():
         num = summed.pop(0)
         row[name] = int(num) if den is None else num / max(summed.pop(0), 1.0)
+    row["entropy"] = upd.get("entropy")  # the student's mean per-token entropy
+    if upd.get("is_clipped") is not None:  # loss.is_clip: share of tokens whose weight the clip cut
+        row["is_clipped"] = upd["is_clipped"]
     said = None
     n_failed = int(n_failed)
     if cond.uses_critic() and n_failed:

@@ -30,9 +30,11 @@ class NonFiniteLossError(FloatingPointError):
     """A loss or gradient norm was NaN/inf: the step stopped before the optimizer touched anything."""
 
 
-def _pg_loss(cfg, policy, batch, scale, loss_kw):
+def _pg_loss(cfg, policy, batch, scale, loss_kw, stats):
     """GRPO's clipped policy gradient on the group advantages, token-summed and scaled."""
-    logp = policy(batch.s_ids, batch.s_attn, batch.s_index, mode="logprob", targets=batch.targets, loss_kw=loss_kw)
+    logp, ent = policy(batch.s_ids, batch.s_attn, batch.s_index, mode="logprob", targets=batch.targets,
+                       loss_kw=loss_kw)
+    stats["entropy"] += float(ent.sum()) * batch.weight
     adv = batch.advantage
     ratio = torch.exp(logp - logp.detach())  # one update per rollout: the sampling policy is this one
     eps = cfg.loss.pg_clip
@@ -45,27 +47,43 @@ def _micro_loss(cfg, policy, teacher, batch, world, total_tokens, stats, part="d
     the policy gradient), scaled so that gradients sum to `weight` times the part's token mean."""
     scale = world / max(total_tokens, 1.0) * weight  # FSDP averages gradients over ranks
     loss_kw = dict(divergence=cfg.loss.divergence, temperature=cfg.loss.temperature,
-                   clip=cfg.loss.clip, beta=cfg.loss.beta)
+                   clip=cfg.loss.clip, beta=cfg.loss.beta, return_entropy=True,
+                   topk=cfg.loss.topk or None, topk_from=cfg.loss.topk_from, tail=cfg.loss.tail)
     if part == "pg":
-        return _pg_loss(cfg, policy, batch, scale, loss_kw)
+        return _pg_loss(cfg, policy, batch, scale, loss_kw, stats)
     t_model = teacher if teacher is not None else policy
     with torch.no_grad():
         h_t = t_model(batch.t_ids, batch.t_attn, batch.t_index, mode="hidden")
     w_t = None if teacher is None else teacher.head_weight
+    is_kw = None if batch.sampler_logprob is None else dict(
+        sampler_logprob=batch.sampler_logprob, clip=cfg.loss.is_clip, temperature=cfg.rollout.temperature)
     if cfg.loss.kind == "sampled_token":
-        s_lp = policy(batch.s_ids, batch.s_attn, batch.s_index, mode="logprob", targets=batch.targets, loss_kw=loss_kw)
+        out = policy(batch.s_ids, batch.s_attn, batch.s_index, mode="logprob", targets=batch.targets,
+                     loss_kw=loss_kw, is_kw=is_kw)
+        (s_lp, ent), weights = out if is_kw is not None else (out, None)
+        _log_entropy_and_clip(stats, ent, weights, cfg.loss.is_clip, batch.weight)
         with torch.no_grad():
             t_lp = fused_linear_logprob(h_t, (w_t if w_t is not None else policy.head_weight).detach(),
                                         batch.targets, temperature=cfg.loss.temperature)
         gap = t_lp - s_lp.detach()
         stats["gap"] += float(gap.sum()) * batch.weight
-        return -(gap * s_lp).sum() * scale
+        return -((gap if weights is None else gap * weights) * s_lp).sum() * scale
     out = policy(batch.s_ids, batch.s_attn, batch.s_index, mode="divergence", targets=batch.targets,
-                 teacher_hidden=h_t, teacher_weight=w_t, loss_kw=loss_kw)
+                 teacher_hidden=h_t, teacher_weight=w_t, loss_kw=loss_kw, is_kw=is_kw)
+    out, weights = out if is_kw is not None else (out, None)
+    _log_entropy_and_clip(stats, out.entropy, weights, cfg.loss.is_clip, batch.weight)
     # A filler micro-batch (weight 0, FSDP lock-step only) adds nothing to the logs either.
     stats["gap"] += float((out.teacher_logprob - out.student_logprob).sum()) * batch.weight
     stats["divergence"] += float(out.loss.detach()) * batch.weight
     return out.loss * scale
+
+
+def _log_entropy_and_clip(stats, entropy, weights, is_clip, batch_weight):
+    """The micro-batch's summed student entropy, and how many of its tokens' importance weights
+    the clip cut (weights None: loss.is_clip off)."""
+    stats["entropy"] += float(entropy.sum()) * batch_weight
+    if weights is not None:
+        stats["is_clipped"] += float((weights >= is_clip).sum()) * batch_weight
 
 
 def _parts(cfg: TrainConfig, rollouts: list[Rollout]) -> list[tuple[str, float, list[Rollout]]]:
@@ -99,6 +117,15 @@ def _to_batch(cfg, tok, chunk, weight, device, part):
         adv = [r.advantage for r in chunk]
     batch = build_batch(prompts, responses, tok.pad_token_id, None if part == "pg" else t_prompts)
     batch = batch.to(device)
+    batch.sampler_logprob = None
+    if cfg.loss.is_clip is not None and part == "distill":
+        lps = []  # in the order of batch.targets
+        for r in chunk:
+            if r is not None and r.response and r.sampler_logprob is not None:
+                lps += r.sampler_logprob
+            else:  # a filler, or an empty response trained on EOS: no sampler record, NaN (weight 1)
+                lps += [float("nan")] * (len(r.response) if r is not None and r.response else 1)
+        batch.sampler_logprob = torch.tensor(lps, dtype=torch.float32, device=device)
     batch.advantage = torch.tensor(adv, device=device)[batch.row] * weight
     batch.weight = weight
     return batch
@@ -113,17 +140,21 @@ def update(cfg, d: Dist, policy, teacher, opt, sched, tok, rollouts, step: int) 
         with warnings.catch_warnings():  # which would still move the weights by momentum and decay
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")
             sched.step()  # the schedule counts training steps
-        return {"loss_tokens": 0.0, "grad_norm": 0.0, "gap": 0.0, "divergence": None}
-    stats = {"gap": 0.0, "divergence": 0.0}
+        return {"loss_tokens": 0.0, "grad_norm": 0.0, "gap": 0.0, "divergence": None, "entropy": None,
+                "is_clipped": None}
+    stats = {"gap": 0.0, "divergence": 0.0, "entropy": 0.0, "is_clipped": 0.0}
     if teacher is not None and d.enabled:
         teacher.unshard()  # the teacher head must be a plain tensor inside the student's forward
+    # The logs' means are over the first term with tokens (the distilled ones, or grpo's): a blend counts each once.
+    first, denom = next((part, total) for (part, _, _), total in zip(parts, totals) if total > 0)
     try:
         i = 0
         for (part, weight, live), total in zip(parts, totals):
             if total == 0:  # a term with no tokens on any rank adds nothing
                 continue
             for batch in _batches(cfg, tok, rollouts, live, d, part):
-                loss = _micro_loss(cfg, policy, teacher, batch, d.world, total, stats, part, weight) * batch.weight
+                logged = stats if part == first else {k: 0.0 for k in stats}
+                loss = _micro_loss(cfg, policy, teacher, batch, d.world, total, logged, part, weight) * batch.weight
                 i += 1
                 (finite,) = d.all_sum(float(torch.isfinite(loss.detach()).all()))
                 if finite < d.world:
@@ -147,8 +178,9 @@ def update(cfg, d: Dist, policy, teacher, opt, sched, tok, rollouts, step: int) 
         with torch.no_grad():
             for p_t, p_s in ema_pairs(teacher, policy):
                 p_t.lerp_(p_s.detach(), 1.0 - cfg.teacher.ema_rate)
-    gap, div = d.all_sum(stats["gap"], stats["divergence"])
-    distilled = parts[0][0] == "distill"
-    denom = max(totals[0] if distilled else total_tokens, 1.0)  # the gap and divergence: distilled tokens' means
+    gap, div, ent, cut = d.all_sum(stats["gap"], stats["divergence"], stats["entropy"], stats["is_clipped"])
+    distilled = first == "distill"
     return {"loss_tokens": total_tokens, "grad_norm": norm, "gap": gap / denom,
-            "divergence": div / denom if distilled and cfg.loss.kind == "divergence" else None}
+            "divergence": div / denom if distilled and cfg.loss.kind == "divergence" else None,
+            "entropy": ent / denom,
+            "is_clipped": cut / denom if cfg.loss.is_clip is not None and distilled else None}

@@ -36,8 +36,7 @@ def test_auto_divergence_resolves_by_model():
     assert load_config(overrides=["model=/some/path"]).loss.divergence == "forward_kl"
     assert load_config(overrides=["model=/some/path", "loss.divergence=jsd"]).loss.divergence == "jsd"
     assert load_config(overrides=["loss.divergence=forward_kl", "loss.clip=0.05"]).loss.clip == 0.05
-    with pytest.raises(ValueError, match="loss.clip"):
-        load_config(overrides=["loss.clip=0.05"])  # auto on the built-in model is reverse_kl
+    assert load_config(overrides=["loss.clip=0.05"]).loss.clip == 0.05  # clip with reverse_kl (auto here) too
 
 
 def test_round_trip_through_yaml(tmp_path):
@@ -57,8 +56,11 @@ def test_round_trip_through_yaml(tmp_path):
     ("steps=0", "steps"),
     ("steps=2.5", "steps"),
     ("model.liger=maybe", "model.liger"),
-    ("loss.clip=0.1", "loss.clip"),  # needs forward_kl: set divergence first
-    ("loss.beta=1.0", "loss.beta"),
+    ("loss.clip=0", "loss.clip"),
+    ("loss.beta=1.01", "loss.beta"),
+    ("loss.beta=-0.1", "loss.beta"),
+    ("loss.is_clip=0", "loss.is_clip"),
+    ("loss.is_clip=-2", "loss.is_clip"),
     ("rollout.top_p=0", "rollout.top_p"),
     ("teacher.ema_rate=1", "teacher.ema_rate"),
     ("templates=x", "templates"),
@@ -71,6 +73,10 @@ def test_round_trip_through_yaml(tmp_path):
     ("data.eval_size=0", "data.eval_size"),
     ("data.train_size=0", "data.train_size"),
     ("loss.pg_clip=-1", "loss.pg_clip"),
+    ("loss.topk=-1", "loss.topk"),
+    ("loss.topk=2.5", "loss.topk"),
+    ("loss.topk_from=both", "loss.topk_from"),
+    ("loss.tail=maybe", "loss.tail"),
     ("templates.student={questoin}", "templates.student"),
     ("templates.critique=C:{critique", "templates.critique"),
     ("optim.lr=1e400", "optim.lr"),  # overflows to inf
@@ -85,6 +91,9 @@ def test_bad_values_name_the_key(override, key):
     (["condition=grpo", "teacher=ema"], "teacher.kind"),
     (["condition=grpo", "loss=sampled_token"], "loss.kind"),
     (["condition=reference", "critic=http"], "critic.kind"),
+    (["condition=grpo", "loss.topk=8"], "loss.topk"),
+    (["condition=critique", "loss=sampled_token", "loss.topk=8"], "loss.topk"),
+    (["condition=grpo", "loss.is_clip=2"], "loss.is_clip"),
 ])
 def test_options_the_condition_ignores_are_said(overrides, key, caplog):
     """Said, not refused: tools such as compare_conditions pass one set of options to every condition."""
@@ -101,6 +110,24 @@ def test_a_huge_integer_is_not_a_float_overflow():
     # Read as the integer it is (no float overflow), then refused as out of range, naming the key (issue 25).
     with pytest.raises(ValueError, match=r"^seed: 10000000000000000000\.\.\. \(401 characters\) is out of range"):
         load_config(overrides=["seed=1" + "0" * 400])
+
+
+def test_clip_takes_any_divergence_with_or_without_topk():
+    for div in ("reverse_kl", "jsd"):
+        assert load_config(overrides=[f"loss.divergence={div}", "loss.clip=0.05"]).loss.clip == 0.05
+        cfg = load_config(overrides=[f"loss.divergence={div}", "loss.clip=0.05", "loss.topk=8", "loss.tail=false"])
+        assert (cfg.loss.clip, cfg.loss.topk, cfg.loss.topk_from, cfg.loss.tail) == (0.05, 8, "teacher", False)
+
+
+def test_is_clip_needs_the_full_distribution_and_beta_reaches_the_kls():
+    """loss.is_clip compares the sampler's log-probs with the trainer's: the nucleus of top_p < 1
+    would renormalise only the sampler's, so it is refused, naming both keys. beta 0 and 1 are
+    accepted (the KLs)."""
+    with pytest.raises(ValueError, match=r"loss\.is_clip: needs rollout\.top_p=1"):
+        load_config(overrides=["loss.is_clip=2", "rollout.top_p=0.9"])
+    assert load_config(overrides=["loss.is_clip=2"]).loss.is_clip == 2.0
+    for beta in (0, 1):
+        assert load_config(overrides=["loss.divergence=jsd", f"loss.beta={beta}"]).loss.beta == beta
 
 
 def test_clip_must_be_positive():
@@ -277,3 +304,12 @@ def test_quoted_overrides_are_unquoted_for_every_type():
     cfg = load_config(overrides=[r'templates.student="Q: {question}\n"', "optim.lr='1e-4'", 'run_dir="runs/a b"'])
     assert cfg.templates.student == "Q: {question}\n" and cfg.optim.lr == 1e-4 and cfg.run_dir == "runs/a b"
     assert load_config(overrides=['templates.student=Q: "{question}"']).templates.student == 'Q: "{question}"'
+
+
+def test_dry_run_says_what_ignores_is_clip_and_clip():
+    from fastsd.config.dry_run import ignored
+
+    grpo = ignored(load_config(overrides=["condition=grpo", "rollout.group_size=2", "loss.is_clip=2"]))
+    assert "grpo" in grpo["loss.is_clip"]
+    ref = ignored(load_config(overrides=["condition=reference", "loss.is_clip=2", "loss.clip=0.05"]))
+    assert "loss.is_clip" not in ref and "loss.clip" not in ref  # clip now applies to reverse_kl (auto) too

@@ -109,6 +109,17 @@ def test_missing_model_and_resume_never_are_found_before_anything_is_written(tmp
     assert "resume: never, but run_dir" in fails(capsys, run_dir, "resume=never")
 
 
+def test_topk_beyond_the_vocabulary_is_found_before_the_model_loads(tmp_path, capsys, no_model):
+    from fastsd.model.load import build_tokenizer
+
+    vocab = len(build_tokenizer())
+    err = fails(capsys, run_dir_with_an_earlier_file(tmp_path), f"loss.topk={vocab + 1}")
+    assert f"loss.topk: {vocab + 1} exceeds the vocabulary of model.path ({vocab} tokens, " in err
+    # ignored where the run uses no divergence (said by the config check, not refused): the checks pass
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        cli.main([*SMALL, f"run_dir={tmp_path / 'grpo'}", f"loss.topk={vocab + 1}", "condition=grpo"])
+
+
 @pytest.mark.parametrize("change, message", [
     ("seed=1", r"^seed: 0 in the run that saved .*, 1 now: a resumed run cannot change it \(the checkpoint's random"),
     ("model.lora.r=4", r"^model.lora.r: 0 in the run that saved"),

@@ -12,8 +12,11 @@ Gradients come back unrounded (fp32 dX; dW as fp32 or, for bf16, a split accumul
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from ..topk import topk_rows_into
 from .gemm import dw_accumulate, dw_finish, dx_rows, logits
 from .rows import divergence_rows, logprob_rows
 
@@ -59,7 +62,8 @@ def _as_weight(h, w):
 
 
 def divergence_chunked(h_s, w_s, h_t, w_t, rows, num_valid, targets_c, *, divergence, beta,
-                       temperature, clip, row_scale, chunk_size, need_dx, need_dw, entropy=None):
+                       temperature, clip, row_scale, chunk_size, need_dx, need_dw, entropy=None, topk=None):
+    """`topk` (k, topk_from, tail): the row math is `fastsd.loss.topk`'s, in torch on the chunk."""
     h_s, h_t = _as_weight(h_s, w_s), _as_weight(h_t, w_t)
     N, V = rows.numel(), w_s.shape[0]
     dev, f32 = h_s.device, torch.float32
@@ -75,15 +79,16 @@ def divergence_chunked(h_s, w_s, h_t, w_t, rows, num_valid, targets_c, *, diverg
         s_lp, t_lp = torch.zeros_like(loss), torch.zeros_like(loss)
     dx, dw, lo = _grad_buffers(h_s, w_s, grad and need_dx, grad and need_dw)
     inv_temp = 1.0 / temperature
+    row_math = divergence_rows if topk is None else functools.partial(topk_rows_into, topk=topk)
     for g0 in range(0, N, G):
         gc = min(G, N - g0)
         for c0 in range(g0, g0 + gc, C):
             c = min(C, N - c0)
             logits(h_s, rows, num_valid, w_s, z_s, c0, c, inv_temp)
             logits(h_t, rows, num_valid, w_t, z_t, c0, c, inv_temp)
-            divergence_rows(z_s, z_t, None if g is None else g[c0 - g0:], loss, s_lp, t_lp,
-                            targets_c, row_scale, num_valid, c0, c, divergence=divergence,
-                            beta=beta, clip=clip, inv_temp=inv_temp, entropy=entropy)
+            row_math(z_s, z_t, None if g is None else g[c0 - g0:], loss, s_lp, t_lp,
+                     targets_c, row_scale, num_valid, c0, c, divergence=divergence,
+                     beta=beta, clip=clip, inv_temp=inv_temp, entropy=entropy)
         if dx is not None:
             dx_rows(g, w_s, rows, num_valid, dx, g0, gc)
         if dw is not None:
