@@ -124,8 +124,10 @@ OMR = {"problem": "Simplify $\\frac{6}{8}$.", "expected_answer": "\\frac{3}{4}",
 
 
 class Fields:  # what data.fields holds
-    def __init__(self, question="problem", answer="expected_answer", reference_solution="generated_solution"):
+    def __init__(self, question="problem", answer="expected_answer", reference_solution="generated_solution",
+                 context=""):
         self.question, self.answer, self.reference_solution = question, answer, reference_solution
+        self.context = context  # "": no context column (condition=context names one)
 
 
 def write_parquet(path, rows):
