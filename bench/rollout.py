@@ -6,6 +6,8 @@ engine's step for that shape, is excluded from the timing and reported apart).
     python bench/rollout.py --batch 8 32 --new-tokens 512     # shorter
     python bench/rollout.py --model builtin llama10m --batch 16 64 --prompt-len 32 --new-tokens 128
                                                               # CPU: the shipped model, a 10M Llama
+    python bench/rollout.py --model builtin --batch 16 192 --prompt-len 64 --new-tokens 256 \
+        --paths generate fastsd fastsd-compiled             # CPU: eager against compiled decode steps
     python bench/rollout.py --cpu-smoke                       # tiny model on the CPU, a few tokens
 
 Every sequence runs the full `--new-tokens` (no EOS can end it early: generate gets
@@ -89,7 +91,7 @@ def time_path(path, lm, engine, prompts, new_tokens, device, warm_up: bool = Fal
                                     ignore_eos=True, detokenize=False)
             outs = engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
             assert all(len(o.outputs[0].token_ids) == params.max_tokens for o in outs)
-        else:
+        else:  # fastsd's engine, eager or compiled
             engine.generate(prompts, max_new_tokens=new_tokens, temperature=1.1, eos_id=-1, pad_id=0,
                             all_done=(lambda finished: True) if warm_up else None)
     if device == "cuda":
@@ -114,7 +116,9 @@ def vllm_engine(lm, device, folder):
 
 def run_model(name, args, meta, rows, folder) -> None:
     lm, device, folder = build(name, folder)
-    engines = {"fastsd": RolloutEngine(lm)} if "fastsd" in args.paths else {}
+    engines = {"fastsd": RolloutEngine(lm)} if "fastsd" in args.paths else {}  # the device's default: eager on CPUs
+    if "fastsd-compiled" in args.paths:  # the CPU's question: does a compiled decode step beat eager there?
+        engines["fastsd-compiled"] = RolloutEngine(lm, compile=True)
     if "vllm" in args.paths:
         engines["vllm"] = vllm_engine(lm, device, folder)
     params = sum(p.numel() for p in lm.parameters())
@@ -141,7 +145,7 @@ def run_model(name, args, meta, rows, folder) -> None:
                 row.update(status="OOM" if oom else f"error: {type(e).__name__}: {str(e)[:300]}")
                 if device == "cuda":
                     torch.cuda.empty_cache()
-            if path == "fastsd":
+            if path.startswith("fastsd"):
                 row["compiled"] = engine.compile  # False: the engine fell back to eager decoding
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -158,8 +162,8 @@ def run_model(name, args, meta, rows, folder) -> None:
         ups = [f"{p} {r[p]['tokens_per_s'] / gen['tokens_per_s']:.1f}x" for p in args.paths
                if p != "generate" and gen and gen["status"] == r[p]["status"] == "ok"]
         print(f"| {batch} | " + " | ".join(fmt(r.get(p)) for p in args.paths) + f" | {', '.join(ups) or '-'} |")
-    if "fastsd" in args.paths:
-        print(f"\nengine step compiled{' (CUDA graphs)' if device == 'cuda' else ''}: {engines['fastsd'].compile}")
+    for path in [p for p in args.paths if p.startswith("fastsd")]:
+        print(f"\n{path}: step compiled{' (CUDA graphs)' if device == 'cuda' else ''}: {engines[path].compile}")
 
 
 def main(argv=None) -> int:
@@ -169,7 +173,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[8, 32, 128])
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=2048)
-    ap.add_argument("--paths", nargs="+", choices=["generate", "fastsd", "vllm"], default=["generate", "fastsd", "vllm"])
+    ap.add_argument("--paths", nargs="+", choices=["generate", "fastsd", "fastsd-compiled", "vllm"],
+                    default=["generate", "fastsd", "vllm"],
+                    help="fastsd: the engine as the trainer runs it (compiled on CUDA, eager on CPUs); "
+                         "fastsd-compiled: its step compiled whatever the device")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU (checks the script, not speed)")
     ap.add_argument("--out", default=os.path.join("bench", "out", "rollout.json"))
     args = ap.parse_args(argv)

@@ -41,7 +41,7 @@ def test_dry_run_reads_back_and_resolves_what_grpo_runs_with(capsys):
     assert yaml.safe_load(out) == to_dict(load_config(overrides=["condition=grpo"]))  # --config reads it back
     lines = out.splitlines()
     assert "  group_size: 0  # resolved: 8 (grpo's default)" in lines
-    assert "  engine: auto  # resolved: generate (on a CPU)" in lines
+    assert "  engine: auto  # resolved: fastsd (on a CPU)" in lines
     assert "  divergence: reverse_kl  # ignored: grpo trains on rewards" in lines
     assert "teacher:  # ignored: grpo has no teacher" in lines
     assert lines[lines.index("steps: 60") - 1] == "# Optimizer steps."

@@ -360,11 +360,11 @@ class TrainConfig:
 
     def sampler(self, device_type: str) -> str:
         """rollout.engine resolved for a device type ("cuda", "cpu"): auto is vllm on CUDA
-        unless `vllm_unusable` says why not, then fastsd; generate on CPUs."""
+        unless `vllm_unusable` says why not, then fastsd; fastsd (eager) on CPUs."""
         if self.rollout.engine != "auto":
             return self.rollout.engine
         if device_type != "cuda":
-            return "generate"
+            return "fastsd"
         return "vllm" if self.vllm_unusable() is None else "fastsd"
 
     def vllm_unusable(self) -> str | None:

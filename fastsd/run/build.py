@@ -86,8 +86,9 @@ def _rollout_engine(cfg: TrainConfig, d: Dist, policy: Policy, path, dtype: torc
     as `policy.vllm` when it is the one."""
     engine = cfg.sampler(d.device.type)
     if d.main:
-        passed_over = cfg.rollout.engine == "auto" and engine == "fastsd"
+        passed_over = cfg.rollout.engine == "auto" and engine == "fastsd" and d.device.type == "cuda"
         why = f" (not vllm: {cfg.vllm_unusable()})" if passed_over else ""
+        why += ", eager" if engine == "fastsd" and d.device.type != "cuda" else ""
         log.info("rollouts: %s%s", engine, why)
     if engine == "vllm":
         from ..rollout.vllm_engine import VllmEngine, lora_unsupported

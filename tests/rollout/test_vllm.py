@@ -285,8 +285,9 @@ def test_http_critic_against_a_real_vllm_server(vllm_server, monkeypatch):
 
 # ---------------------------------------------------------------- without vLLM too
 
-def test_auto_resolves_to_generate_on_a_cpu_and_the_memory_keys_are_checked():
-    assert load_config().sampler("cpu") == "generate"
+def test_auto_resolves_to_the_eager_engine_on_a_cpu_and_the_memory_keys_are_checked():
+    assert load_config().sampler("cpu") == "fastsd"
+    assert load_config(overrides=["rollout.engine=generate"]).sampler("cpu") == "generate"
     with pytest.raises(ValueError, match="rollout.vllm_gpu_memory: must be in"):
         load_config(overrides=["rollout.vllm_gpu_memory=1.5"])
 
