@@ -20,7 +20,11 @@ import logging
 import os
 import sys
 
-from .config import load_config
+from .run.openmp import sleep_when_waiting
+
+sleep_when_waiting()  # before torch loads: OpenMP reads its wait policy once
+
+from .config import load_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

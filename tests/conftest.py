@@ -1,12 +1,18 @@
 """Test set-up: without a GPU, the Triton kernels run under Triton's interpreter on CPU tensors.
 
 TRITON_INTERPRET must be set before triton is first imported, so it is set here, at collection.
+OpenMP's wait policy is set as fastsd-train sets it (fastsd.run.openmp), before torch loads: the
+tests and the trainers they start share the machine with each other and with other jobs.
 """
 
 import os
 
-import pytest
-import torch
+from fastsd.run.openmp import sleep_when_waiting
+
+sleep_when_waiting()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
