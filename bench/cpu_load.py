@@ -1,5 +1,6 @@
 """A short `fastsd-train` on a busy CPU: wall and CPU time with OpenMP's default wait policy (threads
-spin, then sleep), with `OMP_WAIT_POLICY=PASSIVE` (fastsd-train's default) and with one thread.
+spin, then sleep), with `OMP_WAIT_POLICY=PASSIVE` (what fastsd-train sets on a busy machine) and with
+one thread.
 
     python bench/cpu_load.py                         # steps=3 eval=off, 0 and 6 busy processes beside it
     python bench/cpu_load.py --busy 0 2 6 --steps 5  # more loads
@@ -7,7 +8,7 @@ spin, then sleep), with `OMP_WAIT_POLICY=PASSIVE` (fastsd-train's default) and w
 
 Each busy process is a Python loop that never sleeps (one runnable process, like another job's
 thread). Each case runs the trainer in a fresh process (libgomp reads its variables once, when
-torch loads); "spin" imports torch before fastsd.cli, so fastsd-train's default does not apply.
+torch loads); "spin" imports torch before fastsd.cli, so fastsd-train's choice does not apply.
 Prints a markdown table (wall s, CPU s of the trainer, wall against the same setting with no busy
 process) and writes JSON to --out.
 """
@@ -27,7 +28,7 @@ import time
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 SETTINGS = {  # name -> (environment changes, import torch before fastsd.cli)
     "spin": ({}, True),
-    "passive": ({}, False),
+    "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, False),
     "one thread": ({"OMP_NUM_THREADS": "1"}, False),
 }
 TRAIN = "import sys\n{torch}from fastsd.cli import main\nsys.exit(main(sys.argv[1:]))\n"

@@ -22,7 +22,7 @@ import sys
 
 from .run.openmp import sleep_when_waiting
 
-sleep_when_waiting()  # before torch loads: OpenMP reads its wait policy once
+_BUSY = sleep_when_waiting()  # before torch loads: OpenMP reads its wait policy once
 
 from .config import load_config  # noqa: E402
 
@@ -48,6 +48,8 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. condition=grpo optim.lr=1e-4 model=PATH")
     args = parser.parse_intermixed_args(argv)  # --dry-run may stand between overrides
     logging.basicConfig(level=logging.INFO, format="[fastsd] %(levelname)s %(message)s")
+    if _BUSY and os.environ.get("RANK", "0") == "0":
+        logging.getLogger("fastsd").info(_BUSY)
     try:
         cfg = load_config(args.config, args.overrides)
     except ValueError as e:

@@ -1,8 +1,8 @@
 """Test set-up: without a GPU, the Triton kernels run under Triton's interpreter on CPU tensors.
 
 TRITON_INTERPRET must be set before triton is first imported, so it is set here, at collection.
-OpenMP's wait policy is set as fastsd-train sets it (fastsd.run.openmp), before torch loads: the
-tests and the trainers they start share the machine with each other and with other jobs.
+OpenMP's wait policy is set as fastsd-train sets it (fastsd.run.openmp: passive on a busy
+machine), before torch loads.
 """
 
 import os
