@@ -312,6 +312,19 @@ class PeerConfig:
 
 
 @dataclass
+class LogConfig:
+    main: ClassVar[str] = "report_to"
+    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = field(default_factory=list)
+    """Experiment trackers that get the config and every metrics.jsonl row, rank 0 only: any of
+    tensorboard, wandb, trackio (extras fastsd[tensorboard], fastsd[wandb], fastsd[trackio];
+    docs/trackers.md); empty: metrics.jsonl only."""
+    project: str = "fastsd"
+    """wandb and trackio: the project the run is logged under (the run is named after run_dir)."""
+    samples: int = 4
+    """Held-out questions per evaluation shown in the trackers' table of sampled responses (0: no table)."""
+
+
+@dataclass
 class TrainConfig:
     condition: str = "critique"
     """Feedback: grpo (binary reward), reference (teacher sees a reference solution), critique, peer
@@ -347,6 +360,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     peer: PeerConfig = field(default_factory=PeerConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     @property
     def group_size(self) -> int:
