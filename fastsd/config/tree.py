@@ -80,9 +80,17 @@ class FieldsConfig:
 class DataConfig:
     main: ClassVar[str] = "path"
     path: str = "builtin"
-    """Training questions: a jsonl or .parquet file (columns: data.fields); "builtin" is the arithmetic task."""
+    """Training questions: a jsonl or .parquet file, a glob or folder of such shards, a
+    datasets.save_to_disk folder or a Hugging Face dataset name (docs/datasets.md); columns:
+    data.fields; "builtin" is the arithmetic task."""
     eval_path: str = "builtin"
-    """Held-out questions (same format); "builtin" is the arithmetic task's held-out split."""
+    """Held-out questions (same forms); "builtin" is the arithmetic task's held-out split."""
+    split: str = "train"
+    """data.path as a Hugging Face dataset name, or a save_to_disk folder of several splits: the split to train on."""
+    eval_split: str = "test"
+    """data.eval_path as a Hugging Face dataset name, or a save_to_disk folder of several splits: its split."""
+    subset: str = ""
+    """data.path and data.eval_path as Hugging Face dataset names: the subset (configuration); empty: the default."""
     fields: FieldsConfig = field(default_factory=FieldsConfig)
     """Which columns of data.path and data.eval_path hold each field."""
     train_size: int = 2000
