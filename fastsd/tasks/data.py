@@ -258,9 +258,14 @@ def step_questions(train: list[Example], cfg, step: int) -> list[Example]:
 
 
 def record_places(path: str, indices: list[int]) -> list[str]:
-    """Where the records of `load_examples(path)` at `indices` are: 'PATH:LINE' in a jsonl file (blank
-    lines are skipped when loading), 'PATH (row N)' in a parquet file, 'builtin (question N)' for
-    the built-in task."""
+    """Where the records of `load_questions(path)` at `indices` are: 'PATH:LINE' in a jsonl file (blank
+    lines are skipped when loading), 'PATH (row N)' in a parquet file, each in its shard for a glob or
+    folder of shards, 'builtin (question N)' for the built-in task, 'PATH (question N)' otherwise."""
+    from .sources import shard_files, shard_places
+
+    shards = shard_files(path) if path != "builtin" else None
+    if shards:  # a glob or folder of shards: each record's shard and line or row
+        return shard_places(shards, indices, record_places)
     if path == "builtin" or path.lower().endswith(".parquet"):
         return [f"{path} ({'question' if path == 'builtin' else 'row'} {i + 1})" for i in indices]
     try:

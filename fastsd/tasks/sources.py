@@ -37,23 +37,49 @@ def load_source(path: str, read, record, wanted, *, split: str = "train", subset
     p = Path(path)
     if p.is_file():
         return read(p)
-    if p.is_dir():
-        if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists():
-            ds = _datasets(path).load_from_disk(str(p))
-            return _arrow(_split(ds, split, split_key, str(p)), str(p), record, wanted)
-        shards = sorted(str(f) for f in p.iterdir() if f.is_file() and f.suffix.lower() in SHARDS)
+    shards = shard_files(path)
+    if shards is not None:
         if not shards:
             raise ValueError(f"path: {p} is a folder with no .parquet or .jsonl shards, and no datasets.save_to_disk "
-                             "folder (no dataset_info.json or dataset_dict.json)")
+                             "folder (no dataset_info.json or dataset_dict.json)" if p.is_dir()
+                             else f"path: {path} matches no file")
         return [ex for shard in shards for ex in read(shard)]
-    if any(c in path for c in "*?["):
-        shards = sorted(f for f in glob.glob(path) if os.path.isfile(f))
-        if not shards:
-            raise ValueError(f"path: {path} matches no file")
-        return [ex for shard in shards for ex in read(shard)]
+    if p.is_dir():
+        ds = _datasets(path).load_from_disk(str(p))
+        return _arrow(_split(ds, split, split_key, str(p)), str(p), record, wanted)
     if HUB_NAME.fullmatch(path) and not path.lower().endswith((*SHARDS, ".json")):
         return _arrow(_hub(path, split, subset, split_key), path, record, wanted)
     raise ValueError(f"path: {path} does not exist")
+
+
+def shard_files(path: str) -> list[str] | None:
+    """The shards of a folder of shards or a glob, in name order; None: `path` is neither."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists():
+            return None  # a datasets.save_to_disk folder
+        return sorted(str(f) for f in p.iterdir() if f.is_file() and f.suffix.lower() in SHARDS)
+    if not p.exists() and any(c in path for c in "*?["):
+        return sorted(f for f in glob.glob(path) if os.path.isfile(f))
+    return None
+
+
+def shard_places(shards: list[str], indices: list[int], places) -> list[str]:
+    """Where the records at `indices` of the shards read one after another are: `places(shard,
+    indices in it)` (`fastsd.tasks.data.record_places`) for each, counting each shard's records."""
+    import pyarrow.parquet as pq
+
+    found, start = {}, 0
+    for shard in shards:
+        if shard.lower().endswith(".parquet"):
+            n = pq.ParquetFile(shard).metadata.num_rows
+        else:
+            with open(shard, "rb") as f:
+                n = sum(1 for raw in f if raw.strip())
+        mine = [i for i in indices if start <= i < start + n]
+        found.update(zip(mine, places(shard, [i - start for i in mine])))
+        start += n
+    return [found.get(i, f"question {i + 1} of {len(shards)} shards") for i in indices]
 
 
 def _datasets(path: str):

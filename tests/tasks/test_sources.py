@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fastsd.config import load_config
-from fastsd.tasks.data import Example, load_data
+from fastsd.tasks.data import Example, load_data, record_places
 from fastsd.tasks.data import load_questions as load_source
 
 ROWS = [{"question": f"{i} + 1", "answer": i + 1, "reference_solution": f"{i} + 1 = {i + 1}"} for i in range(6)]
@@ -52,6 +52,18 @@ def test_a_glob_of_parquet_shards_and_a_bad_row_named_by_shard_and_row(tmp_path)
         load_source(str(tmp_path / "train-*.parquet"))
     with pytest.raises(ValueError, match=r"^path: .*nothing-\*.parquet matches no file"):
         load_source(str(tmp_path / "nothing-*.parquet"))
+
+
+def test_records_of_shards_are_placed_in_their_shard(tmp_path):
+    """The place of a record in a glob or folder of shards (what the prompt-length check and
+    critic=builtin name): its shard and line (jsonl, blank lines skipped) or row (parquet)."""
+    write_jsonl(tmp_path / "a.jsonl", ROWS[:2])
+    (tmp_path / "b.jsonl").write_text("\n" + json.dumps(ROWS[2]) + "\n\n" + json.dumps(ROWS[3]) + "\n")
+    write_parquet(tmp_path / "c.parquet", ROWS[4:])
+    assert load_source(str(tmp_path)) == WANT
+    want = [f"{tmp_path}/b.jsonl:4", f"{tmp_path}/a.jsonl:1", f"{tmp_path}/c.parquet (row 2)"]
+    assert record_places(str(tmp_path), [3, 0, 5]) == want
+    assert record_places(str(tmp_path / "*.jsonl"), [2]) == [f"{tmp_path}/b.jsonl:2"]
 
 
 def test_an_empty_folder_and_a_missing_file(tmp_path):
