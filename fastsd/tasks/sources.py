@@ -22,7 +22,7 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["load_source"]
+__all__ = ["load_source", "shard_files", "shard_places"]
 
 SHARDS = (".parquet", ".jsonl")
 HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
