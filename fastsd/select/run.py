@@ -111,6 +111,16 @@ def _grade_batch(cfg, opts, local: Dist, policy, tok, critic, batch: int, items:
     return rows
 
 
+def _same_questions(out: Path, graded: dict[int, dict], full: list[Example]) -> None:
+    """Each graded problem is still the data's problem at its index (a data file edited between a
+    stop and its restart would mix two files); ValueError naming the first that is not."""
+    for i, row in sorted(graded.items()):
+        if i >= len(full) or full[i].question != row.get("question"):
+            now = "no problem" if i >= len(full) else repr(full[i].question[:80])
+            raise ValueError(f"data.path: {out / files.GRADED} graded problem {i + 1} as {row.get('question', '')[:80]!r}, "
+                             f"but the data now has {now} there; restore the data, or choose another --out")
+
+
 def _in_band(row: dict, opts: SelectOptions) -> bool:
     if not opts.min_pass <= row["passes"] <= opts.max_pass:
         return False
@@ -143,6 +153,7 @@ def select(cfg, opts: SelectOptions, d: Dist) -> dict:
     d.barrier()
     graded = files.read_graded(out) if d.main else {}
     graded = d.gather_objects(graded)[0] if d.enabled else graded
+    _same_questions(out, graded, full)
     batches = [indices[s:s + opts.batch] for s in range(0, len(indices), opts.batch)]
     todo = [b for b in range(len(batches)) if not all(i in graded for i in batches[b])]
     mine = [b for b in todo if b % d.world == d.rank]

@@ -142,3 +142,26 @@ def test_two_processes_give_the_one_process_output(tmp_path):
     key = lambda rows: sorted(rows, key=lambda r: r["index"])  # noqa: E731
     assert key(_rows(tmp_path / "two")) == key(_rows(tmp_path / "one"))
     assert (tmp_path / "two" / "selected.jsonl").read_text() == (tmp_path / "one" / "selected.jsonl").read_text()
+
+
+def test_questions_left_out_as_too_long_keep_the_others_indices():
+    """data.too_long=skip drops questions before sampling: the kept ones keep their index in the
+    data, so each output record is the one read at that place."""
+    from fastsd.tasks.data import Example
+
+    full = [Example(f"q{i}", "1") for i in range(5)]
+    assert srun._aligned(full, [full[1], full[2], full[4]]) == [1, 2, 4]
+    assert srun._aligned(full, full) == [0, 1, 2, 3, 4]
+    twins = [Example("q", "1"), Example("q", "1"), Example("r", "1")]
+    assert srun._aligned(twins, [twins[1], twins[2]]) == [0, 2]  # equal records: the first place
+
+
+def test_a_restart_on_edited_data_is_refused(tmp_path):
+    from fastsd.tasks.data import Example
+
+    full = [Example("1+1", "2"), Example("2+2", "4")]
+    srun._same_questions(tmp_path, {1: {"question": "2+2"}}, full)
+    with pytest.raises(ValueError, match=r"graded problem 2 as '3\+3', but the data now has '2\+2' there"):
+        srun._same_questions(tmp_path, {1: {"question": "3+3"}}, full)
+    with pytest.raises(ValueError, match="data now has no problem there"):
+        srun._same_questions(tmp_path, {2: {"question": "3+3"}}, full)
