@@ -4,8 +4,8 @@ The problems are cut into batches of `batch` in the data's order; batch b is sam
 seed `seed * 1_000_003 + b` (torch and random), on rank b % world. What a problem's samples are
 thus depends on the seed, k, the batch size and the sampling settings, never on the number of
 processes or on where a run stopped: a restart grades the batches that are not whole in
-OUT/graded.jsonl again, from their own seeds, and the output is the same (on the generate and
-fastsd samplers; vLLM draws from its engine's own generator). Each rank loads the whole model and
+OUT/graded.jsonl again, from their own seeds, and the output is the same (the generate and
+fastsd samplers draw from the seeded torch generator; vLLM from its engine's own). Each rank loads the whole model and
 samples its own batches; after each round rank 0 gathers the rows and appends them.
 """
 

@@ -103,10 +103,12 @@ def test_bad_data_is_named_with_file_and_line_before_the_model_loads(tmp_path, m
 
 def test_same_seed_same_output_also_after_a_stop_and_the_output_trains(tmp_path):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    assert _select(a) == 0 and _select(c, "seed=1") == 0
+    assert _select(a) == 0 and _select(c, "seed=1", "--critic-check") == 0
     rows = _rows(a)
     assert [r["index"] for r in rows] == [0, 1, 2, 3, 4] and all(r["k"] == 3 and len(r["rewards"]) == 3 for r in rows)
     assert [r["samples_sha256"] for r in rows] != [r["samples_sha256"] for r in _rows(c)]  # the seed matters
+    # --critic-check: the built-in critic critiques every failed sample of the built-in task
+    assert all(r["critic"]["ok"] for r in _rows(c)) and "critic" not in rows[0]
     # b: stopped after its first batch, in the middle of writing its second: the same command goes on.
     assert _select(b) == 0
     lines = (b / "graded.jsonl").read_text().splitlines(keepends=True)
