@@ -151,6 +151,23 @@ class ItemProgress:
             print(f"[{self.name}] {self.n}/{self.total} {self.unit} ({self.kept} kept in this process; {self.rate()})",
                   flush=True)
 
+    def within(self, n: int):
+        """The `progress` callback of sampling the next `n` items (`rollout.sample`: done of total
+        sampler calls, fractional within one): a heartbeat at most every HEARTBEAT_S seconds, so a
+        batch of many minutes never sits silent. None off rank 0."""
+        if not self.on:
+            return None
+
+        def report(done: float, total: int) -> None:
+            share = f"{100 * done / max(total, 1):.0f}% of its decode steps"
+            if self.bar is not None:
+                self.bar.set_postfix_str(f"{self.kept} kept, next {n}: {share}")
+            elif 0 < done < total and time.perf_counter() - self.said >= HEARTBEAT_S:
+                self.said = time.perf_counter()
+                print(f"[{self.name}] {self.n}/{self.total} {self.unit}; the next {n}: {share}", flush=True)
+
+        return report
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -89,14 +89,15 @@ def _critic_verdict(critic, rollouts) -> dict:
     return {"ok": bool(crit.ok), "error": None if crit.ok else (crit.error or "unknown")}
 
 
-def _grade_batch(cfg, opts, local: Dist, policy, tok, critic, batch: int, items: list[tuple[int, Example]]) -> list[dict]:
+def _grade_batch(cfg, opts, local: Dist, policy, tok, critic, batch: int, items: list[tuple[int, Example]],
+                 progress=None) -> list[dict]:
     from ..rollout import rollout
 
     seed = cfg.seed * 1_000_003 + batch
     random.seed(seed)
     torch.manual_seed(seed)
     exs = [ex for _, ex in items]
-    rolls = rollout(cfg, local, policy, tok, exs, opts.k, cfg.rollout.temperature)
+    rolls = rollout(cfg, local, policy, tok, exs, opts.k, cfg.rollout.temperature, progress=progress)
     rows = []
     for g, (i, ex) in enumerate(items):
         mine = rolls[g * opts.k:(g + 1) * opts.k]
@@ -167,7 +168,7 @@ def select(cfg, opts: SelectOptions, d: Dist) -> dict:
     for r in range(d.all_max(len(mine))):
         b = mine[r] if r < len(mine) else None
         rows = [] if b is None else _grade_batch(cfg, opts, local, policy, tok, ready.critic, b,
-                                                 [(i, full[i]) for i in batches[b]])
+                                                 [(i, full[i]) for i in batches[b]], progress.within(len(batches[b])))
         every = d.gather_objects(rows)
         if d.main:
             new = [row for part in every for row in part]

@@ -105,3 +105,24 @@ def test_item_progress_counts_this_process_only_and_says_the_rate(capsys, monkey
     assert lines[1] == "[fastsd-select] 30/40 problems (5 kept in this process; 10 problems/min, 1:00 left)"
     progress_mod.ItemProgress("x", 4, 0, on=False).done(4)
     assert capsys.readouterr().out == ""
+
+
+def test_item_progress_says_how_far_a_long_batch_is(capsys, monkeypatch):
+    """Within a batch of samples, a heartbeat at most every HEARTBEAT_S seconds (none at its start
+    or end: the per-batch line says those)."""
+    now = [0.0]
+    monkeypatch.setattr(progress_mod.time, "perf_counter", lambda: now[0])
+    shown = progress_mod.ItemProgress("fastsd-select", total=32, first=0, on=True)
+    report = shown.within(16)
+    now[0] = 100.0
+    report(0, 1)
+    report(0.25, 1)
+    now[0] = 100.0 + progress_mod.HEARTBEAT_S / 2
+    report(0.5, 1)  # too soon after the last line
+    now[0] = 100.0 + progress_mod.HEARTBEAT_S
+    report(0.75, 1)
+    report(1, 1)
+    assert capsys.readouterr().out.splitlines() == [
+        "[fastsd-select] 0/32 problems; the next 16: 25% of its decode steps",
+        "[fastsd-select] 0/32 problems; the next 16: 75% of its decode steps"]
+    assert progress_mod.ItemProgress("x", 4, 0, on=False).within(4) is None
