@@ -167,3 +167,14 @@ def test_a_restart_on_edited_data_is_refused(tmp_path):
         srun._same_questions(tmp_path, {1: {"question": "3+3"}}, full)
     with pytest.raises(ValueError, match="data now has no problem there"):
         srun._same_questions(tmp_path, {2: {"question": "3+3"}}, full)
+
+
+def test_ctrl_c_exits_130_and_says_the_same_command_goes_on(tmp_path, monkeypatch, capsys):
+    import fastsd.select.cli as cli
+
+    def stopped(cfg, opts, d):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "select", stopped)
+    assert main(["--out", str(tmp_path / "o")]) == 130
+    assert f"{tmp_path / 'o'}/graded.jsonl keeps what was graded: the same command goes on" in capsys.readouterr().err
