@@ -178,3 +178,27 @@ def test_ctrl_c_exits_130_and_says_the_same_command_goes_on(tmp_path, monkeypatc
     monkeypatch.setattr(cli, "select", stopped)
     assert main(["--out", str(tmp_path / "o")]) == 130
     assert f"{tmp_path / 'o'}/graded.jsonl keeps what was graded: the same command goes on" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_killed_mid_run_the_same_command_goes_on_to_the_same_output(tmp_path):
+    """SIGKILL (no handler runs) once a problem is graded; the same command finishes the rest, and
+    the output equals an uninterrupted run's."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "fastsd.select.cli", "--out", str(tmp_path / "b"), *SMALL, "--batch", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    graded, t0 = tmp_path / "b" / "graded.jsonl", time.monotonic()
+    while not (graded.exists() and graded.read_text().count("\n") >= 1) and proc.poll() is None:
+        assert time.monotonic() - t0 < 600
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 1 <= graded.read_text().count("\n") < 5 and not (tmp_path / "b" / "selected.jsonl").exists()
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=600).returncode == 0
+    ref = [sys.executable, "-m", "fastsd.select.cli", "--out", str(tmp_path / "a"), *SMALL, "--batch", "1"]
+    assert subprocess.run(ref, env=env, capture_output=True, timeout=600).returncode == 0
+    assert _rows(tmp_path / "b") == _rows(tmp_path / "a")
+    assert (tmp_path / "b" / "selected.jsonl").read_text() == (tmp_path / "a" / "selected.jsonl").read_text()
