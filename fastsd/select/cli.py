@@ -23,8 +23,12 @@ import argparse
 import logging
 import sys
 
-from ..config import load_config
-from .run import SelectOptions, select
+from ..run.openmp import sleep_when_waiting
+
+sleep_when_waiting()  # before torch loads: OpenMP reads its wait policy once
+
+from ..config import load_config  # noqa: E402
+from .run import SelectOptions, select  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
