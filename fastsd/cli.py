@@ -28,15 +28,9 @@ from .config import load_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return _main(argv)
-    from .model.dist import exit_rank
+    from .model.dist import run_main
 
-    try:  # a torchrun rank: exit_rank says why it ends the process itself
-        code = _main(argv)
-    except SystemExit as e:  # parser.exit and --help: the message is out already
-        code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    exit_rank(code)
+    return run_main(_main, argv)
 
 
 def _main(argv: list[str] | None) -> int:

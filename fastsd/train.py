@@ -27,6 +27,7 @@ from .run.lock import RunDirLock, WriteFailed
 from .run.preflight import preflight
 from .run.run_dir import RunLog, prepare_run_dir, rollout_rows, step_row, uninterrupted
 from .run.stop import Stopped, StopSignals, keep_last_step
+from .run.trackers import start_trackers
 from .tasks.data import step_questions
 from .update import update
 
@@ -48,6 +49,7 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
 def _train(cfg: TrainConfig, d: Dist, stop: StopSignals, lock: RunDirLock) -> dict:
     ready = preflight(cfg, d)  # data, templates, critic: before the model loads or a file is written
     lock.take()  # one writer per run directory, from here on
+    trackers = start_trackers(cfg, d, ready.resume)  # log.report_to: a failure to start is before the model loads
     _rng_seed(cfg, d)
     policy, teacher, tok = build_models(cfg, d)
     opt, sched = build_optim(cfg, policy)
@@ -58,7 +60,7 @@ def _train(cfg: TrainConfig, d: Dist, stop: StopSignals, lock: RunDirLock) -> di
         state = ckpt.load_checkpoint(ready.resume, model=policy.lm, optimizer=opt, scheduler=sched, teacher=saved_teacher)
         resume_optim(cfg, opt, sched)  # a changed lr, betas, decay or schedule is the one trained with
     said = prepare_run_dir(cfg, ready.resume, state["step"], ready.damaged) if d.main else []  # the run's first write
-    runlog = RunLog(cfg, d, state["step"])
+    runlog = RunLog(cfg, d, state["step"], trackers)
     if ready.resume is not None:
         done = ("" if state["step"] < cfg.steps else " (the run is complete: evaluating it again)"
                 if cfg.eval.enabled else " (the run is complete; eval=off: nothing to do)")

@@ -3,6 +3,7 @@ condition, or a user condition module.path:Class), several seeds.
 
     python tools/compare_conditions.py --out runs/compare            # 3 conditions x 3 seeds
     python tools/compare_conditions.py --conditions critique peer --dry-run   # each teacher's prompt; exit
+    python tools/compare_conditions.py --hard-split --conditions grpo reference critique peer   # docs/hard-split.md
     python tools/compare_conditions.py --out runs/smoke --seeds 0 --steps 2 --eval-every 1 \\
         data.eval_size=4 eval.k=2                                    # extra args: fastsd-train overrides
 
@@ -31,6 +32,8 @@ from pathlib import Path
 
 CONDITIONS = ("grpo", "reference", "critique")
 METRICS = ("avg@k", "pass@k", "maj@k")
+# fastsd-select's output on the built-in task, fixed before the comparison ran on it (docs/hard-split.md)
+HARD_SPLIT = Path(__file__).resolve().parents[1] / "bench" / "results" / "hard_split"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,8 +47,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
     ap.add_argument("--eval-every", type=int, default=30, help="evaluate every N steps (and at 0 and the end)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (each gets cpus / jobs threads)")
+    ap.add_argument("--hard-split", action="store_true",
+                    help=f"train and evaluate on the hard split ({HARD_SPLIT}/train.jsonl, test.jsonl; docs/hard-split.md)")
     ap.add_argument("overrides", nargs="*", help="fastsd-train key=value overrides for every run")
     args = ap.parse_args(argv)
+    if args.hard_split:  # before the user's overrides, which may still change them
+        args.overrides = [f"data={HARD_SPLIT}/train.jsonl", f"data.eval_path={HARD_SPLIT}/test.jsonl", *args.overrides]
     for item in args.overrides:
         if "=" not in item:
             ap.error(f"overrides: expected key=value, got {item!r}")
@@ -107,6 +114,22 @@ def cost(run_dir: Path) -> tuple[int, float]:
     return cfg["questions_per_step"] * group, minutes
 
 
+def no_signal(run_dir: Path, edge: int = 10) -> dict:
+    """Share of a run's rollouts that gave no learning signal (1 - `usable` of each step: for grpo
+    the rollouts in zero-variance groups, for peer those with no correct sibling and no fallback, for
+    critique those without a valid critique): the mean over all steps, its first `edge` and last `edge`."""
+    rows = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "usable" in row:
+            rows[row["step"]] = 1.0 - row["usable"]
+    shares = [rows[s] for s in sorted(rows)]
+    if not shares:
+        return {}
+    return {"all": statistics.fmean(shares), "first": statistics.fmean(shares[:edge]),
+            "last": statistics.fmean(shares[-edge:])}
+
+
 def finished(run_dir: Path) -> bool:
     path = run_dir / "metrics.jsonl"
     return path.exists() and any(json.loads(line).get("final") for line in path.read_text().splitlines())
@@ -149,7 +172,9 @@ def summarise(args) -> dict:
         bests = [max(curve, key=lambda se: se[1]["avg@k"])[1] for curve in curves.values() if curve]
         firsts = [curve[0][1] for curve in curves.values() if curve]
         costs = [cost(Path(args.out) / f"{c}-seed{s}") for s, curve in curves.items() if curve]
+        signal = [no_signal(Path(args.out) / f"{c}-seed{s}") for s, curve in curves.items() if curve]
         out[c] = {"curves": {str(s): [[step, e] for step, e in curve] for s, curve in curves.items()},
+                  "no_signal": {k: [x[k] for x in signal if x] for k in ("all", "first", "last")},
                   "start": _stats(firsts), "final": _stats(finals), "best": _stats(bests),
                   "rollouts_per_step": costs[0][0] if costs else None,
                   "train_minutes": statistics.fmean(m for _, m in costs) if costs else None}
@@ -169,15 +194,24 @@ def _stats(rows: list[dict]) -> dict:
 def table(summary: dict, k: int | None) -> str:
     ks = f"@{k}" if k else "@k"
     head = (f"| condition | when | {' | '.join(m.replace('@k', ks) for m in METRICS)} | rollouts/step | "
-            f"train min/run |\n|---|---|---|---|---|---|---|\n")
+            f"train min/run | no-signal share (all; first, last 10 steps) |\n|---|---|---|---|---|---|---|---|\n")
     rows = []
     for c, s in summary.items():
         for when in ("start", "best", "final"):
             cells = [f"{s[when][m]['mean']:.3f} ± {s[when][m]['std']:.3f} ({s[when][m]['min']:.3f}-{s[when][m]['max']:.3f})"
                      if m in s[when] else "-" for m in METRICS]
-            extra = [str(s["rollouts_per_step"]), f"{s['train_minutes']:.1f}"] if when == "final" and s["train_minutes"] else ["", ""]
+            extra = [str(s["rollouts_per_step"]), f"{s['train_minutes']:.1f}", _shares(s.get("no_signal", {}))] \
+                if when == "final" and s["train_minutes"] else ["", "", ""]
             rows.append(f"| {c} | {when} | {' | '.join(cells + extra)} |")
     return head + "\n".join(rows) + "\n"
+
+
+def _shares(ns: dict) -> str:
+    """The no-signal shares of a condition's runs: the range over seeds of each."""
+    def rng(xs):
+        return "-" if not xs else f"{min(xs):.2f}" if min(xs) == max(xs) else f"{min(xs):.2f}-{max(xs):.2f}"
+
+    return f"{rng(ns.get('all', []))}; {rng(ns.get('first', []))}, {rng(ns.get('last', []))}"
 
 
 def plot(summary: dict, path: Path, k: int | None) -> None:

@@ -42,10 +42,12 @@ def check(cfg: TrainConfig) -> None:
             raise ValueError(f"{key}: must be >= 1, got {value}")
     nonneg = {"rollout.group_size": cfg.rollout.group_size, "optim.warmup_steps": cfg.optim.warmup_steps,
               "eval.every": cfg.eval.every, "checkpoint.every": cfg.checkpoint.every, "optim.grad_clip": cfg.optim.grad_clip,
-              "checkpoint.stop_timeout": cfg.checkpoint.stop_timeout}
+              "checkpoint.stop_timeout": cfg.checkpoint.stop_timeout, "log.samples": cfg.log.samples}
     for key, value in nonneg.items():
         if value < 0:
             raise ValueError(f"{key}: must be >= 0, got {value}")
+    if len(set(cfg.log.report_to)) < len(cfg.log.report_to):
+        raise ValueError(f"log.report_to: a tracker named twice in {cfg.log.report_to}")
     for key, value in {"seed": cfg.seed, "data.seed": cfg.data.seed}.items():
         if not 0 <= value < 2**31:  # torch, numpy and vLLM seed from it, with an offset per rank added
             raise ValueError(f"{key}: must be in [0, 2**31), got {value}")

@@ -80,9 +80,17 @@ class FieldsConfig:
 class DataConfig:
     main: ClassVar[str] = "path"
     path: str = "builtin"
-    """Training questions: a jsonl or .parquet file (columns: data.fields); "builtin" is the arithmetic task."""
+    """Training questions: a jsonl or .parquet file, a glob or folder of such shards, a
+    datasets.save_to_disk folder or a Hugging Face dataset name (docs/datasets.md); columns:
+    data.fields; "builtin" is the arithmetic task."""
     eval_path: str = "builtin"
-    """Held-out questions (same format); "builtin" is the arithmetic task's held-out split."""
+    """Held-out questions (same forms); "builtin" is the arithmetic task's held-out split."""
+    split: str = "train"
+    """data.path as a Hugging Face dataset name, or a save_to_disk folder of several splits: the split to train on."""
+    eval_split: str = "test"
+    """data.eval_path as a Hugging Face dataset name, or a save_to_disk folder of several splits: its split."""
+    subset: str = ""
+    """data.path and data.eval_path as Hugging Face dataset names: the subset (configuration); empty: the default."""
     fields: FieldsConfig = field(default_factory=FieldsConfig)
     """Which columns of data.path and data.eval_path hold each field."""
     train_size: int = 2000
@@ -312,6 +320,19 @@ class PeerConfig:
 
 
 @dataclass
+class LogConfig:
+    main: ClassVar[str] = "report_to"
+    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = field(default_factory=list)
+    """Experiment trackers that get the config and every metrics.jsonl row, rank 0 only: any of
+    tensorboard, wandb, trackio (extras fastsd[tensorboard], fastsd[wandb], fastsd[trackio];
+    docs/trackers.md); empty: metrics.jsonl only."""
+    project: str = "fastsd"
+    """wandb and trackio: the project the run is logged under (the run is named after run_dir)."""
+    samples: int = 4
+    """Held-out questions per evaluation shown in the trackers' table of sampled responses (0: no table)."""
+
+
+@dataclass
 class TrainConfig:
     condition: str = "critique"
     """Feedback: grpo (binary reward), reference (teacher sees a reference solution), critique, peer
@@ -347,6 +368,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     peer: PeerConfig = field(default_factory=PeerConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     @property
     def group_size(self) -> int:

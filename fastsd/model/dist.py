@@ -101,3 +101,15 @@ def exit_rank(code: int) -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(code)
+
+
+def run_main(body, argv) -> int:
+    """A command's main: `body(argv)`'s exit code for one process; under torchrun (WORLD_SIZE > 1)
+    the rank ends itself through `exit_rank`, also after parser.exit and --help."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return body(argv)
+    try:
+        code = body(argv)
+    except SystemExit as e:  # parser.exit and --help: the message is out already
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    exit_rank(code)

@@ -14,6 +14,8 @@
   (`fastsd.run.prompt_fit`: an error, or under data.too_long=skip the question left out);
 - fit: `critic=builtin` (the built-in arithmetic task's own critic) on questions that are not
   that task's is an error naming `critic.kind`;
+- trackers: each one log.report_to names can be imported (`fastsd.run.trackers`; they start
+  after these checks, still before the model loads);
 - critic reachability: the http critic asks `{base_url}/models` when it is built, so it is built
   here (`fastsd.run.build.build_critic`); its reply cache makes no directory before it stores a reply.
 
@@ -40,6 +42,7 @@ from .build import build_critic
 from .checkpoint_check import pick_resume
 from .prompt_fit import fit_positions, model_positions
 from .run_dir import flat_config
+from .trackers import check_installed
 
 __all__ = ["Ready", "critic_fits", "preflight", "show_prompts", "tokenizer"]
 
@@ -57,6 +60,7 @@ class Ready:
 
 def preflight(cfg: TrainConfig, d: Dist) -> Ready:
     """Run every check that needs no model (module docstring); ValueError naming the key on failure."""
+    check_installed(cfg)  # log.report_to: each tracker's package
     resume, damaged = _resume(cfg)
     model_config = _model_config(cfg)
     train, held = load_data(cfg)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import time
 
-__all__ = ["Progress", "HEARTBEAT_S"]
+__all__ = ["Progress", "ItemProgress", "HEARTBEAT_S"]
 
 HEARTBEAT_S = 10.0  # without a terminal, an evaluation says how far it is at most this often
 
@@ -109,6 +109,62 @@ class Progress:
                 self.write(f"[fastsd] eval at step {step}: batch {int(done) + 1}/{total}, "
                            f"{100 * (done - int(done)):.0f}% of its decode steps ({now - t0:.0f} s)")
                 said[0] = now
+
+        return report
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class ItemProgress:
+    """Progress over `total` items of which `first` were done before (a restart), on rank 0
+    (`on`): a bar on a terminal, else a line per `done` call at most every HEARTBEAT_S seconds
+    (and the last). The rate counts the items done in this process only."""
+
+    def __init__(self, name: str, total: int, first: int, on: bool, unit: str = "problems"):
+        self.name, self.total, self.n, self.on, self.unit = name, total, first, on, unit
+        self.first, self.kept, self.t0, self.said, self.bar = first, 0, time.perf_counter(), 0.0, None
+        if on and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=first, desc=name, unit=unit[:-1] if unit.endswith("s") else unit)
+
+    def rate(self) -> str:
+        """Items per minute in this process, and the time left at that rate."""
+        took, n = time.perf_counter() - self.t0, self.n - self.first
+        if not n or took <= 0:
+            return ""
+        per_min = 60 * n / took
+        return f"{per_min:.3g} {self.unit}/min, {_clock(60 * (self.total - self.n) / per_min)} left"
+
+    def done(self, n: int, kept: int = 0) -> None:
+        """`n` more items done, `kept` of them kept."""
+        self.n, self.kept = self.n + n, self.kept + kept
+        if not self.on:
+            return
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix_str(f"{self.kept} kept, {self.rate()}")
+        elif time.perf_counter() - self.said >= HEARTBEAT_S or self.n >= self.total:
+            self.said = time.perf_counter()
+            print(f"[{self.name}] {self.n}/{self.total} {self.unit} ({self.kept} kept in this process; {self.rate()})",
+                  flush=True)
+
+    def within(self, n: int):
+        """The `progress` callback of sampling the next `n` items (`rollout.sample`: done of total
+        sampler calls, fractional within one): a heartbeat at most every HEARTBEAT_S seconds, so a
+        batch of many minutes never sits silent. None off rank 0."""
+        if not self.on:
+            return None
+
+        def report(done: float, total: int) -> None:
+            share = f"{100 * done / max(total, 1):.0f}% of its decode steps"
+            if self.bar is not None:
+                self.bar.set_postfix_str(f"{self.kept} kept, next {n}: {share}")
+            elif 0 < done < total and time.perf_counter() - self.said >= HEARTBEAT_S:
+                self.said = time.perf_counter()
+                print(f"[{self.name}] {self.n}/{self.total} {self.unit}; the next {n}: {share}", flush=True)
 
         return report
 

@@ -20,6 +20,7 @@ from ..feedback.registry import get_condition
 from ..model.dist import Dist
 from . import checkpoint as ckpt
 from .progress import Progress
+from .trackers import Trackers
 
 __all__ = ["StoppedAfterStep", "flat_config", "LOGS", "RunLog", "prepare_run_dir", "rollout_rows", "step_row", "uninterrupted", "interrupted"]
 
@@ -27,12 +28,18 @@ __all__ = ["StoppedAfterStep", "flat_config", "LOGS", "RunLog", "prepare_run_dir
 class RunLog:
     """metrics.jsonl, rollouts.jsonl, evals.jsonl, log lines and progress (`fastsd.run.progress`)."""
 
-    def __init__(self, cfg: TrainConfig, d: Dist, first_step: int):
+    def __init__(self, cfg: TrainConfig, d: Dist, first_step: int, trackers: Trackers | None = None):
         self.cfg, self.on = cfg, d.main
         self.dir = cfg.run_dir
         self.shown = Progress(cfg, d.main, first_step)
         self.say, self.eval_progress, self.evaluated = self.shown.write, self.shown.eval_progress, self.shown.evaluated
-        self.progress, self.close = self.shown.step, self.shown.close
+        self.progress = self.shown.step
+        self.trackers = trackers or Trackers([])  # log.report_to: every metrics row goes to them too
+        self.trackers.begin(first_step)
+
+    def close(self) -> None:
+        self.shown.close()
+        self.trackers.close()
 
     def metrics(self, row: dict, samples: list[dict] | None = None) -> None:
         """A row of metrics.jsonl; with the `samples` of the evaluation in it, evals.jsonl first."""
@@ -41,6 +48,7 @@ class RunLog:
         if samples is not None:
             self._evals(row, samples)
         self._append("metrics.jsonl", [row])
+        self.trackers.log(row, samples)
 
     def rollouts(self, step: int, rows: list[dict]) -> None:
         if not self.on:

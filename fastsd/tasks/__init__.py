@@ -3,6 +3,7 @@ response formats and the graders.
 
     data.py     `load_data` (entry point): the run's training and held-out questions, from a jsonl
                 or parquet file or the built-in task; `step_questions`, each step's questions
+    sources.py  data.path as shards (a glob, a folder), a datasets.save_to_disk folder or a hub name
     arith.py    the built-in tasks' arithmetic: questions, solutions, step checks
     splits.py   the built-in tasks (`long`, `short`): drawing questions and the splits
     jsonl.py    one JSON object per line

@@ -1,4 +1,5 @@
-"""Questions to train and evaluate on: a jsonl or parquet file, or the built-in arithmetic task.
+"""Questions to train and evaluate on: a jsonl or parquet file, or the built-in arithmetic task
+(shards, datasets folders and hub names: `fastsd.tasks.sources`, every record checked here).
 
 Each record (a jsonl line holding one JSON object, or a parquet row) has these fields, read from
 the columns `data.fields.*` names (defaults in brackets; e.g. OpenMathReasoning's are `problem`,
@@ -42,8 +43,8 @@ from .splits import DEFAULT_TASK, make_split
 if TYPE_CHECKING:
     from ..config import TrainConfig
 
-__all__ = ["Example", "KEYS", "load_data", "load_examples", "load_jsonl", "load_parquet", "builtin_split", "step_questions",
-           "key_error", "record_places"]
+__all__ = ["Example", "KEYS", "load_data", "load_examples", "load_jsonl", "load_parquet", "load_questions", "builtin_split",
+           "step_questions", "key_error", "record_places"]
 
 KEYS = ("question", "answer", "reference_solution", "context")
 OPTIONAL = ("reference_solution", "context")  # needed only by some conditions
@@ -205,19 +206,35 @@ def load_parquet(path: str | os.PathLike, fields=None, need_reference: bool = Tr
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
         raise ValueError(f"{path}: not a readable parquet file ({e})") from None
-    names = set(pf.schema_arrow.names)
-    for key in KEYS:
-        col = columns[key]
-        needed = {"reference_solution": need_reference, "context": need_context}.get(key, True)
-        if col not in names and needed:
-            raise ValueError(f"{path}: no column {col!r} ({f'data.fields.{key}'}); it has {sorted(names)}")
-    wanted = [c for c in dict.fromkeys(columns.values()) if c in names]
+    wanted = _wanted(set(pf.schema_arrow.names), columns, need_reference, need_context, str(path))
     examples, row = [], 0
     for batch in pf.iter_batches(columns=wanted, batch_size=4096):
         for record in batch.to_pylist():
             row += 1
             examples.append(_example(record, f"{path}: row {row}", columns, need_reference, need_context))
     return examples
+
+
+def _wanted(names: set, columns: dict[str, str], need_reference: bool, need_context: bool, where: str) -> list[str]:
+    """The columns to read of a table with columns `names`; ValueError if one needed is missing."""
+    for key in KEYS:
+        col = columns[key]
+        needed = {"reference_solution": need_reference, "context": need_context}.get(key, True)
+        if col not in names and needed:
+            raise ValueError(f"{where}: no column {col!r} ({f'data.fields.{key}'}); it has {sorted(names)}")
+    return [c for c in dict.fromkeys(columns.values()) if c in names]
+
+
+def load_questions(path: str, fields=None, need_reference: bool = True, need_context: bool = False,
+                   **where) -> list[Example]:
+    """Questions from a file, shards, a datasets folder or a hub name (`fastsd.tasks.sources`;
+    `where`: its split, subset, split_key), every record checked as a file's."""
+    from .sources import load_source
+
+    columns = _columns(fields)
+    return load_source(path, lambda f: load_examples(f, fields, need_reference, need_context),
+                       lambda record, at: _example(record, at, columns, need_reference, need_context),
+                       lambda names, at: _wanted(names, columns, need_reference, need_context, at), **where)
 
 
 def builtin_split(split: str, n: int, seed: int = 0, task: str = DEFAULT_TASK) -> list[Example]:
@@ -241,9 +258,14 @@ def step_questions(train: list[Example], cfg, step: int) -> list[Example]:
 
 
 def record_places(path: str, indices: list[int]) -> list[str]:
-    """Where the records of `load_examples(path)` at `indices` are: 'PATH:LINE' in a jsonl file (blank
-    lines are skipped when loading), 'PATH (row N)' in a parquet file, 'builtin (question N)' for
-    the built-in task."""
+    """Where the records of `load_questions(path)` at `indices` are: 'PATH:LINE' in a jsonl file (blank
+    lines are skipped when loading), 'PATH (row N)' in a parquet file, each in its shard for a glob or
+    folder of shards, 'builtin (question N)' for the built-in task, 'PATH (question N)' otherwise."""
+    from .sources import shard_files, shard_places
+
+    shards = shard_files(path) if path != "builtin" else None
+    if shards:  # a glob or folder of shards: each record's shard and line or row
+        return shard_places(shards, indices, record_places)
     if path == "builtin" or path.lower().endswith(".parquet"):
         return [f"{path} ({'question' if path == 'builtin' else 'row'} {i + 1})" for i in indices]
     try:
@@ -265,12 +287,14 @@ def load_data(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
     need = cfg.feedback_condition().required_fields()
     try:
         train = (builtin_split("train", c.train_size, c.seed, c.task) if c.path == "builtin"
-                 else load_examples(c.path, c.fields, "reference_solution" in need, "context" in need))
+                 else load_questions(c.path, c.fields, "reference_solution" in need, "context" in need,
+                                     split=c.split, subset=c.subset))
     except ValueError as e:
         raise key_error("data.path", e) from None
     try:  # held-out questions are only sampled and graded: no reference solution needed
         held = (builtin_split("test", c.eval_size, c.seed, c.task) if c.eval_path == "builtin"
-                else load_examples(c.eval_path, c.fields, need_reference=False))
+                else load_questions(c.eval_path, c.fields, need_reference=False, split=c.eval_split, subset=c.subset,
+                                    split_key="data.eval_split"))
     except ValueError as e:
         raise key_error("data.eval_path", e) from None
     if not train:

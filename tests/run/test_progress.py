@@ -86,3 +86,43 @@ def test_each_evaluation_line_gives_its_samples_per_second(tmp_path, capsys):
                      f"run_dir={tmp_path}"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "] eval at step " in ln and ": avg@k=" in ln]
     assert len(lines) == 2 and all(ln.endswith(" samples/s)") for ln in lines)
+
+
+def test_item_progress_counts_this_process_only_and_says_the_rate(capsys, monkeypatch):
+    """fastsd-select's lines: problems done of all (those graded before a restart count as done,
+    not in the rate), kept, per minute and time left at that rate."""
+    now = [100.0]
+    monkeypatch.setattr(progress_mod.time, "perf_counter", lambda: now[0])
+    shown = progress_mod.ItemProgress("fastsd-select", total=40, first=10, on=True)
+    now[0] = 160.0
+    shown.done(10, kept=4)  # 10 problems in 60 s: 10/min, 20 left
+    now[0] = 165.0
+    shown.done(1)  # within HEARTBEAT_S of the last line: no line
+    now[0] = 220.0
+    shown.done(9, kept=1)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[fastsd-select] 20/40 problems (4 kept in this process; 10 problems/min, 2:00 left)"
+    assert lines[1] == "[fastsd-select] 30/40 problems (5 kept in this process; 10 problems/min, 1:00 left)"
+    progress_mod.ItemProgress("x", 4, 0, on=False).done(4)
+    assert capsys.readouterr().out == ""
+
+
+def test_item_progress_says_how_far_a_long_batch_is(capsys, monkeypatch):
+    """Within a batch of samples, a heartbeat at most every HEARTBEAT_S seconds (none at its start
+    or end: the per-batch line says those)."""
+    now = [0.0]
+    monkeypatch.setattr(progress_mod.time, "perf_counter", lambda: now[0])
+    shown = progress_mod.ItemProgress("fastsd-select", total=32, first=0, on=True)
+    report = shown.within(16)
+    now[0] = 100.0
+    report(0, 1)
+    report(0.25, 1)
+    now[0] = 100.0 + progress_mod.HEARTBEAT_S / 2
+    report(0.5, 1)  # too soon after the last line
+    now[0] = 100.0 + progress_mod.HEARTBEAT_S
+    report(0.75, 1)
+    report(1, 1)
+    assert capsys.readouterr().out.splitlines() == [
+        "[fastsd-select] 0/32 problems; the next 16: 25% of its decode steps",
+        "[fastsd-select] 0/32 problems; the next 16: 75% of its decode steps"]
+    assert progress_mod.ItemProgress("x", 4, 0, on=False).within(4) is None
