@@ -17,7 +17,7 @@ def save_tiny(path, seed: int, **overrides) -> str:
     """A tiny Llama with random weights from `seed`, saved with the built-in tokenizer; its path."""
     tok = build_tokenizer()
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_config(len(tok), **overrides))
+    model = LlamaForCausalLM(tiny_config(overrides.pop("vocab_size", len(tok)), **overrides))
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
@@ -54,33 +54,36 @@ def gkd_trainer(model_path: str, teacher_path: str, out_dir: str, **config):
                       processing_class=build_tokenizer())
 
 
-def sd_batch(vocab: int, g: torch.Generator, *, b=3, prompt=5, teacher_prompt=9, completion=6, old_logps=None):
+def sd_batch(vocab: int, g: torch.Generator, *, b=3, prompt=5, teacher_prompt=9, completion=6, ragged=True):
     """A self-distillation batch as TRL's `_prepare_inputs` leaves it: left-padded prompts, right-
     padded completions (one row fully padded past its first token), the teacher's longer prompt
-    ahead of the same completion, and one row out of SDPO's self-distillation mask."""
+    ahead of the same completion, and one row out of SDPO's self-distillation mask (b >= 3).
+    ragged=False: every token valid (the benchmark's batch)."""
     ids = lambda *shape: torch.randint(3, vocab, shape, generator=g)
     prompt_mask = torch.ones(b, prompt, dtype=torch.long)
-    prompt_mask[0, :2] = 0
     completion_mask = torch.ones(b, completion, dtype=torch.long)
-    completion_mask[1, 3:] = 0
-    completion_mask[2, 1:] = 0
+    teacher_mask = torch.ones(b, teacher_prompt + completion, dtype=torch.long)
+    sd_mask = torch.ones(b)
+    if ragged:
+        prompt_mask[0, :2] = 0
+        completion_mask[1, 3:] = 0
+        completion_mask[2, 1:] = 0
+        teacher_mask[:, teacher_prompt:] = completion_mask
+        teacher_mask[1, :3] = 0
+        sd_mask[2] = 0.0
     completion_ids = ids(b, completion) * completion_mask
-    teacher_mask = torch.cat([torch.ones(b, teacher_prompt, dtype=torch.long), completion_mask], 1)
-    teacher_mask[1, :3] = 0
-    batch = dict(prompt_ids=ids(b, prompt) * prompt_mask, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                 completion_mask=completion_mask, teacher_input_ids=torch.cat([ids(b, teacher_prompt), completion_ids], 1),
-                 teacher_attention_mask=teacher_mask, self_distillation_mask=torch.tensor([1.0, 1.0, 0.0])[:b],
-                 advantages=torch.zeros(b))
-    if old_logps is not None:
-        batch["old_per_token_logps"] = old_logps
-    return batch
+    return dict(prompt_ids=ids(b, prompt) * prompt_mask, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                completion_mask=completion_mask, teacher_input_ids=torch.cat([ids(b, teacher_prompt), completion_ids], 1),
+                teacher_attention_mask=teacher_mask, self_distillation_mask=sd_mask, advantages=torch.zeros(b))
 
 
-def gkd_batch(vocab: int, g: torch.Generator, *, b=3, length=12, prompt=5):
-    """input_ids, attention_mask (right padding) and labels (-100 on the prompt and the padding)."""
+def gkd_batch(vocab: int, g: torch.Generator, *, b=3, length=12, prompt=5, ragged=True):
+    """input_ids, attention_mask (right padding in one row if ragged) and labels (-100 on the
+    prompt and the padding)."""
     input_ids = torch.randint(3, vocab, (b, length), generator=g)
     attention_mask = torch.ones(b, length, dtype=torch.long)
-    attention_mask[1, 8:] = 0
+    if ragged:
+        attention_mask[1, 8:] = 0
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     labels[:, :prompt] = -100
     return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
