@@ -151,3 +151,32 @@ def test_refused_models(change, match, paths, tmp_path):
     change(trainer.model)
     with pytest.raises(ValueError, match=match):
         use_fastsd_loss(trainer)
+
+
+def test_refused_placement_forward_and_version(paths, tmp_path, monkeypatch):
+    """ZeRO-3 (the head sharded outside the forward), a forward without logits_to_keep, a TRL
+    without the hooks, and a warning for a TRL outside the tested range."""
+    import types
+
+    import trl
+    from trl.experimental.sdpo import SDPOTrainer
+
+    trainer = sd_trainer("sdpo", paths[0], str(tmp_path), distillation_mode="full_logits")
+    monkeypatch.setattr(trl, "__version__", "1.17.0")
+    with pytest.warns(UserWarning, match="tested with trl>=1.16,<1.17, found 1.17.0"):
+        use_fastsd_loss(sd_trainer("sdpo", paths[0], str(tmp_path), distillation_mode="full_logits"))
+    monkeypatch.setattr(trl, "__version__", "1.16.0")
+    monkeypatch.setattr(trainer, "is_deepspeed_enabled", True, raising=False)
+    accelerator = trainer.accelerator
+    zero3 = types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=types.SimpleNamespace(zero_stage=3)))
+    monkeypatch.setattr(trainer, "accelerator", zero3)
+    with pytest.raises(ValueError, match="deepspeed: ZeRO-3"):
+        use_fastsd_loss(trainer)
+    monkeypatch.setattr(trainer, "accelerator", accelerator)
+    monkeypatch.setattr(trainer, "is_deepspeed_enabled", False)
+    monkeypatch.setattr(trainer.teacher_model, "forward", lambda input_ids, attention_mask=None: None)
+    with pytest.raises(ValueError, match="teacher_model: LlamaForCausalLM.forward takes no logits_to_keep"):
+        use_fastsd_loss(trainer)
+    monkeypatch.delattr(SDPOTrainer, "_compute_self_distillation_loss")
+    with pytest.raises(TypeError, match=r"lacks \['_compute_self_distillation_loss'\]"):
+        use_fastsd_loss(trainer)
