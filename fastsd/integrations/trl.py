@@ -85,12 +85,12 @@ def _check_version() -> None:
 def _check_placement(trainer) -> None:
     """The lm_head weight is read outside the model's forward, so it must be whole on this rank."""
     if getattr(trainer, "is_fsdp_enabled", False):
-        raise ValueError("fsdp: the lm_head weight is sharded outside the forward under FSDP; "
-                         "fastsd's TRL integration runs with DDP, DeepSpeed ZeRO-1/2 or one process")
+        raise ValueError("fsdp: the lm_head weight is sharded outside the forward under FSDP; fastsd's TRL "
+                         "integration needs it whole (one process, as tested; DDP or ZeRO-1/2 keep it whole)")
     plugin = getattr(getattr(trainer.accelerator, "state", None), "deepspeed_plugin", None)
     if getattr(trainer, "is_deepspeed_enabled", False) and getattr(plugin, "zero_stage", 0) == 3:
-        raise ValueError("deepspeed: ZeRO-3 shards the lm_head weight outside the forward; "
-                         "fastsd's TRL integration runs with ZeRO-1/2, DDP or one process")
+        raise ValueError("deepspeed: ZeRO-3 shards the lm_head weight outside the forward; fastsd's TRL "
+                         "integration needs it whole (one process, as tested; DDP or ZeRO-1/2 keep it whole)")
 
 
 def _bare(trainer, model):
