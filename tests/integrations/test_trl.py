@@ -180,3 +180,22 @@ def test_refused_placement_forward_and_version(paths, tmp_path, monkeypatch):
     monkeypatch.delattr(SDPOTrainer, "_compute_self_distillation_loss")
     with pytest.raises(TypeError, match=r"lacks \['_compute_self_distillation_loss'\]"):
         use_fastsd_loss(trainer)
+
+
+@pytest.mark.parametrize("kind", ["sdft", "gkd"])
+def test_train_runs_on_the_fused_path(kind, paths, tmp_path):
+    """trainer.train() itself (rollouts or on-policy samples, the loss, the optimizer) for two
+    steps on the fused path: the logged loss is finite and non-zero and no logits were made."""
+    run = dict(max_steps=2, logging_steps=1, save_strategy="no")
+    if kind == "gkd":
+        trainer = gkd_trainer(paths[0], paths[1], str(tmp_path), max_new_tokens=4, lmbda=0.5, **run)
+    else:
+        trainer = sd_trainer("sdft", paths[0], str(tmp_path), distillation_mode="topk_logits", distillation_topk=5,
+                             **run)
+    use_fastsd_loss(trainer)
+    widths = head_widths(trainer.model)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    out = trainer.train()
+    assert torch.isfinite(torch.tensor(out.training_loss)) and out.training_loss != 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    assert widths and set(widths) == {1}, widths

@@ -11,6 +11,8 @@ from transformers import LlamaForCausalLM
 from fastsd.model.load import build_tokenizer, tiny_config
 
 warnings.filterwarnings("ignore", message=".*experimental.*")
+# GKD's collator applies a chat template; the built-in tokenizer has none: the turns' text, in order
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 
 
 def save_tiny(path, seed: int, **overrides) -> str:
@@ -50,8 +52,10 @@ def gkd_trainer(model_path: str, teacher_path: str, out_dir: str, **config):
                                             {"role": "assistant", "content": "2"}]] * 2})
     args = GKDConfig(output_dir=out_dir, use_cpu=True, report_to=[], per_device_train_batch_size=2, bf16=False,
                      **config)
+    tok = build_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
     return GKDTrainer(model=model_path, teacher_model=teacher_path, args=args, train_dataset=data,
-                      processing_class=build_tokenizer())
+                      processing_class=tok)
 
 
 def sd_batch(vocab: int, g: torch.Generator, *, b=3, prompt=5, teacher_prompt=9, completion=6, ragged=True):
