@@ -266,6 +266,17 @@ def _versions():
     return out
 
 
+def finish(meta, data, path, extra=""):
+    """The end of a run: the machine, the load average at start and end, the JSON written."""
+    meta["loadavg_end"] = os.getloadavg()
+    print(f"\n{meta['machine']}, {meta['threads']} threads, {meta['versions']}{extra}")
+    print(f"load average (1, 5, 15 min) at start {meta['loadavg_start']}, at end {meta['loadavg_end']}")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", action="append", help="N,D,V (repeatable; default 4096,512,32000)")
@@ -290,13 +301,7 @@ def main(argv=None):
         for div in a.divergence:
             entries.append(run(shape, div, a.rounds, not a.no_memory, a.variants, a.topk))
             print_table(entries[-1])
-    meta["loadavg_end"] = os.getloadavg()
-    print(f"\n{meta['machine']}, {meta['threads']} threads, {meta['versions']}")
-    print(f"load average (1, 5, 15 min) at start {meta['loadavg_start']}, at end {meta['loadavg_end']}")
-    os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
-    with open(a.json, "w") as f:
-        json.dump(dict(meta=meta, results=entries), f, indent=1)
-    print(f"wrote {a.json}")
+    finish(meta, dict(meta=meta, results=entries), a.json)
 
 
 if __name__ == "__main__":
