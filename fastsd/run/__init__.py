@@ -12,6 +12,7 @@ run directory's logs and its checkpoints.
     adapter_checkpoint.py  the LoRA pieces of a checkpoint
     stop.py                SIGTERM and SIGHUP: stop at a consistent point, save the last completed step
     lock.py                one writer per run directory: run.lock, taken before the model loads
+    openmp.py              OpenMP's wait policy: passive on a busy machine, set before torch loads
     trackers.py            log.report_to: TensorBoard, W&B, trackio get the config and every metrics row
 """
 
