@@ -304,3 +304,16 @@ def test_static_cache_values_keep_their_dtype_on_older_transformers(model, monke
         rows, _ = RolloutEngine(lm, compile=False).generate(
             prompts_for(tok, 3), max_new_tokens=8, temperature=0, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
     assert len(rows) == 3 and all(rows)
+
+
+def test_eager_decoding_keeps_one_cache(model):
+    """Eager shapes change with every prompt width: a cache kept per shape only costs memory (the
+    default run's evaluation held four of 250 MB each). The compiled step keeps its shapes."""
+    lm, tok = model
+    kw = dict(max_new_tokens=8, temperature=1.0, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    eng = RolloutEngine(lm, compile=False)
+    for n in (1, 2, 3):
+        eng.generate(prompts_for(tok, n, seed=n), **kw)
+    assert len(eng._caches) == 1
+    shapes = {(n, max(map(len, prompts_for(tok, n, seed=n)))) for n in (1, 2, 3)}
+    assert len(shapes) == 3  # three calls, three shapes
