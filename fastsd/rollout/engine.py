@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -95,8 +96,11 @@ def _values_keep_their_dtype(cache: StaticCache) -> StaticCache:
         if not isinstance(layer, StaticLayer):
             continue
 
-        def init(*args, _layer=layer, _init=layer.lazy_initialization, **kwargs):
-            _init(*args, **kwargs)
+        # weakly: the layer holds this function, and a cycle would keep a dropped cache's memory
+        # until the garbage collector runs (a new cache of the next shape is allocated before)
+        def init(*args, _ref=weakref.ref(layer), _init=type(layer).lazy_initialization, **kwargs):
+            _layer = _ref()
+            _init(_layer, *args, **kwargs)
             value_states = kwargs.get("value_states", args[1] if len(args) > 1 else None)
             values = getattr(_layer, "values", None)
             if isinstance(value_states, torch.Tensor) and isinstance(values, torch.Tensor) \

@@ -4,9 +4,11 @@ trainer on the engine (one process and two under torchrun)."""
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -306,14 +308,22 @@ def test_static_cache_values_keep_their_dtype_on_older_transformers(model, monke
     assert len(rows) == 3 and all(rows)
 
 
-def test_eager_decoding_keeps_one_cache(model):
+def test_eager_decoding_keeps_one_cache_and_frees_the_last_at_once(model):
     """Eager shapes change with every prompt width: a cache kept per shape only costs memory (the
-    default run's evaluation held four of 250 MB each). The compiled step keeps its shapes."""
+    default run's evaluation held four of 220 MB each). A dropped cache is freed when it is
+    dropped, before the next one is allocated, not at the garbage collector's next run."""
     lm, tok = model
     kw = dict(max_new_tokens=8, temperature=1.0, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
-    eng = RolloutEngine(lm, compile=False)
-    for n in (1, 2, 3):
-        eng.generate(prompts_for(tok, n, seed=n), **kw)
-    assert len(eng._caches) == 1
     shapes = {(n, max(map(len, prompts_for(tok, n, seed=n)))) for n in (1, 2, 3)}
     assert len(shapes) == 3  # three calls, three shapes
+    eng = RolloutEngine(lm, compile=False)
+    gc.disable()
+    try:
+        eng.generate(prompts_for(tok, 1, seed=1), **kw)
+        first = weakref.ref(next(iter(eng._caches.values())).layers[0].keys)  # a tensor of the cache
+        for n in (2, 3):
+            eng.generate(prompts_for(tok, n, seed=n), **kw)
+        assert first() is None
+    finally:
+        gc.enable()
+    assert len(eng._caches) == 1
