@@ -49,3 +49,24 @@ def math_data(tmp_path_factory):
     from standin import write_math_data
 
     return write_math_data(tmp_path_factory.mktemp("math-data"))
+
+
+# Every FSDP2 parity case of the suite (tests/fsdp_train_worker.py): one process and two under
+# torchrun each run all of them in one start, instead of one start per case.
+FSDP_PARITY = {
+    "critique": ["condition=critique"],
+    "grpo": ["condition=grpo"],
+    "uneven-critique": ["rollouts=7", "condition=critique"],  # rank 1 has 3 rollouts to rank 0's 4
+    "peer": ["condition=peer", "peer.fallback=reference", "peer.feedback=critique"],
+    "blend": ["condition=critique", "loss.pg_weight=0.5", "rollout.group_size=2"],
+}
+
+
+@pytest.fixture(scope="session")
+def fsdp_parity(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
+    """Case name -> (one process's results, two processes' results), as fsdp_train_worker.py saves them."""
+    from runs import fsdp_worker
+
+    folder = tmp_path_factory.mktemp("fsdp-parity")
+    one, two = (fsdp_worker(folder, nproc, FSDP_PARITY) for nproc in (1, 2))
+    return {name: (one[name], two[name]) for name in FSDP_PARITY}

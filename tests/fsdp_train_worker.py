@@ -2,6 +2,7 @@
 
     python tests/fsdp_train_worker.py OUT.pt [rollouts=N] [key=value ...]       # one process
     torchrun --nproc_per_node 2 tests/fsdp_train_worker.py OUT.pt [...]         # FSDP2, gloo
+    python tests/fsdp_train_worker.py OUT0.pt [...] -- OUT1.pt [...] -- ...     # several cases, one start
 
 The rollouts are fixed (canonical solutions, every other one with a wrong first result, two per
 grpo group), so both runs see the same tokens: rank r trains on rollouts r, r + world, ...
@@ -41,12 +42,11 @@ def fixed_rollouts(cfg, tok, n=8):
     return out
 
 
-def main():
-    out_path, overrides, n = sys.argv[1], sys.argv[2:], 8
+def run_case(d, out_path, overrides) -> None:
+    n = 8
     if overrides and overrides[0].startswith("rollouts="):
         n, overrides = int(overrides[0].split("=")[1]), overrides[1:]
     cfg = load_config(overrides=["steps=2", "optim.micro_batch=3", "optim.warmup_steps=0", *overrides])
-    d = dist.setup()
     torch.manual_seed(0)
     policy, teacher, tok = build_models(cfg, d)
     opt, sched = build_optim(cfg, policy)
@@ -60,6 +60,19 @@ def main():
     params = full()
     if d.main:
         torch.save({"steps": steps, "params0": params0, "params": params, "world": d.world}, out_path)
+
+
+def main():
+    cases, case = [], []  # OUT.pt [overrides] -- OUT.pt [overrides] ...: the process starts once
+    for arg in [*sys.argv[1:], "--"]:
+        if arg == "--":
+            cases.append(case)
+            case = []
+        else:
+            case.append(arg)
+    d = dist.setup()
+    for out_path, *overrides in cases:
+        run_case(d, out_path, overrides)
     dist.teardown(d)
     dist.exit_rank(0)
 

@@ -15,7 +15,6 @@ import pytest
 import torch
 from fsdp_train_worker import fixed_rollouts
 from runs import SMALL, config, read_jsonl, train_rows
-from test_train import _worker
 
 from fastsd.config import load_config
 from fastsd.feedback import feedback
@@ -120,10 +119,10 @@ def test_peer_stopped_and_resumed_gives_the_same_numbers_bit_for_bit(tmp_path):
     assert ids[0] == ids[1]
 
 
-def test_peer_and_the_blend_under_two_processes_match_one(tmp_path):
-    for overrides in (["condition=peer", "peer.fallback=reference", "peer.feedback=critique"],
-                      ["condition=critique", "loss.pg_weight=0.5", "rollout.group_size=2"]):
-        one, two = _worker(tmp_path, 1, overrides), _worker(tmp_path, 2, overrides)
+def test_peer_and_the_blend_under_two_processes_match_one(fsdp_parity):
+    for overrides in ("peer", "blend"):  # the cases' overrides: tests/conftest.py
+        one, two = fsdp_parity[overrides]
+        assert two["world"] == 2
         for s1, s2 in zip(one["steps"], two["steps"], strict=True):
             assert s1["loss_tokens"] == s2["loss_tokens"] > 0
             for key in ("gap", "grad_norm", "divergence"):

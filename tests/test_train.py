@@ -188,25 +188,13 @@ def test_a_step_with_nothing_to_learn_leaves_the_weights_alone():
 
 # ---------------------------------------------------------------- FSDP2 parity
 
-def _worker(tmp_path, nproc: int, overrides: list[str]) -> dict:
-    out = tmp_path / f"out{nproc}.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
-    launch = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    proc = subprocess.run([*launch, str(REPO / "tests" / "fsdp_train_worker.py"), str(out), *overrides],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return torch.load(out, weights_only=False)
-
-
-@pytest.mark.parametrize("overrides", [["condition=critique"], ["condition=grpo"], ["rollouts=7", "condition=critique"]],
-                         ids=["critique", "grpo", "uneven-critique"])
-def test_two_process_fsdp_matches_one_process(tmp_path, overrides):
+@pytest.mark.parametrize("case", ["critique", "grpo", "uneven-critique"])
+def test_two_process_fsdp_matches_one_process(fsdp_parity, case):
     """Same rollouts, 2 steps: losses within 1e-5 relative (uneven: rank 1 has 3 rollouts to
     rank 0's 4, so it runs a zero-weight filler micro-batch to stay in lock-step). The parameters differ from one
     process's by under 1e-3 of the update's size: gloo sums gradients in another order, and AdamW's
     g / sqrt(v) amplifies that on near-zero gradients, so an element-wise bound would be flaky."""
-    one, two = _worker(tmp_path, 1, overrides), _worker(tmp_path, 2, overrides)
+    one, two = fsdp_parity[case]  # the cases' overrides: tests/conftest.py
     assert two["world"] == 2
     for s1, s2 in zip(one["steps"], two["steps"], strict=True):
         assert s1["loss_tokens"] == s2["loss_tokens"] > 0
@@ -229,6 +217,7 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[fastsd] after:" in proc.stdout
+    assert "rollouts: fastsd, eager" in proc.stdout + proc.stderr  # the engine, the CPU's default sampler
     assert [r["step"] for r in train_rows(tmp_path)] == [1, 2]
     assert [r["step"] for r in read_jsonl(tmp_path / "rollouts.jsonl")] == [1, 1, 2, 2]  # both ranks' rollouts
     assert f"logs, config and checkpoints: {tmp_path}" in proc.stdout

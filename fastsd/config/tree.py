@@ -146,10 +146,10 @@ class RolloutConfig:
     """Rollouts per question; 0 picks the method's default (8 for grpo, 1 for self-distillation)."""
     engine: Literal["auto", "vllm", "fastsd", "generate"] = "auto"
     """Sampler: vllm (a vLLM engine in this process, given the policy's weights before each
-    sampling), fastsd (static KV cache, compiled decode step with fused sampling), generate
-    (transformers); auto: on CUDA vllm where it is installed and usable, else
-    fastsd; on CPUs generate (vllm is slower there on the built-in model: docs/rollouts.md). The log says
-    which sampler runs."""
+    sampling), fastsd (static KV cache, a decode step with fused sampling: compiled on CUDA, eager
+    on CPUs), generate (transformers); auto: on CUDA vllm where it is installed and usable, else
+    fastsd; on CPUs fastsd (vllm and generate are slower there on the built-in model:
+    docs/rollouts.md). The log says which sampler runs."""
     vllm_kv_cache_gib: float | None = None
     """vllm: KV-cache space in GiB; null: 1 on a CPU, on CUDA what vllm_gpu_memory leaves."""
     vllm_gpu_memory: float = 0.3

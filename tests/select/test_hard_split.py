@@ -9,13 +9,15 @@ import sys
 from pathlib import Path
 
 from fastsd.config import load_config
-from fastsd.tasks.data import load_data
+from fastsd.tasks import arith
+from fastsd.tasks.data import builtin_split, load_data
 from fastsd.tasks.splits import make_records
 
 ROOT = Path(__file__).resolve().parents[2]
 HARD = ROOT / "bench" / "results" / "hard_split"
 sys.path.insert(0, str(ROOT / "tools"))
 import compare_conditions  # noqa: E402
+import right_answer_wrong_steps  # noqa: E402
 
 
 def _records(name: str) -> list[dict]:
@@ -60,3 +62,19 @@ def test_compare_takes_the_hard_split_and_reports_the_no_signal_share(tmp_path):
     assert share["first"] == 0.75 and share["last"] == 0.0
     assert abs(share["all"] - (10 * 0.75 + 4 * 0.5 + 1.0) / 25) < 1e-12
     assert compare_conditions._shares({"all": [0.3, 0.5], "first": [0.75], "last": []}) == "0.30-0.50; 0.75, -"
+
+
+def test_right_answers_through_a_wrong_step_are_counted(tmp_path, capsys):
+    """tools/right_answer_wrong_steps.py (the comparison's reading of peer's demonstrations): of the
+    rewarded rollouts, those with a wrong intermediate step; unrewarded ones are not counted."""
+    ex = builtin_split("train", 1, 0)[0]
+    right = arith.canonical_solution(ex.question)
+    lucky = right.replace("=", "=1", 1)  # the first result wrong, the final answer kept
+    wrong = lucky.replace(f"<answer>{ex.answer}<", f"<answer>{ex.answer}1<")
+    assert lucky != right and wrong != lucky
+    rows = [{"step": 1, "question": ex.question, "truth": ex.answer, "response": text, "reward": reward}
+            for text, reward in ((right, 1), (lucky, 1), (lucky, 1), (wrong, 0))]
+    (tmp_path / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert right_answer_wrong_steps.main([str(tmp_path)]) == 0
+    first = capsys.readouterr().out.splitlines()[0].split("\t")
+    assert first[1:] == ["steps 1-10", "rollouts 4", "reward 1: 3", "with a wrong step: 2 (0.67)"]
