@@ -59,6 +59,7 @@ FSDP_PARITY = {
     "uneven-critique": ["rollouts=7", "condition=critique"],  # rank 1 has 3 rollouts to rank 0's 4
     "peer": ["condition=peer", "peer.fallback=reference", "peer.feedback=critique"],
     "blend": ["condition=critique", "loss.pg_weight=0.5", "rollout.group_size=2"],
+    "lora-ema": ["condition=critique", "model.lora.r=8", "teacher=ema"],  # tests/model/test_lora.py
 }
 
 

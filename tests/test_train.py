@@ -194,7 +194,10 @@ def test_two_process_fsdp_matches_one_process(fsdp_parity, case):
     rank 0's 4, so it runs a zero-weight filler micro-batch to stay in lock-step). The parameters differ from one
     process's by under 1e-3 of the update's size: gloo sums gradients in another order, and AdamW's
     g / sqrt(v) amplifies that on near-zero gradients, so an element-wise bound would be flaky."""
-    one, two = fsdp_parity[case]  # the cases' overrides: tests/conftest.py
+    one_and_two_processes_match(*fsdp_parity[case])  # the cases' overrides: tests/conftest.py
+
+
+def one_and_two_processes_match(one: dict, two: dict) -> None:
     assert two["world"] == 2
     for s1, s2 in zip(one["steps"], two["steps"], strict=True):
         assert s1["loss_tokens"] == s2["loss_tokens"] > 0

@@ -16,8 +16,7 @@ from fsdp_train_worker import fixed_rollouts
 from peft import LoraConfig, PeftModel, get_peft_model
 from runs import config, read_jsonl, train_rows
 from safetensors.torch import load_file
-from test_train import REPO
-from test_train import test_two_process_fsdp_matches_one_process as _fsdp_parity
+from test_train import REPO, one_and_two_processes_match
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 from fastsd.config import load_config
@@ -262,8 +261,8 @@ def test_bf16_base_trains_fp32_adapters_with_activation_checkpointing():
 
 # ---------------------------------------------------------------- FSDP2
 
-def test_two_process_lora_matches_one_process(tmp_path):
-    _fsdp_parity(tmp_path, ["condition=critique", *LORA, "teacher=ema"])
+def test_two_process_lora_matches_one_process(fsdp_parity):
+    one_and_two_processes_match(*fsdp_parity["lora-ema"])  # critique, LoRA r=8, teacher=ema: tests/conftest.py
 
 
 def test_two_process_lora_checkpoint_resumes_bitwise(tmp_path):
