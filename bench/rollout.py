@@ -8,6 +8,8 @@ engine's step for that shape, is excluded from the timing and reported apart).
                                                               # CPU: the shipped model, a 10M Llama
     python bench/rollout.py --model builtin --batch 16 192 --prompt-len 64 --new-tokens 256 \
         --paths generate fastsd fastsd-compiled             # CPU: eager against compiled decode steps
+    python bench/rollout.py --model builtin --batch 16 192 --prompt-len 64 --new-tokens 256 \
+        --paths generate fastsd-forward fastsd-eager      # CPU: the written step against transformers' forward
     python bench/rollout.py --cpu-smoke                       # tiny model on the CPU, a few tokens
 
 Every sequence runs the full `--new-tokens` (no EOS can end it early: generate gets
@@ -119,6 +121,10 @@ def run_model(name, args, meta, rows, folder) -> None:
     engines = {"fastsd": RolloutEngine(lm)} if "fastsd" in args.paths else {}  # the device's default: eager on CPUs
     if "fastsd-compiled" in args.paths:  # the CPU's question: does a compiled decode step beat eager there?
         engines["fastsd-compiled"] = RolloutEngine(lm, compile=True)
+    if "fastsd-eager" in args.paths:  # the written step (fastsd.rollout.decode) where the model fits it
+        engines["fastsd-eager"] = RolloutEngine(lm, compile=False)
+    if "fastsd-forward" in args.paths:  # eager through transformers' forward on a static cache
+        engines["fastsd-forward"] = RolloutEngine(lm, compile=False, written_step=False)
     if "vllm" in args.paths:
         engines["vllm"] = vllm_engine(lm, device, folder)
     params = sum(p.numel() for p in lm.parameters())
@@ -173,10 +179,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[8, 32, 128])
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=2048)
-    ap.add_argument("--paths", nargs="+", choices=["generate", "fastsd", "fastsd-compiled", "vllm"],
+    ap.add_argument("--paths", nargs="+",
+                    choices=["generate", "fastsd", "fastsd-compiled", "fastsd-eager", "fastsd-forward", "vllm"],
                     default=["generate", "fastsd", "vllm"],
                     help="fastsd: the engine as the trainer runs it (compiled on CUDA, eager on CPUs); "
-                         "fastsd-compiled: its step compiled whatever the device")
+                         "fastsd-compiled: its step compiled whatever the device; fastsd-eager: eager, the written "
+                         "step where the model has its layout; fastsd-forward: eager, transformers' forward")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU (checks the script, not speed)")
     ap.add_argument("--out", default=os.path.join("bench", "out", "rollout.json"))
     args = ap.parse_args(argv)

@@ -19,6 +19,12 @@ at the end of a stop sequence (e.g. the answer tag's token ids); finished rows k
 (padding, cheap) until all are done, which is checked every `check_every` steps. `all_done` lets
 FSDP ranks agree, so every rank runs the same number of forwards.
 
+Eager (CPUs, and wherever `compile=False`), models of the Llama layout (llama, qwen2, qwen3)
+decode with the step written out in `fastsd.rollout.decode` (`written_step`, default: where the
+model fits it): transformers runs the prompt, the written step each new token, and rows that
+have finished are dropped from the batch whenever a quarter of them are done (at the checks
+every `check_every` steps). Other models, and the compiled step, use transformers' forward.
+
 Under autocast with fp32 parameters (the trainer's single-process CUDA mode: bf16 compute), a
 compiled decode step would cast every weight again on every step (eager autocast caches its
 casts for the call; a compiled graph does not): 8 bytes moved per parameter instead of 2, in a
@@ -39,10 +45,11 @@ import weakref
 from collections.abc import Callable
 
 import torch
-from transformers import StaticCache
+from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 
 from ..model.batch import pad
+from .decode import StepDecoder
 
 __all__ = ["RolloutEngine", "sample_next", "cut_at_eos", "cut_at_stop"]
 
@@ -116,10 +123,13 @@ def _values_keep_their_dtype(cache: StaticCache) -> StaticCache:
 class RolloutEngine:
     """Static-cache sampler for `lm` (see the module docstring)."""
 
-    def __init__(self, lm, *, compile: bool | None = None, check_every: int = 16, autocast_weights: bool = True):
+    def __init__(self, lm, *, compile: bool | None = None, check_every: int = 16, autocast_weights: bool = True,
+                 written_step: bool | None = None):
         self.lm = lm
         device = next(lm.parameters()).device
         self.compile = device.type == "cuda" if compile is None else compile
+        # eager: fastsd.rollout.decode's step where the model has its layout (False: transformers' forward)
+        self.written_step = StepDecoder.fits(lm) if written_step is None else written_step
         self.check_every = check_every
         self.autocast_weights = autocast_weights
         self._weights: dict[str, torch.Tensor] = {}  # the autocast-dtype copies, refreshed per call
@@ -221,26 +231,34 @@ class RolloutEngine:
         total = P + max_new_tokens
         attn = torch.zeros(B, total, dtype=torch.long, device=device)
         attn[:, :P] = prompt_attn
-        cache = self._cache(B, total, device)
         positions = torch.arange(total, device=device)  # cache positions: sliced, never copied from the host
         pos = (prompt_attn.cumsum(-1) - 1).clamp(min=0)
-        logits = self._forward(ids, attn, pos, positions[:P], cache)
+        decoder = None
+        if self.written_step and not self.compile:  # the prompt by transformers, the new tokens by the written step
+            cache = DynamicCache()
+            logits = self._forward(ids, prompt_attn, pos, positions[:P], cache)
+            decoder = StepDecoder(self.lm, cache, prompt_attn, total)
+            del cache
+        else:
+            cache = self._cache(B, total, device)
+            logits = self._forward(ids, attn, pos, positions[:P], cache)
         tok, lp = sample_next(logits, temperature, top_p)
         pos = pos[:, -1]
         stop_t = torch.tensor(stop, dtype=torch.long, device=device)
         tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
         logps = torch.zeros(B, max_new_tokens, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
+        rows = torch.arange(B, device=device)  # the written step drops finished rows: each row's own
         steps = max_new_tokens
         for t in range(max_new_tokens):
             tok = torch.where(done, pad_id, tok)
-            tokens[:, t] = tok
-            logps[:, t] = torch.where(done, 0.0, lp)
+            tokens[rows, t] = tok
+            logps[rows, t] = torch.where(done, 0.0, lp)
             done = done | (tok == eos_id)
             if on_step is not None:
                 on_step(t + 1)
             if len(stop_t) and t + 1 >= len(stop_t):
-                done = done | (tokens[:, t + 1 - len(stop_t):t + 1] == stop_t).all(-1)
+                done = done | (tokens[rows, t + 1 - len(stop_t):t + 1] == stop_t).all(-1)
             if t + 1 == max_new_tokens:
                 break
             if (t + 1) % self.check_every == 0:
@@ -248,9 +266,16 @@ class RolloutEngine:
                 if (all_done(finished) if all_done is not None else finished):
                     steps = t + 1
                     break
+                if decoder is not None and 4 * int(done.sum()) >= len(done):  # a quarter done: drop them
+                    keep = (~done).nonzero()[:, 0]
+                    decoder.keep(keep)
+                    tok, lp, pos, done, rows = tok[keep], lp[keep], pos[keep], done[keep], rows[keep]
             attn[:, P + t] = 1
             pos = pos + 1
-            tok, lp = self._decode_step(tok, attn, pos, positions[P + t:P + t + 1], cache, temperature, top_p)
+            if decoder is not None:
+                tok, lp = sample_next(decoder.step(tok, pos, P + t), temperature, top_p)
+            else:
+                tok, lp = self._decode_step(tok, attn, pos, positions[P + t:P + t + 1], cache, temperature, top_p)
         return self._rows(tokens[:n, :steps], logps[:n, :steps], eos_id, pad_id, stop)
 
     @staticmethod

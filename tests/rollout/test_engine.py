@@ -289,7 +289,7 @@ def test_static_cache_values_keep_their_dtype_on_older_transformers(model, monke
     monkeypatch.setattr(StaticLayer, "lazy_initialization", older)
     lm, tok = model
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        rows, _ = RolloutEngine(lm, compile=False).generate(
+        rows, _ = RolloutEngine(lm, compile=False, written_step=False).generate(
             prompts_for(tok, 3), max_new_tokens=8, temperature=0, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
     assert len(rows) == 3 and all(rows)
 
@@ -302,7 +302,7 @@ def test_eager_decoding_keeps_one_cache_and_frees_the_last_at_once(model):
     kw = dict(max_new_tokens=8, temperature=1.0, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
     shapes = {(n, max(map(len, prompts_for(tok, n, seed=n)))) for n in (1, 2, 3)}
     assert len(shapes) == 3  # three calls, three shapes
-    eng = RolloutEngine(lm, compile=False)
+    eng = RolloutEngine(lm, compile=False, written_step=False)  # transformers' forward on a static cache
     gc.disable()
     try:
         eng.generate(prompts_for(tok, 1, seed=1), **kw)
