@@ -153,6 +153,7 @@ def run_model(name, args, meta, rows, folder) -> None:
                     torch.cuda.empty_cache()
             if path.startswith("fastsd"):
                 row["compiled"] = engine.compile  # False: the engine fell back to eager decoding
+                row["written_step"] = engine.written_step and not engine.compile
             rows.append(row)
             print(json.dumps(row), flush=True)
             with open(args.out, "w") as f:  # after every row: a time limit keeps what was done

@@ -57,6 +57,7 @@ def _joined(module, names):
 
 
 def _projections(module, h, names, joined):
+    """The outputs of `module`'s linear layers `names` on `h`: one product where they are `joined`."""
     if joined is None:
         return [getattr(module, n)(h) for n in names]
     sizes = [getattr(module, n).out_features for n in names]
@@ -94,7 +95,8 @@ class StepDecoder:
         self.bias = torch.full((B, 1, 1, length), float("-inf"), dtype=self.keys[0].dtype, device=attn.device)
         self.bias[:, 0, 0, :P].masked_fill_(attn.bool(), 0.0)
         # one product for q, k and v and one for gate and up, where they are plain nn.Linear (a LoRA
-        # layer is called as itself); concatenated once per call, from the current weights
+        # layer is called as itself); concatenated once per call, from the current weights (a copy
+        # of those weights for the call's length)
         self.qkv = [_joined(layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in self.layers]
         self.gate_up = [_joined(layer.mlp, ("gate_proj", "up_proj")) for layer in self.layers]
 
@@ -113,8 +115,8 @@ class StepDecoder:
         B = x.shape[0]
         for layer, keys, values, qkv, gate_up in zip(self.layers, self.keys, self.values, self.qkv, self.gate_up):
             attn, mlp = layer.self_attn, layer.mlp
-            q, k, v = (p.view(B, -1, attn.head_dim)
-                       for p in _projections(attn, _norm(layer.input_layernorm, x), ("q_proj", "k_proj", "v_proj"), qkv))
+            h = _norm(layer.input_layernorm, x)
+            q, k, v = (p.view(B, -1, attn.head_dim) for p in _projections(attn, h, ("q_proj", "k_proj", "v_proj"), qkv))
             if hasattr(attn, "q_norm"):  # qwen3
                 q, k = _norm(attn.q_norm, q), _norm(attn.k_norm, k)
             qk = torch.cat((q, k), 1)  # RoPE on both at once
@@ -126,6 +128,7 @@ class StepDecoder:
             weights = scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(values.dtype)
             out = torch.matmul(weights, values[:, :, :t + 1])
             x = x + attn.o_proj(out.reshape(B, -1))
-            gate, up = _projections(mlp, _norm(layer.post_attention_layernorm, x), ("gate_proj", "up_proj"), gate_up)
+            h = _norm(layer.post_attention_layernorm, x)
+            gate, up = _projections(mlp, h, ("gate_proj", "up_proj"), gate_up)
             x = x + mlp.down_proj(mlp.act_fn(gate) * up)
         return self.base.lm_head(_norm(model.norm, x))

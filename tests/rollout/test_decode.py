@@ -35,7 +35,8 @@ MODELS = {"llama": lambda: built(LlamaConfig), "qwen2": lambda: built(Qwen2Confi
 
 def prompts(n, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, 61, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+    lengths = torch.randint(3, 12, (n,), generator=g).tolist()
+    return [torch.randint(2, 61, (length,), generator=g).tolist() for length in lengths]
 
 
 def prompt_forward(lm, ids, attn, pos):
