@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from fsdp_train_worker import fixed_rollouts
+from runs import SMALL, config, read_jsonl, train_rows
 
 from fastsd.config import load_config
 from fastsd.feedback import feedback
@@ -23,7 +24,6 @@ from fastsd.run.build import build_models, build_optim
 from fastsd.run.checkpoint import latest_checkpoint
 from fastsd.train import train
 from fastsd.update import update
-from runs import SMALL, config, read_jsonl, train_rows
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["optim.warmup_steps=0", "optim.micro_batch=3", "rollout.group_size=2"]

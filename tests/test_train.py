@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from fsdp_train_worker import fixed_rollouts
+from runs import SMALL, config, read_jsonl, train_rows
 from transformers import AutoModelForCausalLM
 
 from fastsd import cli
@@ -32,7 +33,6 @@ from fastsd.tasks.format import parse_response, reward
 from fastsd.train import train
 from fastsd.update import NonFiniteLossError, update
 from fastsd.update import step as step_mod
-from runs import SMALL, config, read_jsonl, train_rows
 
 REPO = Path(__file__).resolve().parents[1]
 

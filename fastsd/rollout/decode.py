@@ -15,8 +15,9 @@ RoPE variant come along) and does the rest itself, with few, large operations:
   for a query of one token.
 
 `StepDecoder.fits(lm)` says whether a model has that layout (no sliding window, not sharded by
-FSDP, whose hooks run only on a module's own forward); otherwise the engine keeps transformers'
-forward. Equal to it up to float rounding: tests/rollout/test_decode.py."""
+FSDP, whose hooks run only on a module's own forward, no peft adapter but LoRA); otherwise the
+engine keeps transformers' forward. The engine uses it by default on CPUs only. Equal to
+transformers' forward up to float rounding: tests/rollout/test_decode.py."""
 
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ import torch
 
 __all__ = ["StepDecoder"]
 
-LAYOUTS = ("llama", "qwen2", "qwen3")
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -46,8 +46,8 @@ def _joined(module, names):
     """(weight, bias) of `module`'s linear layers `names`, concatenated along the output; None
     unless all are plain nn.Linear."""
     parts = [getattr(module, n, None) for n in names]
-    if not all(type(p) is torch.nn.Linear for p in parts):
-        return None
+    if not all(type(p) is torch.nn.Linear and not p._forward_hooks and not p._forward_pre_hooks for p in parts):
+        return None  # a LoRA layer, or a hook (e.g. offloading) that must run
     weight = torch.cat([p.weight.detach() for p in parts])
     bias = [p.bias for p in parts]
     if all(b is None for b in bias):
@@ -70,13 +70,17 @@ class StepDecoder:
     its attention mask `attn` [batch, prompt]; `step(tok, pos, t)` feeds token `tok` [batch] at
     position `pos` [batch] into cache column `t` and returns the next token's logits [batch, vocab]."""
 
+    LAYOUTS = ("llama", "qwen2", "qwen3")
+
     @staticmethod
     def fits(lm) -> bool:
         from torch.distributed.fsdp import FSDPModule
 
+        if any(getattr(c, "peft_type", None) != "LORA" for c in (getattr(lm, "peft_config", None) or {}).values()):
+            return False  # prompt learning adds positions to the cache
         base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
         config = getattr(base, "config", None)
-        if getattr(config, "model_type", None) not in LAYOUTS or not hasattr(base, "lm_head"):
+        if getattr(config, "model_type", None) not in StepDecoder.LAYOUTS or not hasattr(base, "lm_head"):
             return False
         windowed = getattr(config, "use_sliding_window", False) or any(
             kind != "full_attention" for kind in getattr(config, "layer_types", None) or ())
@@ -101,9 +105,11 @@ class StepDecoder:
         self.gate_up = [_joined(layer.mlp, ("gate_proj", "up_proj")) for layer in self.layers]
 
     def keep(self, rows: torch.Tensor) -> None:
-        """Go on with only these rows (indices into the current batch)."""
-        self.keys = [k[rows] for k in self.keys]
-        self.values = [v[rows] for v in self.values]
+        """Go on with only these rows (indices into the current batch); a layer at a time, so the
+        memory peaks at one layer's copy."""
+        for kept in (self.keys, self.values):
+            for i in range(len(kept)):
+                kept[i] = kept[i][rows]
         self.bias = self.bias[rows]
 
     def step(self, tok: torch.Tensor, pos: torch.Tensor, t: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""On-policy sampling with a static KV cache and a fused decode step.
+"""On-policy sampling with a preallocated KV cache and a fused decode step.
 
 `RolloutEngine(lm)` samples from a transformers causal LM with its current weights (the model
 being trained, so there is no second model and no weight sync).
@@ -16,14 +16,15 @@ new one compiles and records again), the compiled path pads the batch to a power
 prompts to a multiple of 64 tokens, and reuses one cache per shape. If compiling fails, the call
 starts over eagerly (with a warning) and stays eager. A sequence finishes at EOS or
 at the end of a stop sequence (e.g. the answer tag's token ids); finished rows keep stepping
-(padding, cheap) until all are done, which is checked every `check_every` steps. `all_done` lets
+(padding) until all are done, which is checked every `check_every` steps. `all_done` lets
 FSDP ranks agree, so every rank runs the same number of forwards.
 
-Eager (CPUs, and wherever `compile=False`), models of the Llama layout (llama, qwen2, qwen3)
-decode with the step written out in `fastsd.rollout.decode` (`written_step`, default: where the
-model fits it): transformers runs the prompt, the written step each new token, and rows that
-have finished are dropped from the batch whenever a quarter of them are done (at the checks
-every `check_every` steps). Other models, and the compiled step, use transformers' forward.
+On CPUs, models of the Llama layout (llama, qwen2, qwen3) decode with the step written out in
+`fastsd.rollout.decode` instead (`written_step`; default: on a CPU where the model fits it, never
+compiled): transformers runs the prompt, the written step each new token, over its own cache
+(not the static one above), and finished rows are dropped from the batch whenever a quarter of
+it is done (at the checks every `check_every` steps), so a row's random draws depend on which
+rows are still running.
 
 Under autocast with fp32 parameters (the trainer's single-process CUDA mode: bf16 compute), a
 compiled decode step would cast every weight again on every step (eager autocast caches its
@@ -128,8 +129,11 @@ class RolloutEngine:
         self.lm = lm
         device = next(lm.parameters()).device
         self.compile = device.type == "cuda" if compile is None else compile
-        # eager: fastsd.rollout.decode's step where the model has its layout (False: transformers' forward)
-        self.written_step = StepDecoder.fits(lm) if written_step is None else written_step
+        # eager: fastsd.rollout.decode's step on a CPU where the model has its layout (False: transformers' forward)
+        if written_step and not StepDecoder.fits(lm):
+            raise ValueError("written_step: the model has not the layout of fastsd.rollout.decode "
+                             f"({', '.join(StepDecoder.LAYOUTS)}; no sliding window, not under FSDP2, LoRA only)")
+        self.written_step = (device.type == "cpu" and StepDecoder.fits(lm)) if written_step is None else written_step
         self.check_every = check_every
         self.autocast_weights = autocast_weights
         self._weights: dict[str, torch.Tensor] = {}  # the autocast-dtype copies, refreshed per call
@@ -266,7 +270,7 @@ class RolloutEngine:
                 if (all_done(finished) if all_done is not None else finished):
                     steps = t + 1
                     break
-                if decoder is not None and 4 * int(done.sum()) >= len(done):  # a quarter done: drop them
+                if decoder is not None and not finished and 4 * int(done.sum()) >= len(done):  # a quarter: drop
                     keep = (~done).nonzero()[:, 0]
                     decoder.keep(keep)
                     tok, lp, pos, done, rows = tok[keep], lp[keep], pos[keep], done[keep], rows[keep]

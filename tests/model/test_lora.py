@@ -14,6 +14,7 @@ import pytest
 import torch
 from fsdp_train_worker import fixed_rollouts
 from peft import LoraConfig, PeftModel, get_peft_model
+from runs import config, read_jsonl, train_rows
 from safetensors.torch import load_file
 from test_train import REPO, one_and_two_processes_match
 from transformers import AutoModelForCausalLM, Qwen3Config
@@ -31,7 +32,6 @@ from fastsd.run.build import build_models, build_optim
 from fastsd.run.checkpoint import latest_checkpoint
 from fastsd.train import train
 from fastsd.update import update
-from runs import config, read_jsonl, train_rows
 
 LORA = ["model.lora.r=8"]
 FAST = ["optim.warmup_steps=0", "optim.lr=1e-2"]

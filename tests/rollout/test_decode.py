@@ -11,9 +11,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
+from fastsd.feedback.prompts import student_prompt
 from fastsd.model.batch import pad
+from fastsd.model.load import DEFAULT_MODEL_DIR, load_model_and_tokenizer
 from fastsd.rollout.decode import StepDecoder
 from fastsd.rollout.engine import RolloutEngine
+from fastsd.tasks.data import builtin_split
 
 SIZES = dict(vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, max_position_embeddings=128, pad_token_id=0, eos_token_id=1)
@@ -121,10 +124,6 @@ def test_greedy_on_the_shipped_model_equals_transformers_forward_with_rows_dropp
     """The engine's default step on a CPU is the written one; rows that finish early are dropped
     from the batch (checked by spying on `keep`) and every row's tokens stay those of transformers'
     forward on a static cache, token for token."""
-    from fastsd.feedback.prompts import student_prompt
-    from fastsd.model.load import DEFAULT_MODEL_DIR, load_model_and_tokenizer
-    from fastsd.tasks.data import builtin_split
-
     lm, tok = load_model_and_tokenizer(DEFAULT_MODEL_DIR, dtype=torch.float32)
     lm.eval()
     rows = [tok(student_prompt(ex.question), add_special_tokens=False)["input_ids"] for ex in builtin_split("test", 16)]
@@ -135,10 +134,44 @@ def test_greedy_on_the_shipped_model_equals_transformers_forward_with_rows_dropp
     engine = RolloutEngine(lm)
     assert engine.written_step and not engine.compile
     got, lps = engine.generate(rows, **kw)
-    assert kept and kept[-1] < 16  # rows were dropped on the way
+    assert len(kept) >= 2 and kept == sorted(kept, reverse=True) and len(set(kept)) == len(kept)  # dropped twice+
     want, _ = RolloutEngine(lm, written_step=False).generate(rows, **kw)
     assert got == want
     assert len({len(r) for r in got}) > 3 and [len(x) for x in lps] == [len(r) for r in got]
+
+
+def test_a_rank_whose_rows_are_all_done_keeps_stepping_with_them():
+    """Under torchrun `all_done` can say "not yet" (another rank still runs) when every local row
+    is done: the written step then keeps its finished rows (padding), drops none to an empty
+    batch, and returns what it returns alone."""
+    lm, tok = load_model_and_tokenizer(DEFAULT_MODEL_DIR, dtype=torch.float32)
+    rows = [tok(student_prompt(ex.question), add_special_tokens=False)["input_ids"] for ex in builtin_split("test", 3)]
+    kw = dict(max_new_tokens=40, temperature=0, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+              stop=tok("<step_1>", add_special_tokens=False)["input_ids"])  # how every response starts
+    alone, _ = RolloutEngine(lm.eval()).generate(rows, **kw)
+    assert max(map(len, alone)) < 16  # every row done at the first check
+    calls = []
+    beside, _ = RolloutEngine(lm).generate(rows, **kw, all_done=lambda finished: calls.append(finished) and False)
+    assert beside == alone and calls == [True, True]
+
+
+def test_hooks_and_adapters_the_step_cannot_honour():
+    """A forward hook on a projection is run (the layer is called, not joined); a peft adapter
+    other than LoRA (prefix tuning adds positions to the cache) keeps transformers' forward, and
+    asking for the written step there is an error."""
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+
+    lm = MODELS["llama"]()
+    lm.model.layers[1].mlp.up_proj.register_forward_hook(lambda module, args, out: out * 0.5)
+    new = torch.randint(2, 61, (3, 4), generator=torch.Generator().manual_seed(6))
+    got, want = written_and_forward_logits(lm, prompts(3), new)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    prefix = get_peft_model(MODELS["llama"](), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    lora = get_peft_model(MODELS["llama"](), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert not StepDecoder.fits(prefix) and StepDecoder.fits(lora)
+    assert not RolloutEngine(prefix).written_step
+    with pytest.raises(ValueError, match="written_step"):
+        RolloutEngine(prefix, written_step=True)
 
 
 def test_lora_layers_are_called_as_themselves():
