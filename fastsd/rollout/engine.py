@@ -131,7 +131,7 @@ class RolloutEngine:
         self.compile = device.type == "cuda" if compile is None else compile
         # eager: fastsd.rollout.decode's step on a CPU where the model has its layout (False: transformers' forward)
         if written_step and not StepDecoder.fits(lm):
-            raise ValueError("written_step: the model has not the layout of fastsd.rollout.decode "
+            raise ValueError("written_step: the model does not have the layout of fastsd.rollout.decode "
                              f"({', '.join(StepDecoder.LAYOUTS)}; no sliding window, not under FSDP2, LoRA only)")
         self.written_step = (device.type == "cpu" and StepDecoder.fits(lm)) if written_step is None else written_step
         self.check_every = check_every
