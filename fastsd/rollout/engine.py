@@ -274,11 +274,11 @@ class RolloutEngine:
                     keep = (~done).nonzero()[:, 0]
                     decoder.keep(keep)
                     tok, lp, pos, done, rows = tok[keep], lp[keep], pos[keep], done[keep], rows[keep]
-            attn[:, P + t] = 1
             pos = pos + 1
-            if decoder is not None:
+            if decoder is not None:  # it keeps its own mask
                 tok, lp = sample_next(decoder.step(tok, pos, P + t), temperature, top_p)
             else:
+                attn[:, P + t] = 1
                 tok, lp = self._decode_step(tok, attn, pos, positions[P + t:P + t + 1], cache, temperature, top_p)
         return self._rows(tokens[:n, :steps], logps[:n, :steps], eos_id, pad_id, stop)
 

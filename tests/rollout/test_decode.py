@@ -9,14 +9,13 @@ import inspect
 
 import pytest
 import torch
+from test_engine import prompts_for
 from transformers import AutoModelForCausalLM, DynamicCache, GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
-from fastsd.feedback.prompts import student_prompt
 from fastsd.model.batch import pad
 from fastsd.model.load import DEFAULT_MODEL_DIR, load_model_and_tokenizer
 from fastsd.rollout.decode import StepDecoder
 from fastsd.rollout.engine import RolloutEngine
-from fastsd.tasks.data import builtin_split
 
 SIZES = dict(vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, max_position_embeddings=128, pad_token_id=0, eos_token_id=1)
@@ -120,13 +119,18 @@ def test_dropping_rows_leaves_the_others_unchanged():
     torch.testing.assert_close(kept, full[keep], rtol=0, atol=1e-13)
 
 
-def test_greedy_on_the_shipped_model_equals_transformers_forward_with_rows_dropped(monkeypatch):
+@pytest.fixture(scope="module")
+def shipped():
+    lm, tok = load_model_and_tokenizer(DEFAULT_MODEL_DIR, dtype=torch.float32)
+    return lm.eval(), tok
+
+
+def test_greedy_on_the_shipped_model_equals_transformers_forward_with_rows_dropped(shipped, monkeypatch):
     """The engine's default step on a CPU is the written one; rows that finish early are dropped
     from the batch (checked by spying on `keep`) and every row's tokens stay those of transformers'
     forward on a static cache, token for token."""
-    lm, tok = load_model_and_tokenizer(DEFAULT_MODEL_DIR, dtype=torch.float32)
-    lm.eval()
-    rows = [tok(student_prompt(ex.question), add_special_tokens=False)["input_ids"] for ex in builtin_split("test", 16)]
+    lm, tok = shipped
+    rows = prompts_for(tok, 16)
     kept = []
     real_keep = StepDecoder.keep
     monkeypatch.setattr(StepDecoder, "keep", lambda self, r: (kept.append(len(r)), real_keep(self, r))[1])
@@ -140,15 +144,15 @@ def test_greedy_on_the_shipped_model_equals_transformers_forward_with_rows_dropp
     assert len({len(r) for r in got}) > 3 and [len(x) for x in lps] == [len(r) for r in got]
 
 
-def test_a_rank_whose_rows_are_all_done_keeps_stepping_with_them():
+def test_a_rank_whose_rows_are_all_done_keeps_stepping_with_them(shipped):
     """Under torchrun `all_done` can say "not yet" (another rank still runs) when every local row
     is done: the written step then keeps its finished rows (padding), drops none to an empty
     batch, and returns what it returns alone."""
-    lm, tok = load_model_and_tokenizer(DEFAULT_MODEL_DIR, dtype=torch.float32)
-    rows = [tok(student_prompt(ex.question), add_special_tokens=False)["input_ids"] for ex in builtin_split("test", 3)]
+    lm, tok = shipped
+    rows = prompts_for(tok, 3)
     kw = dict(max_new_tokens=40, temperature=0, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
               stop=tok("<step_1>", add_special_tokens=False)["input_ids"])  # how every response starts
-    alone, _ = RolloutEngine(lm.eval()).generate(rows, **kw)
+    alone, _ = RolloutEngine(lm).generate(rows, **kw)
     assert max(map(len, alone)) < 16  # every row done at the first check
     calls = []
     beside, _ = RolloutEngine(lm).generate(rows, **kw, all_done=lambda finished: calls.append(finished) and False)
