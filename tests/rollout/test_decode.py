@@ -208,6 +208,16 @@ def test_under_autocast_the_step_decodes_in_the_low_precision():
     assert err_written < 4 * err_forward + 1e-2, (err_written, err_forward)
 
 
+def test_the_written_step_is_the_default_on_cpus_only():
+    """On another device (here the meta device, a stand-in for CUDA) the engine keeps
+    transformers' forward unless asked; on a CPU the same model takes the written step."""
+    lm = MODELS["llama"]()
+    assert RolloutEngine(lm).written_step
+    on_meta = lm.to("meta")
+    assert StepDecoder.fits(on_meta) and not RolloutEngine(on_meta, compile=False).written_step
+    assert RolloutEngine(on_meta, compile=False, written_step=True).written_step
+
+
 def test_models_without_the_layout_keep_transformers_forward():
     gpt2 = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=61, n_embd=32, n_layer=1, n_head=2)).eval()
     windowed = built(Qwen2Config, use_sliding_window=True, sliding_window=4, max_window_layers=0)
