@@ -12,7 +12,11 @@ RoPE variant come along) and does the rest itself, with few, large operations:
   step, and the query heads of one kv head as rows of one product (grouped-query attention
   without copying keys and values per query head);
 - the products are `torch.matmul`s: the CPU flash-attention kernel costs several times as much
-  for a query of one token.
+  for a query of one token;
+- what can be decided once per call is: each layer's parts become plain functions (q/k/v and
+  gate/up joined into one product each, a residual sum and its product in one `addmm`, the
+  norms as one `rms_norm`, where the modules are plain and nothing must run in between), and
+  RoPE's cos and sin of every position come from one call of the model's rotary embedding.
 
 `StepDecoder.fits(lm)` says whether a model has that layout (no sliding window, not sharded by
 FSDP, whose hooks run only on a module's own forward, no peft adapter but LoRA); otherwise the
@@ -21,7 +25,10 @@ transformers' forward up to float rounding: tests/rollout/test_decode.py."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 
 __all__ = ["StepDecoder"]
 
@@ -32,36 +39,52 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), -1)
 
 
-def _norm(module, x: torch.Tensor) -> torch.Tensor:
-    """`module` (the layout's RMSNorm) on `x`: one fused `rms_norm` for fp32 outside autocast (the
-    module's own float32 arithmetic, in one operation instead of eight); the module otherwise."""
+def _norm(module, autocast: bool):
+    """`module` (the layout's RMSNorm) as a function: one fused `rms_norm` for fp32 outside
+    autocast (the module's own float32 arithmetic, in one operation instead of eight); the module
+    otherwise."""
     eps = getattr(module, "variance_epsilon", None)
-    if eps is None or x.dtype != torch.float32 or module.weight.dtype != torch.float32 \
-            or torch.is_autocast_enabled(x.device.type):
-        return module(x)
-    return torch.nn.functional.rms_norm(x, module.weight.shape, module.weight, eps)
+    if eps is None or autocast or module.weight.dtype != torch.float32 or module._forward_hooks:
+        return module
+    return functools.partial(F.rms_norm, normalized_shape=module.weight.shape, weight=module.weight, eps=eps)
 
 
-def _joined(module, names):
-    """(weight, bias) of `module`'s linear layers `names`, concatenated along the output; None
-    unless all are plain nn.Linear."""
-    parts = [getattr(module, n, None) for n in names]
-    if not all(type(p) is torch.nn.Linear and not p._forward_hooks and not p._forward_pre_hooks for p in parts):
-        return None  # a LoRA layer, or a hook (e.g. offloading) that must run
+def _plain(module) -> bool:
+    return type(module) is torch.nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+
+
+def _projection(module, names):
+    """The outputs of `module`'s linear layers `names`, side by side, as one function of the input:
+    one product of their weights concatenated (once per call, from the current weights) where all
+    are plain nn.Linear; otherwise each called as itself (a LoRA layer, or a hook that must run)."""
+    parts = [getattr(module, n) for n in names]
+    if not all(_plain(p) for p in parts):
+        return lambda h: torch.cat([p(h) for p in parts], -1)
     weight = torch.cat([p.weight.detach() for p in parts])
-    bias = [p.bias for p in parts]
-    if all(b is None for b in bias):
-        return weight, None
-    return weight, torch.cat([b.detach() if b is not None else p.weight.new_zeros(p.out_features)
-                              for b, p in zip(bias, parts)])
+    bias = None if all(p.bias is None for p in parts) else torch.cat(
+        [p.bias.detach() if p.bias is not None else p.weight.new_zeros(p.out_features) for p in parts])
+    return functools.partial(F.linear, weight=weight, bias=bias)
 
 
-def _projections(module, h, names, joined):
-    """The outputs of `module`'s linear layers `names` on `h`: one product where they are `joined`."""
-    if joined is None:
-        return [getattr(module, n)(h) for n in names]
-    sizes = [getattr(module, n).out_features for n in names]
-    return torch.nn.functional.linear(h, *joined).split(sizes, -1)
+def _residual(module, autocast: bool):
+    """x + module(h) as a function of (x, h): one `addmm` for a plain nn.Linear without a bias
+    outside autocast (which would run the sum in the low precision too); the module otherwise."""
+    if not _plain(module) or module.bias is not None or autocast:
+        return lambda x, h: x + module(h)
+    weight = module.weight.detach().t()
+    return lambda x, h: torch.addmm(x, h, weight)
+
+
+def _rope_table(model, length: int):
+    """cos and sin [length, 1, head_dim] of every position, from the model's own rotary embedding
+    (each position's values are computed alone, so equal to the step's); None for the RoPE types
+    whose frequencies depend on the longest position seen (dynamic NTK, longrope)."""
+    kind = getattr(model.rotary_emb, "rope_type", "default")
+    if any(word in str(kind) for word in ("dynamic", "longrope")):
+        return None
+    weight = model.embed_tokens.weight
+    cos, sin = model.rotary_emb(weight, torch.arange(length, device=weight.device)[None])
+    return cos[0, :, None], sin[0, :, None]
 
 
 class StepDecoder:
@@ -98,11 +121,17 @@ class StepDecoder:
                 kept.append(full)
         self.bias = torch.full((B, 1, 1, length), float("-inf"), dtype=self.keys[0].dtype, device=attn.device)
         self.bias[:, 0, 0, :P].masked_fill_(attn.bool(), 0.0)
-        # one product for q, k and v and one for gate and up, where they are plain nn.Linear (a LoRA
-        # layer is called as itself); concatenated once per call, from the current weights (a copy
-        # of those weights for the call's length)
-        self.qkv = [_joined(layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in self.layers]
-        self.gate_up = [_joined(layer.mlp, ("gate_proj", "up_proj")) for layer in self.layers]
+        model = self.base.model
+        self.rope = _rope_table(model, length)
+        # each layer's parts as functions, decided once per call (see the helpers above)
+        autocast = torch.is_autocast_enabled(attn.device.type)
+        self.plans = [(_norm(layer.input_layernorm, autocast), _projection(layer.self_attn, ("q_proj", "k_proj", "v_proj")),
+                       _residual(layer.self_attn.o_proj, autocast), _norm(layer.post_attention_layernorm, autocast),
+                       _projection(layer.mlp, ("gate_proj", "up_proj")), _residual(layer.mlp.down_proj, autocast))
+                      for layer in self.layers]
+        self.final_norm = _norm(model.norm, autocast)
+        self.heads, self.kv_heads = self.base.config.num_attention_heads, self.keys[0].shape[1]
+        self.dim = self.layers[0].self_attn.head_dim
 
     def keep(self, rows: torch.Tensor) -> None:
         """Go on with only these rows (indices into the current batch); a layer at a time, so the
@@ -115,26 +144,24 @@ class StepDecoder:
     def step(self, tok: torch.Tensor, pos: torch.Tensor, t: int) -> torch.Tensor:
         model = self.base.model
         x = model.embed_tokens(tok)  # [B, hidden]
-        cos, sin = model.rotary_emb(x, pos[:, None])  # [B, 1, head_dim]
+        cos, sin = (self.rope[0][pos], self.rope[1][pos]) if self.rope else model.rotary_emb(x, pos[:, None])
         self.bias[:, 0, 0, t] = 0.0
         bias = self.bias[..., :t + 1]
-        B = x.shape[0]
-        for layer, keys, values, qkv, gate_up in zip(self.layers, self.keys, self.values, self.qkv, self.gate_up):
+        B, H, KV, D = x.shape[0], self.heads, self.kv_heads, self.dim
+        for layer, (norm1, qkv, o_proj, norm2, gate_up, down_proj), keys, values in zip(
+                self.layers, self.plans, self.keys, self.values):
             attn, mlp = layer.self_attn, layer.mlp
-            h = _norm(layer.input_layernorm, x)
-            q, k, v = (p.view(B, -1, attn.head_dim) for p in _projections(attn, h, ("q_proj", "k_proj", "v_proj"), qkv))
+            out = qkv(norm1(x))  # [B, (H + 2 KV) D]
+            qk = out[:, :(H + KV) * D].view(B, H + KV, D)
             if hasattr(attn, "q_norm"):  # qwen3
-                q, k = _norm(attn.q_norm, q), _norm(attn.k_norm, k)
-            qk = torch.cat((q, k), 1)  # RoPE on both at once
-            q, k = (qk * cos + _rotate_half(qk) * sin).split((q.shape[1], k.shape[1]), 1)
-            keys[:, :, t] = k
-            values[:, :, t] = v
-            q = q.reshape(B, keys.shape[1], -1, attn.head_dim)
+                qk = torch.cat((attn.q_norm(qk[:, :H]), attn.k_norm(qk[:, H:])), 1)
+            qk = torch.addcmul(qk * cos, _rotate_half(qk), sin)  # RoPE on q and k at once
+            keys[:, :, t] = qk[:, H:]
+            values[:, :, t] = out[:, (H + KV) * D:].view(B, KV, D)
+            q = qk[:, :H].view(B, KV, H // KV, D)
             scores = torch.matmul(q, keys[:, :, :t + 1].transpose(-1, -2)).mul_(attn.scaling).add_(bias)
             weights = scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(values.dtype)
-            out = torch.matmul(weights, values[:, :, :t + 1])
-            x = x + attn.o_proj(out.reshape(B, -1))
-            h = _norm(layer.post_attention_layernorm, x)
-            gate, up = _projections(mlp, h, ("gate_proj", "up_proj"), gate_up)
-            x = x + mlp.down_proj(mlp.act_fn(gate) * up)
-        return self.base.lm_head(_norm(model.norm, x))
+            x = o_proj(x, torch.matmul(weights, values[:, :, :t + 1]).reshape(B, -1))
+            gate, up = gate_up(norm2(x)).chunk(2, -1)
+            x = down_proj(x, mlp.act_fn(gate) * up)
+        return self.base.lm_head(self.final_norm(x))

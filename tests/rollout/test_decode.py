@@ -32,7 +32,12 @@ def built(config_class, **extra):
 MODELS = {"llama": lambda: built(LlamaConfig), "qwen2": lambda: built(Qwen2Config),
           "qwen3": lambda: built(Qwen3Config),
           "llama, untied, rope scaling": lambda: built(LlamaConfig, tie_word_embeddings=False, rope_parameters={
-              "rope_type": "linear", "factor": 2.0, "rope_theta": 500.0})}
+              "rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}),
+          # biases on o_proj and down_proj too (their sums are not one addmm); dynamic RoPE (computed
+          # at each step, not from a table; its scaling starts past max_position_embeddings)
+          "llama, all biases, dynamic rope": lambda: built(LlamaConfig, attention_bias=True, mlp_bias=True,
+                                                           rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                                            "rope_theta": 10000.0})}
 
 
 def prompts(n, seed=0):
