@@ -115,7 +115,8 @@ def evaluate(cfg, d, policy, tok, held, progress=None, samples: list | None = No
     mine = held[d.rank::d.world]
     with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):
         torch.manual_seed(cfg.seed + 7919 * (d.rank + 1))
-        rolls = rollout(cfg, d, policy, tok, mine, cfg.eval.k, cfg.eval.temperature, progress=progress)
+        rolls = rollout(cfg, d, policy, tok, mine, cfg.eval.k, cfg.eval.temperature, progress=progress,
+                        batch_size=cfg.eval_batch(d.device.type))
     answers = [[r.parsed.answer for r in rolls[i * cfg.eval.k:(i + 1) * cfg.eval.k]] for i in range(len(mine))]
     grader = make_grader(cfg.grader)
     hits = [answer_hits(row, ex.answer, grader) for row, ex in zip(answers, mine)]

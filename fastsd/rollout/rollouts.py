@@ -38,9 +38,10 @@ class Rollout:
 
 
 def rollout(cfg: TrainConfig, d: Dist, policy, tok, examples: list[Example], k: int, temperature: float,
-            progress=None, logprobs: bool = False) -> list[Rollout]:
+            progress=None, logprobs: bool = False, batch_size: int = 256) -> list[Rollout]:
     """k samples per example at `temperature`, parsed and rewarded; `progress`: see `rollout.sample`;
-    `logprobs`: each Rollout keeps its tokens' log-probs under the sampler (`sampler_logprob`)."""
+    `logprobs`: each Rollout keeps its tokens' log-probs under the sampler (`sampler_logprob`);
+    `batch_size`: samples per sampler call."""
     prompts = [encode(tok, student_text(cfg.templates, tok, ex.question)) for ex in examples]
     flat = [(g, ex, p) for g, (ex, p) in enumerate(zip(examples, prompts)) for _ in range(k)]
     engine = cfg.sampler(d.device.type)
@@ -50,7 +51,7 @@ def rollout(cfg: TrainConfig, d: Dist, policy, tok, examples: list[Example], k: 
     responses = sample(policy, [p for _, _, p in flat], eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                        temperature=temperature, top_p=cfg.rollout.top_p,
                        max_new_tokens=cfg.rollout.max_new_tokens, d=d, engine=engine, stop=stop,
-                       stop_text=stop_text, progress=progress, logprobs=want_lp)
+                       stop_text=stop_text, progress=progress, logprobs=want_lp, batch_size=batch_size)
     responses, lps = responses if want_lp else (responses, [None] * len(responses))
     out, grader = [], make_grader(cfg.grader)
     for (g, ex, p), resp, lp in zip(flat, responses, lps):

@@ -71,6 +71,7 @@ def test_round_trip_through_yaml(tmp_path):
     ("optim.betas=[1.5,0.9]", "optim.betas"),
     ("optim.weight_decay=-1", "optim.weight_decay"),
     ("data.eval_size=0", "data.eval_size"),
+    ("eval.batch_size=-1", "eval.batch_size"),
     ("data.train_size=0", "data.train_size"),
     ("loss.pg_clip=-1", "loss.pg_clip"),
     ("loss.topk=-1", "loss.topk"),

@@ -139,6 +139,38 @@ def test_evaluate_parses_and_grades_as_configured(monkeypatch):
     assert evaluate(cfg, Dist(), None, Tok(), held)["pass@k"] == 0.0
 
 
+def test_evaluate_samples_in_batches_of_eval_batch_size(monkeypatch):
+    """eval.batch_size reaches the sampler; 0 is 1024 on a CPU and 256 on CUDA."""
+    import fastsd.rollout.rollouts
+    from fastsd.config import load_config
+    from fastsd.evaluation import evaluate
+    from fastsd.model.dist import Dist
+    from fastsd.tasks.data import Example
+
+    class Tok:
+        eos_token_id = pad_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [1]}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "<answer>1</answer>"
+
+    asked = []
+
+    def sample(policy, prompts, batch_size, **kw):
+        asked.append(batch_size)
+        return [[0] for _ in prompts]
+
+    monkeypatch.setattr(fastsd.rollout.rollouts, "sample", sample)
+    held = [Example("q1", "1"), Example("q2", "2")]
+    for overrides in ([], ["eval.batch_size=3"]):
+        evaluate(load_config(None, overrides), Dist(), None, Tok(), held)
+    assert asked == [1024, 3]
+    assert load_config(None, []).eval_batch("cuda") == 256
+    assert load_config(None, ["eval.batch_size=5"]).eval_batch("cuda") == 5
+
+
 def test_exact_maj_is_the_string_vote():
     """Under exact match maj@k is the plain string vote: the built-in task's figures do not move."""
     import random
