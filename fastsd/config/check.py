@@ -41,8 +41,9 @@ def check(cfg: TrainConfig) -> None:
         if value < 1:
             raise ValueError(f"{key}: must be >= 1, got {value}")
     nonneg = {"rollout.group_size": cfg.rollout.group_size, "optim.warmup_steps": cfg.optim.warmup_steps,
-              "eval.every": cfg.eval.every, "eval.batch_size": cfg.eval.batch_size, "checkpoint.every": cfg.checkpoint.every, "optim.grad_clip": cfg.optim.grad_clip,
-              "checkpoint.stop_timeout": cfg.checkpoint.stop_timeout, "log.samples": cfg.log.samples}
+              "eval.every": cfg.eval.every, "checkpoint.every": cfg.checkpoint.every, "optim.grad_clip": cfg.optim.grad_clip,
+              "checkpoint.stop_timeout": cfg.checkpoint.stop_timeout, "log.samples": cfg.log.samples,
+              "eval.batch_size": cfg.eval.batch_size}
     for key, value in nonneg.items():
         if value < 0:
             raise ValueError(f"{key}: must be >= 0, got {value}")

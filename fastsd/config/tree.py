@@ -285,9 +285,9 @@ class EvalConfig:
     temperature: float = 1.1
     """Sampling temperature for evaluation."""
     batch_size: int = 0
-    """Samples drawn together in one sampler call (fastsd's engine, generate); 0: 1024 on a CPU,
-    where larger batches spread each decode step's fixed cost (docs/rollouts.md), and 256 on CUDA,
-    where the KV cache of a real model's batch is the limit."""
+    """Samples drawn together in one sampler call (fastsd's engine, generate); 0: 256 on CUDA, and
+    on a CPU as many as keep their KV cache within 1 GiB, at most 1024 (larger batches spread each
+    decode step's fixed cost: docs/rollouts.md)."""
 
 
 @dataclass
@@ -392,10 +392,6 @@ class TrainConfig:
         if device_type != "cuda":
             return "fastsd"
         return "vllm" if self.vllm_unusable() is None else "fastsd"
-
-    def eval_batch(self, device_type: str) -> int:
-        """eval.batch_size resolved for a device type (0: 1024 on CPUs, 256 on CUDA)."""
-        return self.eval.batch_size or (256 if device_type == "cuda" else 1024)
 
     def vllm_unusable(self) -> str | None:
         """Why rollout.engine=auto does not pick vllm (None: it does)."""

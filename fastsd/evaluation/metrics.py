@@ -116,7 +116,7 @@ def evaluate(cfg, d, policy, tok, held, progress=None, samples: list | None = No
     with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):
         torch.manual_seed(cfg.seed + 7919 * (d.rank + 1))
         rolls = rollout(cfg, d, policy, tok, mine, cfg.eval.k, cfg.eval.temperature, progress=progress,
-                        batch_size=cfg.eval_batch(d.device.type))
+                        batch_size=cfg.eval.batch_size)
     answers = [[r.parsed.answer for r in rolls[i * cfg.eval.k:(i + 1) * cfg.eval.k]] for i in range(len(mine))]
     grader = make_grader(cfg.grader)
     hits = [answer_hits(row, ex.answer, grader) for row, ex in zip(answers, mine)]

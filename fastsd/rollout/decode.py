@@ -39,18 +39,22 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), -1)
 
 
-def _norm(module, autocast: bool):
-    """`module` (the layout's RMSNorm) as a function: one fused `rms_norm` for fp32 outside
-    autocast (the module's own float32 arithmetic, in one operation instead of eight); the module
-    otherwise."""
+def _hooked(module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _norm(module, compute: torch.dtype | None):
+    """`module` (the layout's RMSNorm) as a function: one fused `rms_norm` where it and the
+    activations (`compute`: their dtype, None under autocast) are fp32 (the module's own float32
+    arithmetic, in one operation instead of eight); the module otherwise."""
     eps = getattr(module, "variance_epsilon", None)
-    if eps is None or autocast or module.weight.dtype != torch.float32 or module._forward_hooks:
+    if eps is None or compute != torch.float32 or module.weight.dtype != torch.float32 or _hooked(module):
         return module
     return functools.partial(F.rms_norm, normalized_shape=module.weight.shape, weight=module.weight, eps=eps)
 
 
 def _plain(module) -> bool:
-    return type(module) is torch.nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+    return type(module) is torch.nn.Linear and not _hooked(module)
 
 
 def _projection(module, names):
@@ -125,11 +129,17 @@ class StepDecoder:
         self.rope = _rope_table(model, length)
         # each layer's parts as functions, decided once per call (see the helpers above)
         autocast = torch.is_autocast_enabled(attn.device.type)
-        self.plans = [(_norm(layer.input_layernorm, autocast), _projection(layer.self_attn, ("q_proj", "k_proj", "v_proj")),
-                       _residual(layer.self_attn.o_proj, autocast), _norm(layer.post_attention_layernorm, autocast),
-                       _projection(layer.mlp, ("gate_proj", "up_proj")), _residual(layer.mlp.down_proj, autocast))
-                      for layer in self.layers]
-        self.final_norm = _norm(model.norm, autocast)
+        compute = None if autocast else model.embed_tokens.weight.dtype
+        self.plans = []
+        for layer in self.layers:
+            attn_, mlp = layer.self_attn, layer.mlp
+            qk_norms = (_norm(attn_.q_norm, compute), _norm(attn_.k_norm, compute)) \
+                if hasattr(attn_, "q_norm") else None
+            self.plans.append((
+                _norm(layer.input_layernorm, compute), _projection(attn_, ("q_proj", "k_proj", "v_proj")), qk_norms,
+                _residual(attn_.o_proj, autocast), _norm(layer.post_attention_layernorm, compute),
+                _projection(mlp, ("gate_proj", "up_proj")), _residual(mlp.down_proj, autocast)))
+        self.final_norm = _norm(model.norm, compute)
         self.heads, self.kv_heads = self.base.config.num_attention_heads, self.keys[0].shape[1]
         self.dim = self.layers[0].self_attn.head_dim
 
@@ -148,20 +158,19 @@ class StepDecoder:
         self.bias[:, 0, 0, t] = 0.0
         bias = self.bias[..., :t + 1]
         B, H, KV, D = x.shape[0], self.heads, self.kv_heads, self.dim
-        for layer, (norm1, qkv, o_proj, norm2, gate_up, down_proj), keys, values in zip(
+        for layer, (norm1, qkv, qk_norms, o_proj, norm2, gate_up, down_proj), keys, values in zip(
                 self.layers, self.plans, self.keys, self.values):
-            attn, mlp = layer.self_attn, layer.mlp
             out = qkv(norm1(x))  # [B, (H + 2 KV) D]
             qk = out[:, :(H + KV) * D].view(B, H + KV, D)
-            if hasattr(attn, "q_norm"):  # qwen3
-                qk = torch.cat((attn.q_norm(qk[:, :H]), attn.k_norm(qk[:, H:])), 1)
+            if qk_norms is not None:  # qwen3
+                qk = torch.cat((qk_norms[0](qk[:, :H]), qk_norms[1](qk[:, H:])), 1)
             qk = torch.addcmul(qk * cos, _rotate_half(qk), sin)  # RoPE on q and k at once
             keys[:, :, t] = qk[:, H:]
             values[:, :, t] = out[:, (H + KV) * D:].view(B, KV, D)
             q = qk[:, :H].view(B, KV, H // KV, D)
-            scores = torch.matmul(q, keys[:, :, :t + 1].transpose(-1, -2)).mul_(attn.scaling).add_(bias)
+            scores = torch.matmul(q, keys[:, :, :t + 1].transpose(-1, -2)).mul_(layer.self_attn.scaling).add_(bias)
             weights = scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(values.dtype)
             x = o_proj(x, torch.matmul(weights, values[:, :, :t + 1]).reshape(B, -1))
             gate, up = gate_up(norm2(x)).chunk(2, -1)
-            x = down_proj(x, mlp.act_fn(gate) * up)
+            x = down_proj(x, layer.mlp.act_fn(gate) * up)
         return self.base.lm_head(self.final_norm(x))

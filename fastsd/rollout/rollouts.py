@@ -41,7 +41,7 @@ def rollout(cfg: TrainConfig, d: Dist, policy, tok, examples: list[Example], k: 
             progress=None, logprobs: bool = False, batch_size: int = 256) -> list[Rollout]:
     """k samples per example at `temperature`, parsed and rewarded; `progress`: see `rollout.sample`;
     `logprobs`: each Rollout keeps its tokens' log-probs under the sampler (`sampler_logprob`);
-    `batch_size`: samples per sampler call."""
+    `batch_size`: samples per sampler call (0: `rollout.sample`'s choice)."""
     prompts = [encode(tok, student_text(cfg.templates, tok, ex.question)) for ex in examples]
     flat = [(g, ex, p) for g, (ex, p) in enumerate(zip(examples, prompts)) for _ in range(k)]
     engine = cfg.sampler(d.device.type)

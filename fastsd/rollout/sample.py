@@ -47,6 +47,21 @@ def _engine(policy) -> RolloutEngine:
     return policy._rollout_engine
 
 
+def fitting_batch(lm, tokens: int, device: torch.device) -> int:
+    """Samples per sampler call for `batch_size=0`: 256 on CUDA; on a CPU as many as keep their KV
+    cache (keys and values of `tokens` positions in every layer, in the parameters' dtype) within
+    1 GiB, at most 1024 (a small model's decode step costs about the same at any batch on a CPU)."""
+    if device.type == "cuda":
+        return 256
+    config = lm.get_base_model().config if hasattr(lm, "get_base_model") else lm.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    size = next(lm.parameters()).element_size()
+    row = 2 * config.num_hidden_layers * kv_heads * dim * size * tokens
+    return max(1, min(1024, (1 << 30) // row))
+
+
 @torch.no_grad()
 def sample(policy, prompts: list[list[int]], *, eos_id: int, pad_id: int, temperature: float,
            top_p: float, max_new_tokens: int, d: Dist, batch_size: int = 256, engine: str = "generate",
@@ -57,7 +72,8 @@ def sample(policy, prompts: list[list[int]], *, eos_id: int, pad_id: int, temper
     progress(batches_done, batches) before the first batch, after each, and within one after each
     decode step (`batches_done` then fractional, below the batch's end until it is done). Returns the
     responses' token ids, and with `logprobs` also each token's log-prob under the sampling
-    distribution (softmax(logits / temperature) in the top-p nucleus), one list per response."""
+    distribution (softmax(logits / temperature) in the top-p nucleus), one list per response.
+    `batch_size`: prompts per sampler call (0: `fitting_batch`)."""
     if engine == "vllm":  # vLLM batches by itself: one call
         if progress is not None:
             progress(0, 1)
@@ -73,6 +89,8 @@ def sample(policy, prompts: list[list[int]], *, eos_id: int, pad_id: int, temper
     lm.eval()
     if d.enabled:
         policy.unshard()
+    if batch_size == 0:
+        batch_size = fitting_batch(lm, max(map(len, prompts or [[]])) + max_new_tokens, device)
     out: list[list[int]] = []
     out_lp: list[list[float]] = []
     try:

@@ -101,6 +101,20 @@ def test_written_step_in_float32_is_as_close_to_float64_as_transformers(name):
     torch.testing.assert_close(want.double(), exact, rtol=0, atol=2e-5)
 
 
+def test_rope_comes_from_one_table_unless_its_frequencies_follow_the_longest_position():
+    """cos and sin of every position from one call of the rotary embedding, equal to a step's own
+    call; none for dynamic NTK, whose frequencies change past max_position_embeddings (the tests
+    above stay below it, so they cannot tell the table from per-step calls there)."""
+    from fastsd.rollout.decode import _rope_table
+
+    model = MODELS["llama, untied, rope scaling"]().model
+    cos, sin = _rope_table(model, 20)
+    pos = torch.tensor([3, 17, 0])
+    want_cos, want_sin = model.rotary_emb(model.embed_tokens.weight, pos[:, None])
+    assert torch.equal(cos[pos], want_cos) and torch.equal(sin[pos], want_sin)
+    assert _rope_table(MODELS["llama, all biases, dynamic rope"]().model, 20) is None
+
+
 def test_dropping_rows_leaves_the_others_unchanged():
     """After `keep`, the remaining rows' logits are those of the full batch, up to float64 rounding
     (a product's blocking depends on its batch: 7e-16 measured)."""
