@@ -220,7 +220,8 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[fastsd] after:" in proc.stdout
-    assert "rollouts: fastsd, eager" in proc.stdout + proc.stderr  # the engine, the CPU's default sampler
+    # the engine, the CPU's default sampler; FSDP2's hooks need the model's own forward
+    assert "rollouts: fastsd, eager, transformers' forward" in proc.stdout + proc.stderr
     assert [r["step"] for r in train_rows(tmp_path)] == [1, 2]
     assert [r["step"] for r in read_jsonl(tmp_path / "rollouts.jsonl")] == [1, 1, 2, 2]  # both ranks' rollouts
     assert f"logs, config and checkpoints: {tmp_path}" in proc.stdout

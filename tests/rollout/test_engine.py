@@ -137,9 +137,11 @@ SMALL = ["steps=2", "questions_per_step=2", "eval.k=2", "data.eval_size=2", "dat
          "rollout.max_new_tokens=40", "optim.micro_batch=2", "rollout.engine=fastsd"]
 
 
-def test_trainer_runs_on_the_engine(tmp_path):
-    train(load_config(overrides=[*SMALL, f"run_dir={tmp_path}", "rollout.stop_at_answer=true",
-                                 "rollout.max_new_tokens=120"]), Dist())
+def test_trainer_runs_on_the_engine(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="fastsd"):
+        train(load_config(overrides=[*SMALL, f"run_dir={tmp_path}", "rollout.stop_at_answer=true",
+                                     "rollout.max_new_tokens=120"]), Dist())
+    assert "rollouts: fastsd, eager, the written decode step" in caplog.text  # the CPU's default
     import json
 
     rolls = [json.loads(line) for line in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
