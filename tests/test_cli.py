@@ -104,7 +104,7 @@ def test_eval_off_runs_no_evaluation(tmp_path, monkeypatch, capsys):
 
 def test_evaluation_says_what_it_does_and_how_long_it_took(tmp_path, capsys):
     assert cli.main([*SMALL, "steps=1", "data.eval_size=3", "eval.k=100", "rollout.max_new_tokens=8",
-                     f"run_dir={tmp_path}"]) == 0
+                     "eval.batch_size=256", f"run_dir={tmp_path}"]) == 0
     out = capsys.readouterr().out  # not a terminal: a line when it starts and one per batch of 256 samples
     for step in (0, 1):
         assert f"[fastsd] eval at step {step}: 3 questions x 100 samples, 2 batches" in out
@@ -112,6 +112,15 @@ def test_evaluation_says_what_it_does_and_how_long_it_took(tmp_path, capsys):
         assert f"[fastsd] eval at step {step}: avg@k=" in out
     evals = [r for r in rows(tmp_path) if "eval" in r]
     assert [r["step"] for r in evals] == [0, 1] and all(r["time_eval"] > 0 for r in evals)
+
+
+def test_an_evaluation_in_one_batch_says_so(tmp_path, capsys):
+    """eval.batch_size=0 on a CPU: the shipped model's 300 samples in one batch (not "1 batches")."""
+    assert cli.main([*SMALL, "steps=1", "data.eval_size=3", "eval.k=100", "rollout.max_new_tokens=8",
+                     f"run_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "[fastsd] eval at step 0: 3 questions x 100 samples, 1 batch\n" in out
+    assert "[fastsd] eval at step 0: batch 1/1 done (" in out
 
 
 def test_on_a_terminal_evaluation_draws_a_bar_below_the_step_bar(monkeypatch, capsys):

@@ -90,18 +90,19 @@ class Progress:
         def report(done: float, total: int) -> None:
             nonlocal bar
             now = time.perf_counter()
+            what = f"{questions} questions x {k} samples, {total} batch{'es' if total != 1 else ''}"
             if self.bar is not None:
                 if bar is None:
                     from tqdm import tqdm
 
                     bar = tqdm(total=total, desc=f"eval at step {step}", unit="batch", leave=False,
                                bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}[{elapsed}<{remaining}]")
-                    bar.set_postfix_str(f"{questions} questions x {k} samples, {total} batches ")
+                    bar.set_postfix_str(what + " ")
                 bar.update(done - bar.n)
                 if done >= total:
                     bar.close()
             elif done == 0:
-                self.write(f"[fastsd] eval at step {step}: {questions} questions x {k} samples, {total} batches")
+                self.write(f"[fastsd] eval at step {step}: {what}")
             elif done == int(done):
                 self.write(f"[fastsd] eval at step {step}: batch {int(done)}/{total} done ({now - t0:.0f} s)")
                 said[0] = now
