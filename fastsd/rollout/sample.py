@@ -50,7 +50,7 @@ def _engine(policy) -> RolloutEngine:
 def fitting_batch(lm, tokens: int, device: torch.device) -> int:
     """Samples per sampler call for `batch_size=0`: 256 on CUDA; on a CPU as many as keep their KV
     cache (keys and values of `tokens` positions in every layer, in the parameters' dtype) within
-    1 GiB, at most 1024 (a small model's decode step costs about the same at any batch on a CPU)."""
+    1 GiB, at most 1024 (a larger batch spreads each decode step's fixed cost: docs/rollouts.md)."""
     if device.type == "cuda":
         return 256
     config = lm.get_base_model().config if hasattr(lm, "get_base_model") else lm.config
