@@ -133,7 +133,7 @@ class RolloutEngine:
         if written_step and not StepDecoder.fits(lm):
             raise ValueError("written_step: the model does not have the layout of fastsd.rollout.decode "
                              f"({', '.join(StepDecoder.LAYOUTS)}; no sliding window, not under FSDP2, LoRA only)")
-        self.written_step = (device.type == "cpu" and StepDecoder.fits(lm)) if written_step is None else written_step
+        self.written_step = self.written_by_default(lm) if written_step is None else written_step
         self.check_every = check_every
         self.autocast_weights = autocast_weights
         self._weights: dict[str, torch.Tensor] = {}  # the autocast-dtype copies, refreshed per call
@@ -143,6 +143,12 @@ class RolloutEngine:
         self._cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
         self._step = torch.compile(self._decode, mode="reduce-overhead", dynamic=False) if self.compile else self._decode
         self._caches: dict[tuple, StaticCache] = {}
+
+    @staticmethod
+    def written_by_default(lm) -> bool:
+        """Whether an eager engine decodes `lm` with the written step unless told (`written_step`):
+        on a CPU, where the model has its layout."""
+        return next(lm.parameters()).device.type == "cpu" and StepDecoder.fits(lm)
 
     def _forward(self, ids, attn, pos, cache_pos, cache):
         kw = dict(input_ids=ids, attention_mask=attn, position_ids=pos, cache_position=cache_pos,

@@ -10,7 +10,7 @@ from ..model.dist import Dist
 from ..tasks.data import Example
 from ..tasks.format import ANSWER_CLOSE, Parsed, parse_response, reward
 from ..tasks.grading import make_grader
-from .sample import sample
+from .sample import BATCH, sample
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
@@ -38,7 +38,7 @@ class Rollout:
 
 
 def rollout(cfg: TrainConfig, d: Dist, policy, tok, examples: list[Example], k: int, temperature: float,
-            progress=None, logprobs: bool = False, batch_size: int = 256) -> list[Rollout]:
+            progress=None, logprobs: bool = False, batch_size: int = BATCH) -> list[Rollout]:
     """k samples per example at `temperature`, parsed and rewarded; `progress`: see `rollout.sample`;
     `logprobs`: each Rollout keeps its tokens' log-probs under the sampler (`sampler_logprob`);
     `batch_size`: samples per sampler call (0: `rollout.sample`'s choice)."""

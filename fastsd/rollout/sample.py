@@ -47,12 +47,15 @@ def _engine(policy) -> RolloutEngine:
     return policy._rollout_engine
 
 
+BATCH = 256  # prompts per sampler call, unless asked otherwise
+
+
 def fitting_batch(lm, tokens: int, device: torch.device) -> int:
-    """Samples per sampler call for `batch_size=0`: 256 on CUDA; on a CPU as many as keep their KV
-    cache (keys and values of `tokens` positions in every layer, in the parameters' dtype) within
-    1 GiB, at most 1024 (a larger batch spreads each decode step's fixed cost: docs/rollouts.md)."""
+    """Samples per sampler call for `batch_size=0`: 256 (`BATCH`) on CUDA; on a CPU as many as keep
+    their KV cache (keys and values of `tokens` positions in every layer, in the parameters' dtype)
+    within 1 GiB, at most 1024 (a larger batch spreads each decode step's fixed cost: docs/rollouts.md)."""
     if device.type == "cuda":
-        return 256
+        return BATCH
     config = lm.get_base_model().config if hasattr(lm, "get_base_model") else lm.config
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -64,7 +67,7 @@ def fitting_batch(lm, tokens: int, device: torch.device) -> int:
 
 @torch.no_grad()
 def sample(policy, prompts: list[list[int]], *, eos_id: int, pad_id: int, temperature: float,
-           top_p: float, max_new_tokens: int, d: Dist, batch_size: int = 256, engine: str = "generate",
+           top_p: float, max_new_tokens: int, d: Dist, batch_size: int = BATCH, engine: str = "generate",
            stop: list[int] | None = None, stop_text: str | None = None, progress=None, logprobs: bool = False):
     """Sample one response per prompt from `policy.lm` (a Policy, possibly an FSDP root) with
     `engine` ("vllm", "fastsd" or "generate"); `stop`: token ids that also end a response (vllm

@@ -15,7 +15,7 @@ from ..model.dist import Dist
 from ..model.load import DEFAULT_MODEL_DIR, load_model_and_tokenizer
 from ..model.lora import add_adapter_copy, apply_lora, trainable_summary
 from ..model.policy import AdapterTeacher, Policy, apply_liger, shard
-from ..rollout.decode import StepDecoder
+from ..rollout.engine import RolloutEngine
 from ..tasks.data import key_error
 
 __all__ = ["build_models", "build_optim", "build_critic", "resume_optim"]
@@ -89,8 +89,9 @@ def _rollout_engine(cfg: TrainConfig, d: Dist, policy: Policy, path, dtype: torc
     if d.main:
         passed_over = cfg.rollout.engine == "auto" and engine == "fastsd" and d.device.type == "cuda"
         why = f" (not vllm: {cfg.vllm_unusable()})" if passed_over else ""
-        if engine == "fastsd" and d.device.type != "cuda":  # which eager step decodes (rollout/engine.py)
-            why += ", eager, " + ("the written decode step" if StepDecoder.fits(policy.lm) else "transformers' forward")
+        if engine == "fastsd" and d.device.type != "cuda":  # which eager step decodes
+            written = RolloutEngine.written_by_default(policy.lm)
+            why += ", eager, " + ("the written decode step" if written else "transformers' forward")
         log.info("rollouts: %s%s", engine, why)
     if engine == "vllm":
         from ..rollout.vllm_engine import VllmEngine, lora_unsupported
