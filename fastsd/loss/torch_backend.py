@@ -50,7 +50,7 @@ def _row_bytes(vocab: int, width: int, kind: str, clip, entropy: bool = False, t
     return per_elem * vocab + 3 * width * 4
 
 
-def workspace_bytes(chunk: int, vocab: int, width: int, kind: str, clip: float | None = None,
+def workspace_bytes(chunk: int, vocab: int, width: int, kind: str, clip: float | None = None, *,
                     entropy: bool = False, topk: int | None = None) -> int:
     """Peak bytes one call allocates beyond its inputs, the fp32 gradient accumulators (dX [N, D],
     dW [V, D]) and, for 16-bit weights, fp32 copies of the weights ([V, D] per head): the [C, V]
@@ -61,7 +61,7 @@ def workspace_bytes(chunk: int, vocab: int, width: int, kind: str, clip: float |
     return chunk * _row_bytes(vocab, width, kind, clip, entropy, topk)
 
 
-def chunk_rows(budget: int, vocab: int, width: int, kind: str, clip: float | None = None,
+def chunk_rows(budget: int, vocab: int, width: int, kind: str, clip: float | None = None, *,
                entropy: bool = False, topk: int | None = None) -> int:
     """Rows per chunk: the largest multiple of 16 whose `workspace_bytes` fits `budget` bytes
     (at least 16, whatever the budget)."""

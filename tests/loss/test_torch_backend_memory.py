@@ -46,9 +46,9 @@ def step(n, v, chunk=None):
 clip = 0.05 if kind in ("forward_kl", "topk") else None  # clip: the most buffers of the KLs
 div, topk = ("jsd", 256) if kind == "topk" else (kind, None)  # top-k: a large K, with the tail
 step(64, 512)  # thread pools, MKL, autograd: set up before the measured call
-chunk = torch_backend.chunk_rows(mb * 2**20, v, d, div, clip, topk)
+chunk = torch_backend.chunk_rows(mb * 2**20, v, d, div, clip, topk=topk)
 peak = step(n, v, chunk)
-print(json.dumps(dict(peak=peak, chunk=chunk, workspace=torch_backend.workspace_bytes(chunk, v, d, div, clip, topk))))
+print(json.dumps(dict(peak=peak, chunk=chunk, workspace=torch_backend.workspace_bytes(chunk, v, d, div, clip, topk=topk))))
 """
 
 
