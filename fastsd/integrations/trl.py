@@ -25,6 +25,7 @@ import torch
 
 from ..loss import fused_linear_divergence, fused_linear_logprob
 from ..loss.topk import check_topk
+from ..model.lora import base_model
 
 TESTED_TRL = (">=1.16", "<1.17")  # the range of the fastsd[trl] extra; the hooks below are TRL's private methods
 SD_HOOKS = ("_compute_teacher_student_logits", "_compute_self_distillation_loss", "_forward_logits")
@@ -94,8 +95,7 @@ def _check_placement(trainer) -> None:
 
 
 def _bare(trainer, model):
-    model = trainer.accelerator.unwrap_model(model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base_model(trainer.accelerator.unwrap_model(model))
 
 
 def _check_model(trainer, model, name: str) -> None:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-__all__ = ["apply_lora", "is_lora", "adapter_params", "add_adapter_copy", "paired_adapters", "adapter_active",
+__all__ = ["apply_lora", "is_lora", "base_model", "adapter_params", "add_adapter_copy", "paired_adapters", "adapter_active",
            "trainable_summary"]
 
 
@@ -24,6 +24,11 @@ def is_lora(model) -> bool:
     from peft import PeftModel
 
     return isinstance(model, PeftModel)
+
+
+def base_model(model):
+    """The transformers model under a peft wrapper, or `model` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _matches(name: str, target: str) -> bool:

@@ -30,6 +30,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ..model.lora import base_model
+
 __all__ = ["StepDecoder"]
 
 
@@ -105,7 +107,7 @@ class StepDecoder:
 
         if any(getattr(c, "peft_type", None) != "LORA" for c in (getattr(lm, "peft_config", None) or {}).values()):
             return False  # prompt learning adds positions to the cache
-        base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+        base = base_model(lm)
         config = getattr(base, "config", None)
         if getattr(config, "model_type", None) not in StepDecoder.LAYOUTS or not hasattr(base, "lm_head"):
             return False
@@ -114,7 +116,7 @@ class StepDecoder:
         return not windowed and not any(isinstance(m, FSDPModule) for m in base.modules())
 
     def __init__(self, lm, cache, attn: torch.Tensor, length: int):
-        self.base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+        self.base = base_model(lm)
         self.layers = self.base.model.layers
         B, P = attn.shape
         self.keys, self.values = [], []

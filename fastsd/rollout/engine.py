@@ -50,6 +50,7 @@ from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 
 from ..model.batch import pad
+from ..model.lora import base_model
 from .decode import StepDecoder
 
 __all__ = ["RolloutEngine", "sample_next", "cut_at_eos", "cut_at_stop"]
@@ -139,7 +140,7 @@ class RolloutEngine:
         self._weights: dict[str, torch.Tensor] = {}  # the autocast-dtype copies, refreshed per call
         # transformers renamed past_key_values to cache (5.2x); use whichever this version takes
         # (a peft model's forward passes **kwargs on: ask the model underneath)
-        base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+        base = base_model(lm)
         self._cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
         self._step = torch.compile(self._decode, mode="reduce-overhead", dynamic=False) if self.compile else self._decode
         self._caches: dict[tuple, StaticCache] = {}

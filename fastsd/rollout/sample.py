@@ -15,6 +15,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from ..model.batch import pad
 from ..model.dist import Dist
+from ..model.lora import base_model
 from .engine import RolloutEngine, cut_at_eos, cut_at_stop
 from .vllm_engine import hf_weights
 
@@ -56,7 +57,7 @@ def fitting_batch(lm, tokens: int, device: torch.device) -> int:
     within 1 GiB, at most 1024 (a larger batch spreads each decode step's fixed cost: docs/rollouts.md)."""
     if device.type == "cuda":
         return BATCH
-    config = lm.get_base_model().config if hasattr(lm, "get_base_model") else lm.config
+    config = base_model(lm).config
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
