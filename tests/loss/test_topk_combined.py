@@ -55,9 +55,12 @@ def test_topk_with_weights_and_entropy_matches_float64(backend, divergence, k, t
     assert rel_err(w.grad, w64.grad) < grad_tol(F32, backend)
     assert not out.entropy.requires_grad and torch.all(out.entropy[~mask] == 0)
     assert rel_err(out.entropy, ref.entropy) < VALUE_TOL[F32]
-    # the weights matter, and the entropy is the full vocabulary's, not the K categories'
-    plain = reference_divergence(h_s.detach(), w.detach(), h_t, w_t, **kw)
-    assert rel_err(plain.loss, ref.loss) > 100 * VALUE_TOL[F32]
+    # the weights are applied: doubled, the loss doubles (compared with the unweighted loss instead,
+    # a draw whose weights average out over the rows would fail); and the entropy is the full
+    # vocabulary's, not the K categories'
+    doubled = fastsd.fused_linear_divergence(h_s.detach(), w.detach(), h_t, w_t, weights=2 * weights,
+                                             backend=backend, chunk_size=5, **kw)
+    assert rel_err(doubled.loss, 2 * ref.loss) < VALUE_TOL[F32]
     cats = torch.log_softmax((h_s.detach().double() @ w.detach().double().T / 1.2).topk(k, 1).values, 1)
     assert rel_err(torch.where(mask, -(cats.exp() * cats).sum(1), 0.0), ref.entropy) > 0.01
     if clip is not None:  # the clip is live in this draw
