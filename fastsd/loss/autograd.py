@@ -31,7 +31,7 @@ def backend_ops(backend: str):
     return kernels
 
 
-def chunk_rows(chunk_size: int | None, backend: str, vocab: int, width: int, kind: str, clip=None,
+def chunk_rows(chunk_size: int | None, backend: str, vocab: int, width: int, kind: str, clip=None, *,
                entropy: bool = False, topk=None) -> int:
     """Rows per chunk: `chunk_size`, or the most whose buffers fit the workspace. The torch
     backend counts every buffer it allocates (`torch_backend.workspace_bytes`); the Triton
