@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-__all__ = ["apply_lora", "is_lora", "base_model", "adapter_params", "add_adapter_copy", "paired_adapters", "adapter_active",
-           "trainable_summary"]
+__all__ = ["apply_lora", "is_lora", "base_model", "adapter_params", "add_adapter_copy", "paired_adapters",
+           "adapter_active", "trainable_summary"]
 
 
 def is_lora(model) -> bool:

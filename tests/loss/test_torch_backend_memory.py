@@ -48,7 +48,8 @@ div, topk = ("jsd", 256) if kind == "topk" else (kind, None)  # top-k: a large K
 step(64, 512)  # thread pools, MKL, autograd: set up before the measured call
 chunk = torch_backend.chunk_rows(mb * 2**20, v, d, div, clip, topk=topk)
 peak = step(n, v, chunk)
-print(json.dumps(dict(peak=peak, chunk=chunk, workspace=torch_backend.workspace_bytes(chunk, v, d, div, clip, topk=topk))))
+workspace = torch_backend.workspace_bytes(chunk, v, d, div, clip, topk=topk)
+print(json.dumps(dict(peak=peak, chunk=chunk, workspace=workspace)))
 """
 
 
