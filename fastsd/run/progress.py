@@ -87,22 +87,24 @@ class Progress:
             return None
         k, t0, bar, said = self.cfg.eval.k, time.perf_counter(), None, [time.perf_counter()]
 
+        def what(total: int) -> str:  # said once, at the start: not built on every decode step
+            return f"{questions} questions x {k} samples, {total} batch{'es' if total != 1 else ''}"
+
         def report(done: float, total: int) -> None:
             nonlocal bar
             now = time.perf_counter()
-            what = f"{questions} questions x {k} samples, {total} batch{'es' if total != 1 else ''}"
             if self.bar is not None:
                 if bar is None:
                     from tqdm import tqdm
 
                     bar = tqdm(total=total, desc=f"eval at step {step}", unit="batch", leave=False,
                                bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}[{elapsed}<{remaining}]")
-                    bar.set_postfix_str(what + " ")
+                    bar.set_postfix_str(what(total) + " ")
                 bar.update(done - bar.n)
                 if done >= total:
                     bar.close()
             elif done == 0:
-                self.write(f"[fastsd] eval at step {step}: {what}")
+                self.write(f"[fastsd] eval at step {step}: {what(total)}")
             elif done == int(done):
                 self.write(f"[fastsd] eval at step {step}: batch {int(done)}/{total} done ({now - t0:.0f} s)")
                 said[0] = now
